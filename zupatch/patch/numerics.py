@@ -1,0 +1,187 @@
+"""The canonical arithmetic of a patch: same bits on every machine.
+
+Every weight value a patch produces is defined by elementwise IEEE-754
+float64 operations in a fixed order followed by one correctly rounded
+conversion into the checkpoint's dtype (docs/format.md, "Canonical apply").
+Nothing here calls a BLAS routine: a matrix product's summation order depends
+on the library, the thread count and the device, and a single different bit
+breaks the hash chain.
+
+Tensors are handled as *bit arrays*: unsigned integers of the dtype's width
+(``uint16`` for BF16/F16, ``uint32`` for F32, ``uint64`` for F64). Hashes and
+corrections work on those bits; arithmetic decodes them to float64 first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DType:
+    """A checkpoint dtype as safetensors names it, with its bit container."""
+
+    name: str  # safetensors spelling: "BF16", "F16", "F32", "F64"
+    bits: np.dtype  # unsigned integer container of the same width
+    canonical_nan: int  # the quiet NaN every computed NaN becomes
+
+    @property
+    def itemsize(self) -> int:
+        return self.bits.itemsize
+
+
+FLOAT_DTYPES: dict[str, DType] = {
+    "BF16": DType("BF16", np.dtype("<u2"), 0x7FC0),
+    "F16": DType("F16", np.dtype("<u2"), 0x7E00),
+    "F32": DType("F32", np.dtype("<u4"), 0x7FC00000),
+    "F64": DType("F64", np.dtype("<u8"), 0x7FF8000000000000),
+}
+
+# Factor and delta tensors are stored in one of these (read exactly into float64).
+FACTOR_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+
+
+def float_dtype(name: str) -> DType:
+    """Look up a supported checkpoint dtype by its safetensors name."""
+    try:
+        return FLOAT_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(FLOAT_DTYPES)})") from None
+
+
+def factor_dtype_for(dtype: DType) -> str:
+    """Storage dtype for factors and deltas: F32 for 16-bit bases, F64 otherwise.
+
+    float32 factors keep 16-bit patches small (their rounding error is far below
+    a bf16 ulp); 32- and 64-bit bases get float64 factors so the patch does not
+    lose precision the base has.
+    """
+    return "F32" if dtype.itemsize <= 2 else "F64"
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode(bits: np.ndarray, dtype: DType) -> np.ndarray:
+    """Bit array -> float64 values (exact: every supported format fits in float64)."""
+    if dtype.name == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    if dtype.name == "F16":
+        return bits.view(np.float16).astype(np.float64)
+    if dtype.name == "F32":
+        return bits.view(np.float32).astype(np.float64)
+    return bits.view(np.float64).copy()
+
+
+# --------------------------------------------------------------------------- round
+
+
+def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 with round-to-odd.
+
+    Rounding to odd in a format with at least two more significand bits than the
+    final one, then rounding to nearest-even, equals rounding the float64 value
+    to nearest-even directly (Boldo & Melquiond). float32 has 24 significand
+    bits over the whole exponent range of bf16 and fp16 (8 and 11 bits), so this
+    gives correctly rounded float64 -> bf16/fp16 conversion without double
+    rounding errors.
+    """
+    y = x.astype(np.float32)  # round to nearest even
+    with np.errstate(invalid="ignore"):
+        inexact = (y.astype(np.float64) != x) & np.isfinite(y) & ~np.isnan(x)
+    need = inexact & ((y.view(np.uint32) & np.uint32(1)) == 0)
+    if need.any():
+        xs = x[need]
+        ys = y[need]
+        direction = np.where(ys.astype(np.float64) > xs, -np.inf, np.inf).astype(np.float32)
+        y[need] = np.nextafter(ys, direction)
+    return y
+
+
+def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """float64 values -> bit array of ``dtype``, round-to-nearest-even.
+
+    Overflow gives ±Inf, underflow keeps subnormals (IEEE 754 convertFormat).
+    Every NaN becomes the dtype's canonical quiet NaN, because NaN payload
+    propagation through arithmetic differs between processors.
+    """
+    nan = np.isnan(values)
+    if dtype.name == "F64":
+        out = values.view(np.uint64).copy()
+    elif dtype.name == "F32":
+        with np.errstate(over="ignore"):
+            out = values.astype(np.float32).view(np.uint32)
+    else:
+        with np.errstate(over="ignore"):
+            y = _round_to_odd_f32(values)
+        if dtype.name == "F16":
+            with np.errstate(over="ignore"):
+                out = y.astype(np.float16).view(np.uint16)
+        else:  # BF16: round the float32 bits to their upper half, ties to even
+            b = y.view(np.uint32)
+            lsb = (b >> np.uint32(16)) & np.uint32(1)
+            out = ((b + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype(np.uint16)
+    if nan.any():
+        out[nan] = dtype.canonical_nan
+    return out
+
+
+def check_ieee_environment() -> None:
+    """Refuse to compute if this process flushes subnormals to zero.
+
+    Some native libraries switch on flush-to-zero / denormals-are-zero for the
+    whole process; canonical results would then differ from other machines.
+    """
+    tiny32 = np.array([1e-40], dtype=np.float64).astype(np.float32)
+    back = np.array([1e-40], dtype=np.float32).astype(np.float64)
+    if tiny32[0] == 0 or back[0] == 0:
+        raise RuntimeError(
+            "this process flushes subnormal floats to zero (FTZ/DAZ is on); "
+            "zupatch cannot guarantee bit-exact results here"
+        )
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def lowrank_product(U: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``sum_k U[:, k] * B[k, :]`` in float64, k ascending, starting from +0.0.
+
+    Each product of two float32 (or float64) factors is rounded once to float64
+    and added in order; no fused multiply-add, no BLAS.
+    """
+    rows, rank = U.shape
+    acc = np.zeros((rows, B.shape[1]), dtype=np.float64)
+    term = np.empty_like(acc)
+    U64 = U.astype(np.float64, copy=False)
+    B64 = B.astype(np.float64, copy=False)
+    for k in range(rank):
+        np.multiply(U64[:, k : k + 1], B64[k : k + 1, :], out=term)
+        np.add(acc, term, out=acc)
+    return acc
+
+
+def lowrank_forward(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``scale * w + UB`` in float64, in that order."""
+    out = np.multiply(w, np.float64(scale))
+    np.add(out, lowrank_product(U, B), out=out)
+    return out
+
+
+def lowrank_inverse(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``(w - UB) / scale`` in float64, in that order."""
+    out = np.subtract(w, lowrank_product(U, B))
+    np.divide(out, np.float64(scale), out=out)
+    return out
+
+
+def dense_forward(w: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``w + delta`` in float64."""
+    return np.add(w, delta.astype(np.float64, copy=False))
+
+
+def dense_inverse(w: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``w - delta`` in float64."""
+    return np.subtract(w, delta.astype(np.float64, copy=False))

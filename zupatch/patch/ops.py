@@ -1,0 +1,273 @@
+"""Operations on patches: build from edits, run on tensors, invert, stack.
+
+The one place weights are computed is :class:`ChainRunner`: it applies the
+chain of entries touching a tensor to row blocks of its bits, in order, with
+the canonical arithmetic of :mod:`zupatch.patch.numerics`. Checkpoint apply,
+in-memory apply and patch building all go through it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from zupatch.errors import ZupatchError
+from zupatch.patch import numerics as nm
+from zupatch.patch.correction import Correction
+from zupatch.patch.format import Entry, Patch, Step, StoredCorrection, check_tensor_name, validate_chain
+
+BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per working array: fits in L2/L3
+
+
+def rows_per_block(cols: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
+def sha256_hex(bits: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(bits).view(np.uint8).data).hexdigest()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def compute_entry_block(entry: Entry, bits: np.ndarray, r0: int, fix: Correction | None) -> np.ndarray:
+    """Canonical result of ``entry`` on rows ``[r0, r0 + len(bits))`` (bits in, bits out)."""
+    dt = entry.float_dtype
+    w = nm.decode(bits, dt)
+    r1 = r0 + bits.shape[0]
+    if entry.kind == "lowrank":
+        assert entry.U is not None and entry.B is not None
+        fn = nm.lowrank_forward if entry.direction == "forward" else nm.lowrank_inverse
+        values = fn(w, entry.scale, entry.U[r0:r1], entry.B)
+    else:
+        assert entry.delta is not None
+        fn = nm.dense_forward if entry.direction == "forward" else nm.dense_inverse
+        values = fn(w, entry.delta[r0:r1])
+    out = nm.round_to(values, dt)
+    if fix is not None:
+        fix.apply(out, start=r0 * entry.cols)
+    return out
+
+
+@dataclass
+class ChainRunner:
+    """Applies a chain of entries on one tensor, block by block, hashing every stage.
+
+    ``run`` takes the base bits block by block (in row order) and yields the
+    final bits of each block; afterwards ``hashes`` holds the sha256 after each
+    entry, which :meth:`check` compares with what the patch promises.
+    """
+
+    chain: Sequence[Entry]
+    threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+
+    def __post_init__(self) -> None:
+        first = self.chain[0]
+        self.rows, self.cols, self.dtype = first.rows, first.cols, first.float_dtype
+        self.block = rows_per_block(self.cols)
+        self._fixes = [e.fix.decode(e.numel, e.float_dtype) if e.fix else None for e in self.chain]
+        self._hashers = [hashlib.sha256() for _ in self.chain]
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.block, self.rows)) for r in range(0, self.rows, self.block)]
+
+    def _compute(self, r0: int, bits: np.ndarray) -> list[np.ndarray]:
+        stages = []
+        for entry, fix in zip(self.chain, self._fixes):
+            bits = compute_entry_block(entry, bits, r0, fix)
+            stages.append(bits)
+        return stages
+
+    def run(self, read: Callable[[int, int], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(r0, final bits)`` per block, in order; ``read(r0, r1)`` gives base bits."""
+        blocks = self.blocks()
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            window = 2 * self.threads
+            futures = []
+            for i, (r0, r1) in enumerate(blocks):
+                futures.append((r0, pool.submit(self._compute, r0, read(r0, r1))))
+                if len(futures) > window:
+                    yield self._finish(*futures.pop(0))
+            while futures:
+                yield self._finish(*futures.pop(0))
+
+    def _finish(self, r0: int, future: Any) -> tuple[int, np.ndarray]:
+        stages = future.result()
+        for hasher, bits in zip(self._hashers, stages):
+            hasher.update(np.ascontiguousarray(bits).view(np.uint8).data)
+        return r0, stages[-1]
+
+    @property
+    def hashes(self) -> list[str]:
+        return [h.hexdigest() for h in self._hashers]
+
+    def check(self, where: str) -> None:
+        """Raise if any stage's hash differs from what the patch promises."""
+        for k, (entry, got) in enumerate(zip(self.chain, self.hashes)):
+            if got != entry.sha256_after:
+                raise ZupatchError(
+                    f"result of step {k} on tensor {entry.name!r} does not match the hash the patch promises; "
+                    "the patch is corrupt or was not made by a conforming implementation",
+                    where,
+                )
+
+
+def run_chain_in_memory(chain: Sequence[Entry], bits: np.ndarray, where: str = "") -> np.ndarray:
+    """Apply a chain to a whole tensor held in memory; checks every hash."""
+    runner = ChainRunner(chain)
+    mat = bits.reshape(runner.rows, runner.cols)
+    out = np.empty_like(mat)
+    for r0, block in runner.run(lambda a, b: mat[a:b]):
+        out[r0 : r0 + block.shape[0]] = block
+    runner.check(where)
+    return out.reshape(bits.shape)
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class LowRankEdit:
+    """``W' = scale * W + U @ B`` for the tensor ``name`` (in its stored layout)."""
+
+    name: str
+    scale: float
+    U: Any  # rows x r, array-like (numpy or torch)
+    B: Any  # r x cols
+
+
+@dataclass(frozen=True)
+class DenseEdit:
+    """``W' = W + delta`` for the tensor ``name``."""
+
+    name: str
+    delta: Any
+
+
+Edit = LowRankEdit | DenseEdit
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor, without importing torch here
+        a = a.detach().to("cpu")
+        if str(a.dtype) in ("torch.bfloat16", "torch.float16"):
+            a = a.float()
+        a = a.numpy()
+    return np.asarray(a)
+
+
+def build_entry(edit: Edit, base_bits: np.ndarray, dtype: nm.DType, codec: str = "lzma") -> Entry:
+    """Make the forward entry for ``edit`` on a base tensor given as bits.
+
+    Computes the canonical result, both hashes and the inverse correction:
+    the base is needed here, and only here.
+    """
+    check_tensor_name(edit.name)
+    shape = tuple(int(s) for s in base_bits.shape)
+    rows = shape[0]
+    cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    store = nm.FACTOR_DTYPES[nm.factor_dtype_for(dtype)]
+    if isinstance(edit, LowRankEdit):
+        if len(shape) != 2:
+            raise ValueError(f"{edit.name}: a low-rank edit needs a 2-D tensor, got shape {shape}")
+        U = _as_numpy(edit.U).astype(np.float64).astype(store)
+        B = _as_numpy(edit.B).astype(np.float64).astype(store)
+        if U.ndim != 2 or B.ndim != 2 or U.shape[0] != rows or B.shape != (U.shape[1], cols):
+            raise ValueError(f"{edit.name}: factors of shapes {U.shape} and {B.shape} do not fit a {rows}x{cols} tensor")
+        scale = float(edit.scale)
+        if not np.isfinite(scale) or scale == 0:
+            raise ValueError(f"{edit.name}: scale must be finite and non-zero, got {scale}")
+        parts: dict[str, Any] = dict(kind="lowrank", scale=scale, U=np.ascontiguousarray(U), B=np.ascontiguousarray(B))
+    else:
+        delta = _as_numpy(edit.delta).astype(np.float64).astype(store)
+        if delta.size != rows * cols:
+            raise ValueError(f"{edit.name}: delta of shape {delta.shape} does not fit a tensor of shape {shape}")
+        parts = dict(kind="dense", delta=np.ascontiguousarray(delta.reshape(rows, cols)))
+    entry = Entry(
+        name=edit.name, dtype=dtype.name, shape=shape, direction="forward",
+        sha256_before=sha256_hex(base_bits), sha256_after="0" * 64, **parts,
+    )  # fmt: skip
+    base = base_bits.reshape(rows, cols)
+    after = np.concatenate([compute_entry_block(entry, base[a:b], a, None) for a, b in _blocks(rows, cols)])
+    back_entry = replace(entry, direction="inverse")
+    back = np.concatenate([compute_entry_block(back_entry, after[a:b], a, None) for a, b in _blocks(rows, cols)])
+    inverse_fix = StoredCorrection.make(Correction.between(back, base), rows * cols, codec)
+    return replace(entry, sha256_after=sha256_hex(after), inverse_fix=inverse_fix)
+
+
+def _blocks(rows: int, cols: int) -> Iterable[tuple[int, int]]:
+    step = rows_per_block(cols)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def build_patch(
+    edits: Sequence[Edit],
+    base: Mapping[str, tuple[np.ndarray, nm.DType]],
+    *,
+    method: str = "manual",
+    hyperparameters: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    requests: Mapping[str, Any] | None = None,
+) -> Patch:
+    """A one-step patch from edits and the base tensors they apply to.
+
+    ``base`` maps tensor names to ``(bits, dtype)`` (see
+    :func:`zupatch.patch.tensors.bits_of` to get them from torch tensors).
+    """
+    if not edits:
+        raise ValueError("no edits to build a patch from")
+    names = [e.name for e in edits]
+    if len(set(names)) != len(names):
+        raise ValueError("two edits name the same tensor")
+    nm.check_ieee_environment()
+    entries = []
+    for edit in edits:
+        if edit.name not in base:
+            raise ValueError(f"base has no tensor {edit.name!r}")
+        bits, dtype = base[edit.name]
+        entries.append(build_entry(edit, bits, dtype))
+    step = Step(
+        entries=entries,
+        method=method,
+        hyperparameters=dict(hyperparameters or {}),
+        base_model=base_model,
+        base_revision=base_revision,
+        requests=dict(requests or {}),
+    )
+    return Patch(steps=[step])
+
+
+# --------------------------------------------------------------------------- algebra
+
+
+def invert(patch: Patch) -> Patch:
+    """The patch that restores the base from the result, bit for bit.
+
+    Steps run in reverse order, each entry in the opposite direction with the
+    correction that was made for that direction.
+    """
+    steps = [
+        replace(s, entries=[e.inverted() for e in s.entries], inverted=not s.inverted)
+        for s in reversed(patch.steps)
+    ]
+    return Patch(steps=steps, extra=dict(patch.extra))
+
+
+def stack(patches: Sequence[Patch]) -> Patch:
+    """One patch equal to applying ``patches`` in order (their steps, chained)."""
+    if not patches:
+        raise ValueError("nothing to stack")
+    steps = [s for p in patches for s in p.steps]
+    out = Patch(steps=steps)
+    try:
+        validate_chain(out)
+    except ValueError as exc:
+        raise ZupatchError(f"these patches do not stack: {exc}") from None
+    return out
