@@ -1,0 +1,231 @@
+"""The ``zupatch`` command: thin entry points over one library call each.
+
+Every command reports a user error as one line on stderr with a non-zero exit
+code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from zupatch._version import __version__
+from zupatch.cli import ui
+from zupatch.errors import ZupatchError
+
+app = typer.Typer(
+    name="zupatch",
+    help="Compute, apply, invert, stack, inspect and ship ZeroUnlearn patches for Hugging Face models.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+# Exit codes of `zupatch verify` (documented in docs/cli.md).
+EXIT_FITS, EXIT_ERROR, EXIT_APPLIED, EXIT_MISMATCH = 0, 1, 3, 4
+
+PatchArg = Annotated[str, typer.Argument(help="Patch file (.zup.safetensors).", show_default=False)]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id resolved through the HF cache.")
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output patch file.")]
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """zupatch: knowledge unlearning shipped as small, exact, invertible patches."""
+    if version:
+        typer.echo(f"zupatch {__version__}")
+        raise typer.Exit()
+    ui.state.debug = debug
+
+
+def _load_patch(ref: str):
+    from zupatch.patch.format import Patch
+
+    return Patch.load(Path(ref))
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- apply
+
+
+@app.command()
+def apply(
+    patch: PatchArg,
+    model: ModelOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the patched checkpoint.")],
+    revision: RevisionOpt = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy untouched files instead of hard-linking them.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a patched copy of a checkpoint, without loading the model.
+
+    Checks that the checkpoint is the patch's base (sha256 of every touched
+    tensor), reads only the touched tensors, writes into a temporary folder and
+    renames it at the end; every result tensor is hash-checked.
+    """
+    from zupatch.checkpoint.apply import apply_to_checkpoint
+    from zupatch.checkpoint.resolve import resolve_model
+
+    with ui.guard():
+        p = _load_patch(patch)
+        resolved = resolve_model(model, revision)
+        with ui.progress(quiet or as_json) as progress:
+            report = apply_to_checkpoint(p, resolved.path, output, link=not copy, progress=progress)
+        result = {
+            "output": str(report.output),
+            "model": resolved.label,
+            "tensors": report.tensors,
+            "touched_files": report.touched_files,
+            "linked_files": len(report.linked_files),
+            "copied_files": len(report.copied_files),
+            "seconds": round(report.seconds, 3),
+        }
+        if as_json:
+            _emit_json(result)
+        elif not quiet:
+            ui.console.print(
+                f"[green]applied[/] {len(report.tensors)} tensor(s) in {len(report.touched_files)} file(s) "
+                f"-> [bold]{report.output}[/] ({report.seconds:.2f} s; "
+                f"{len(report.linked_files)} file(s) linked, {len(report.copied_files)} copied)"
+            )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, as_json: JsonOpt = False,
+           quiet: QuietOpt = False) -> None:  # fmt: skip
+    """Does this patch fit this checkpoint, or does the checkpoint already have it?
+
+    Exit code 0: the checkpoint is the patch's base (it fits). 3: the patch is
+    already applied. 4: neither (another model, or partly applied). 1: error.
+    """
+    from zupatch.checkpoint.apply import checkpoint_state
+    from zupatch.checkpoint.folder import Checkpoint
+    from zupatch.checkpoint.resolve import resolve_model
+
+    with ui.guard():
+        p = _load_patch(patch)
+        resolved = resolve_model(model, revision)
+        with ui.progress(quiet or as_json) as progress:
+            state = checkpoint_state(p, Checkpoint(resolved.path), progress)
+        code = {"base": EXIT_FITS, "applied": EXIT_APPLIED}.get(state.status, EXIT_MISMATCH)
+        messages = {
+            "base": "fits: the checkpoint is this patch's base",
+            "applied": "already applied: the checkpoint is this patch's result",
+            "partial": "partly applied: touched tensors are at different steps of the patch",
+            "mismatch": "does not fit: the checkpoint is neither the patch's base nor its result",
+        }
+        if as_json:
+            _emit_json({
+                "status": state.status,
+                "exit_code": code,
+                "model": resolved.label,
+                "tensors": [
+                    {"name": t.name, "sha256": t.sha256, "step": t.position, "steps": t.chain_length}
+                    for t in state.tensors
+                ],
+            })  # fmt: skip
+        elif not quiet:
+            style = {"base": "green", "applied": "yellow"}.get(state.status, "red")
+            ui.console.print(f"[{style}]{messages[state.status]}[/] ({resolved.label})")
+            for t in state.tensors:
+                if t.position is None:
+                    ui.console.print(f"  [red]differs[/] {t.name}")
+        raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- invert, stack
+
+
+@app.command()
+def invert(
+    patch: PatchArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the inverse patch.")],
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the patch that restores the base from the result, bit for bit."""
+    from zupatch.patch.ops import invert as invert_patch
+
+    with ui.guard():
+        inverse = invert_patch(_load_patch(patch))
+        inverse.save(output, overwrite=force)
+        _report_written(output, inverse, as_json, quiet, "inverse of " + patch)
+
+
+@app.command()
+def stack(
+    patches: Annotated[list[str], typer.Argument(help="Patches, in the order they apply.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the stacked patch.")],
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Join patches into one that equals applying them in order, bit for bit."""
+    from zupatch.patch.ops import stack as stack_patches
+
+    with ui.guard():
+        if len(patches) < 2:
+            raise ZupatchError("stack needs at least two patches")
+        loaded = [_load_patch(p) for p in patches]
+        for i in range(1, len(loaded)):
+            try:
+                stack_patches(loaded[: i + 1])
+            except ZupatchError as exc:
+                raise ZupatchError(f"does not apply on top of {', '.join(patches[:i])}: {exc.message}", patches[i])
+        stacked = stack_patches(loaded)
+        stacked.save(output, overwrite=force)
+        _report_written(output, stacked, as_json, quiet, f"{len(patches)} patches stacked")
+
+
+def _report_written(output: Path, patch: Any, as_json: bool, quiet: bool, what: str) -> None:
+    size = output.stat().st_size
+    if as_json:
+        _emit_json({"output": str(output), "bytes": size, "steps": len(patch.steps), "tensors": patch.tensor_names})
+    elif not quiet:
+        ui.console.print(f"[green]wrote[/] [bold]{output}[/] ({ui.human_bytes(size)}; {what})")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(patch: PatchArg, as_json: JsonOpt = False) -> None:
+    """Summarise a patch: base, method, steps, tensors, ranks, sizes, hashes."""
+    from zupatch.patch.summary import summarize
+
+    with ui.guard():
+        path = Path(patch)
+        summary = summarize(_load_patch(patch), file_bytes=path.stat().st_size)
+        if as_json:
+            _emit_json(summary)
+        else:
+            ui.print_summary(summary, title=str(path))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # A polite kill (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    app()

@@ -1,0 +1,119 @@
+"""Terminal presentation: the error boundary, progress bars, summary tables."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from zupatch.errors import ZupatchError
+
+console = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+state = _State()
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Turn user errors into one line on stderr and an exit code."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except ZupatchError as exc:
+        if state.debug:
+            console.print_exception()
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: nothing was written")
+        raise typer.Exit(130) from None
+    except (OSError, MemoryError) as exc:  # disk full, permission races, ...
+        if state.debug:
+            console.print_exception()
+        where = getattr(exc, "filename", None)
+        console.print(f"[red]error:[/] {where + ': ' if where else ''}{exc.strerror or exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+STAGES = {"hash": "checking base hashes", "copy": "copying", "compute": "computing patched tensors"}
+
+
+@contextmanager
+def progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing rich bars (or nothing)."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda stage, done, total: None
+        return
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(STAGES.get(stage, stage), total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    """The human form of :func:`zupatch.patch.summary.summarize`."""
+    out = Console(highlight=False)
+    out.print(f"[bold]{title}[/]")
+    sizes = summary["sizes"]
+    out.print(
+        f"  base: [cyan]{summary['base_model'] or 'unknown'}[/]"
+        + (f" @ {summary['base_revision'][:12]}" if summary["base_revision"] else "")
+    )
+    out.print(
+        f"  format v{summary['format_version']}, created {summary['created'] or '?'}, "
+        f"{len(summary['steps'])} step(s), {len(summary['tensors'])} tensor(s)"
+    )
+    out.print(
+        f"  size: {human_bytes(sizes['file_bytes'])} for {human_bytes(sizes['touched_bytes'])} of touched weights "
+        f"({100 * sizes['ratio']:.2f}%)"
+    )
+    steps = Table(title="steps", title_justify="left", show_edge=False)
+    for col in ("#", "method", "requests", "inverted", "created", "hyperparameters"):
+        steps.add_column(col)
+    for i, s in enumerate(summary["steps"]):
+        hp = ", ".join(f"{k}={v}" for k, v in list(s["hyperparameters"].items())[:6])
+        steps.add_row(str(i), s["method"], str(s["requests"]), "yes" if s["inverted"] else "", s["created"], hp)
+    out.print(steps)
+    entries = Table(title="tensors", title_justify="left", show_edge=False)
+    for col in ("step", "tensor", "dtype", "shape", "kind", "rank", "scale", "fixes", "stored", "sha256 before → after"):
+        entries.add_column(col)
+    for e in summary["entries"]:
+        entries.add_row(
+            str(e["step"]), e["name"], e["dtype"], "x".join(map(str, e["shape"])),
+            e["kind"] + ("" if e["direction"] == "forward" else " (inverse)"),
+            str(e.get("rank", "")), f"{e['scale']:.6g}" if "scale" in e else "",
+            f"{e['fix_count']}/{e['inverse_fix_count']}", human_bytes(e["stored_bytes"]),
+            f"{e['sha256_before'][:10]} → {e['sha256_after'][:10]}",
+        )  # fmt: skip
+    out.print(entries)
