@@ -63,10 +63,12 @@ class TensorInfo:
 class SafetensorsFile:
     """Header of a safetensors file plus on-demand reads of its tensors."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, data: bytes | None = None):
+        """Read ``path``; or, with ``data``, parse those bytes (``path`` then only names them)."""
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
+        self._data = data
         self._parse()
 
     def _fail(self, problem: str) -> SafetensorsError:
@@ -74,15 +76,14 @@ class SafetensorsFile:
 
     def _parse(self) -> None:
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise self._fail("shorter than its 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, MAX_HEADER_BYTES):
-                    raise self._fail(f"header length {n} exceeds the file ({size} bytes)")
-                raw = fh.read(n)
+            size = len(self._data) if self._data is not None else self.path.stat().st_size
+            head = self._read_at(0, 8)
+            if len(head) < 8:
+                raise self._fail("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise self._fail(f"header length {n} exceeds the file ({size} bytes)")
+            raw = self._read_at(8, n)
         except FileNotFoundError:
             raise ZupatchError("file not found", self.path) from None
         except IsADirectoryError:
@@ -138,6 +139,13 @@ class SafetensorsFile:
 
     # ------------------------------------------------------------------ reads
 
+    def _read_at(self, offset: int, length: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset : offset + length]
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
@@ -148,9 +156,7 @@ class SafetensorsFile:
         """Raw bytes ``[start, stop)`` of a tensor's data (relative to the tensor)."""
         info = self.info(name)
         stop = info.nbytes if stop is None else stop
-        with open(self.path, "rb") as fh:
-            fh.seek(info.start + start)
-            data = fh.read(stop - start)
+        data = self._read_at(info.start + start, stop - start)
         if len(data) != stop - start:
             raise self._fail(f"tensor {name!r} is truncated")
         return data

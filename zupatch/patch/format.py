@@ -303,7 +303,14 @@ class Patch:
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Patch":
-        return _load(Path(path))
+        """Read and validate a patch file; errors name the file and the problem."""
+        path = Path(path)
+        return _load(path, SafetensorsFile(path))
+
+    @staticmethod
+    def load_bytes(data: bytes, name: str = "<bytes>") -> "Patch":
+        """Like :meth:`load`, from the bytes of a patch file."""
+        return _load(Path(name), SafetensorsFile(name, data=data))
 
 
 # --------------------------------------------------------------------------- loading
@@ -444,8 +451,7 @@ def _type_names(types: type | tuple) -> str:
     return " or ".join(names.get(t, t.__name__) for t in _as_tuple(types))
 
 
-def _load(path: Path) -> Patch:
-    st = SafetensorsFile(path)
+def _load(path: Path, st: SafetensorsFile) -> Patch:
     if METADATA_KEY not in st.metadata:
         raise PatchFormatError("not a zupatch patch (no 'zupatch' metadata; is this a model checkpoint?)", path)
     try:

@@ -14,9 +14,25 @@ corrections work on those bits; arithmetic decodes them to float64 first.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _quiet(fn: _F) -> _F:
+    """NaN and Inf are ordinary inputs here: no floating-point warnings."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ def factor_dtype_for(dtype: DType) -> str:
 # --------------------------------------------------------------------------- decode
 
 
+@_quiet
 def decode(bits: np.ndarray, dtype: DType) -> np.ndarray:
     """Bit array -> float64 values (exact: every supported format fits in float64)."""
     if dtype.name == "BF16":
@@ -89,8 +106,7 @@ def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
     rounding errors.
     """
     y = x.astype(np.float32)  # round to nearest even
-    with np.errstate(invalid="ignore"):
-        inexact = (y.astype(np.float64) != x) & np.isfinite(y) & ~np.isnan(x)
+    inexact = (y.astype(np.float64) != x) & np.isfinite(y) & ~np.isnan(x)
     need = inexact & ((y.view(np.uint32) & np.uint32(1)) == 0)
     if need.any():
         xs = x[need]
@@ -100,6 +116,7 @@ def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
     return y
 
 
+@_quiet
 def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     """float64 values -> bit array of ``dtype``, round-to-nearest-even.
 
@@ -111,14 +128,11 @@ def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.name == "F64":
         out = values.view(np.uint64).copy()
     elif dtype.name == "F32":
-        with np.errstate(over="ignore"):
-            out = values.astype(np.float32).view(np.uint32)
+        out = values.astype(np.float32).view(np.uint32)
     else:
-        with np.errstate(over="ignore"):
-            y = _round_to_odd_f32(values)
+        y = _round_to_odd_f32(values)
         if dtype.name == "F16":
-            with np.errstate(over="ignore"):
-                out = y.astype(np.float16).view(np.uint16)
+            out = y.astype(np.float16).view(np.uint16)
         else:  # BF16: round the float32 bits to their upper half, ties to even
             b = y.view(np.uint32)
             lsb = (b >> np.uint32(16)) & np.uint32(1)
@@ -146,6 +160,7 @@ def check_ieee_environment() -> None:
 # --------------------------------------------------------------------------- kernels
 
 
+@_quiet
 def lowrank_product(U: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``sum_k U[:, k] * B[k, :]`` in float64, k ascending, starting from +0.0.
 
@@ -163,6 +178,7 @@ def lowrank_product(U: np.ndarray, B: np.ndarray) -> np.ndarray:
     return acc
 
 
+@_quiet
 def lowrank_forward(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``scale * w + UB`` in float64, in that order."""
     out = np.multiply(w, np.float64(scale))
@@ -170,6 +186,7 @@ def lowrank_forward(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -
     return out
 
 
+@_quiet
 def lowrank_inverse(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``(w - UB) / scale`` in float64, in that order."""
     out = np.subtract(w, lowrank_product(U, B))
@@ -177,11 +194,13 @@ def lowrank_inverse(w: np.ndarray, scale: float, U: np.ndarray, B: np.ndarray) -
     return out
 
 
+@_quiet
 def dense_forward(w: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """``w + delta`` in float64."""
     return np.add(w, delta.astype(np.float64, copy=False))
 
 
+@_quiet
 def dense_inverse(w: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """``w - delta`` in float64."""
     return np.subtract(w, delta.astype(np.float64, copy=False))
