@@ -1,0 +1,591 @@
+"""ZeroUnlearn solvers: the pure-maths layer (float64, device-agnostic).
+
+Everything here works on plain tensors, in float64, on whatever device the
+inputs live on (CPU or CUDA; nothing is moved and no device is hard-coded).
+The weight is in *math layout*: ``W`` is ``d×f`` and the layer computes
+``v = W k``. An edit is returned as :class:`Factors` ``(c, U, B)`` meaning
+
+    W' = c·W + U·B,      U: d×r,  B: r×f,
+
+which is exactly what a patch stores. The derivations are in ``docs/maths.md``.
+
+Closed form (ZeroUnlearn, DESIGN §2): :func:`closed_form` with
+:class:`ClosedFormParams`; three places the projection ``P`` can act
+(``"everywhere"`` as in the paper, ``"forget"``, ``"off"``).
+Gradient variant (ZeroUnlearn-GD): :func:`gd_adam` (the paper's Adam loop) and
+:func:`gd_exact` (the exact minimiser of the same quadratic objective).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from zupatch.errors import ZupatchError
+
+__all__ = [
+    "PROJECTIONS",
+    "ClosedFormParams",
+    "Factors",
+    "GDParams",
+    "LowRankUpdate",
+    "ParameterError",
+    "Projection",
+    "SingularSystemError",
+    "SolverError",
+    "closed_form",
+    "closed_form_objective",
+    "closed_form_update",
+    "gd_adam",
+    "gd_exact",
+    "gd_objective",
+    "null_space_basis",
+    "orthonormal_basis",
+    "reduce_rank",
+]
+
+Projection = Literal["everywhere", "forget", "off"]
+PROJECTIONS: tuple[str, ...] = ("everywhere", "forget", "off")
+
+_F64 = torch.float64
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SolverError(ZupatchError):
+    """The inputs cannot give an edit (non-finite statistics, singular system)."""
+
+
+class SingularSystemError(SolverError):
+    """The d×d system ``G + λ_f·Y·Yᵀ`` of the closed form is singular."""
+
+
+class ParameterError(SolverError, ValueError):
+    """A hyperparameter is out of its valid range."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ClosedFormParams:
+    """Hyperparameters of the closed-form edit (defaults: the paper's values).
+
+    ``projection`` says where ``P = (1+ε)I − QQᵀ`` acts: ``"everywhere"`` (the
+    paper: retain, forget and regulariser targets), ``"forget"`` (forget
+    target only) or ``"off"`` (``P = I``). DESIGN §7 measured that
+    ``"everywhere"`` hurts retain accuracy.
+    """
+
+    lambda_retain: float = 15000.0
+    lambda_forget: float = 50.0
+    lambda_reg: float = 1.0
+    epsilon: float = 0.01
+    projection: Projection = "everywhere"
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_retain", "lambda_forget", "lambda_reg"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (math.isfinite(self.epsilon) and 1.0 + self.epsilon > 0):
+            # c = 1 + ε must stay > 0 so that the patch can be inverted.
+            raise ParameterError(f"epsilon must be finite and > -1, got {self.epsilon!r}")
+        if self.projection not in PROJECTIONS:
+            raise ParameterError(
+                f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}"
+            )
+
+
+@dataclass(frozen=True)
+class GDParams:
+    """Hyperparameters of ZeroUnlearn-GD (α, β from the paper).
+
+    ``lr`` is not given by the paper; ``null_threshold`` is the eigenvalue
+    cut-off for :func:`null_space_basis` (absolute, in the units of C), kept
+    here so it is recorded with the other hyperparameters.
+    """
+
+    alpha: float = 100.0
+    beta: float = 0.1
+    steps: int = 500
+    lr: float = 0.1
+    null_threshold: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ParameterError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            # β > 0 makes the objective strictly convex: one minimiser.
+            raise ParameterError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise ParameterError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ParameterError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not math.isfinite(self.null_threshold):
+            raise ParameterError(f"null_threshold must be finite, got {self.null_threshold!r}")
+
+
+# --------------------------------------------------------------------------- factor types
+
+
+@dataclass(frozen=True, eq=False)
+class Factors:
+    """An edit of one weight: ``W' = scale·W + U·B`` (U: d×r, B: r×f).
+
+    ``W`` is in math layout (``v = W k``). For a weight stored transposed use
+    :meth:`transposed`. ``scale`` must be non-zero so the edit is invertible:
+    ``W = (W' − U·B) / scale``.
+    """
+
+    scale: float
+    U: Tensor
+    B: Tensor
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale != 0):
+            raise ValueError(f"scale must be finite and non-zero, got {self.scale!r}")
+        if self.U.ndim != 2 or self.B.ndim != 2 or self.U.shape[1] != self.B.shape[0]:
+            raise ValueError(
+                f"U (d×r) and B (r×f) do not fit: {tuple(self.U.shape)} and {tuple(self.B.shape)}"
+            )
+        if self.U.device != self.B.device:
+            raise ValueError(f"U is on {self.U.device} but B is on {self.B.device}")
+
+    @property
+    def rank(self) -> int:
+        """Number of stored factor columns r (an upper bound on rank(U·B))."""
+        return int(self.U.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the weight the factors apply to."""
+        return int(self.U.shape[0]), int(self.B.shape[1])
+
+    def transposed(self) -> Factors:
+        """Factors for the same edit of ``Wᵀ`` (e.g. GPT-2 Conv1D stores W as f×d).
+
+        ``stored' = c·stored + Bᵀ·Uᵀ``.
+        """
+        return Factors(self.scale, self.B.mT.contiguous(), self.U.mT.contiguous())
+
+    def low_rank(self) -> Tensor:
+        """The dense product ``U·B`` in float64 (d×f)."""
+        return self.U.to(_F64) @ self.B.to(_F64)
+
+    def apply(self, W: Tensor) -> Tensor:
+        """``c·W + U·B`` in float64 with a BLAS matmul.
+
+        A convenience for maths and tests; *not* the canonical bit-exact
+        application defined by the patch format.
+        """
+        return self.scale * W.to(_F64) + self.low_rank()
+
+    def delta(self, W: Tensor) -> Tensor:
+        """The additive change ``W' − W = (c − 1)·W + U·B`` in float64."""
+        return (self.scale - 1.0) * W.to(_F64) + self.low_rank()
+
+    def then(self, other: Factors) -> Factors:
+        """The edit ``self`` followed by ``other``: ``c1c2·W + [c2U1, U2][B1; B2]``."""
+        if self.shape != other.shape:
+            raise ValueError(f"cannot compose edits of shapes {self.shape} and {other.shape}")
+        U = torch.cat([other.scale * self.U, other.U], dim=1)
+        B = torch.cat([self.B, other.B], dim=0)
+        return Factors(self.scale * other.scale, U, B)
+
+    def compressed(self, rtol: float | None = None) -> Factors:
+        """Same edit with ``r`` reduced to the numerical rank of ``U·B``."""
+        return reduce_rank(self, rtol)
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankUpdate:
+    """A left multiplier ``D = scale·I + U·Vᵀ`` (U, V: d×r), with ``W' = D·W``."""
+
+    scale: float
+    U: Tensor
+    V: Tensor
+
+    def __post_init__(self) -> None:
+        if self.U.ndim != 2 or self.U.shape != self.V.shape:
+            raise ValueError(
+                f"U and V must both be d×r, got {tuple(self.U.shape)} and {tuple(self.V.shape)}"
+            )
+
+    def factors(self, W: Tensor, *, reduce: bool = True, rtol: float | None = None) -> Factors:
+        """Patch factors for ``W' = D·W``: ``(scale, U, B = Vᵀ·W)`` in float64."""
+        B = self.V.to(_F64).mT @ W.to(_F64)
+        out = Factors(self.scale, self.U.to(_F64), B)
+        return reduce_rank(out, rtol) if reduce else out
+
+    def dense(self) -> Tensor:
+        """``D`` as a d×d float64 matrix (tests and small problems only)."""
+        d = self.U.shape[0]
+        eye = torch.eye(d, dtype=_F64, device=self.U.device)
+        return self.scale * eye + self.U.to(_F64) @ self.V.to(_F64).mT
+
+
+def reduce_rank(factors: Factors, rtol: float | None = None) -> Factors:
+    """Rewrite ``U·B`` with as few columns as its numerical rank.
+
+    Thin QR of U and Bᵀ, SVD of the small r×r core; singular values below
+    ``rtol·σ_max`` (default ``max(d, f)·eps``, as ``matrix_rank``) are dropped.
+    The result has orthonormal rows in B and the singular values folded
+    into U (``‖U[:, i]‖ = σ_i``). Never forms the d×f product.
+    """
+    U, B = factors.U, factors.B
+    d, f = factors.shape
+    if factors.rank == 0:
+        return factors
+    if rtol is None:
+        rtol = max(d, f) * torch.finfo(U.dtype).eps
+    qu, ru = torch.linalg.qr(U)
+    qb, rb = torch.linalg.qr(B.mT)
+    a, s, zh = torch.linalg.svd(ru @ rb.mT, full_matrices=False)
+    smax = float(s[0]) if s.numel() else 0.0
+    k = int((s > rtol * smax).sum()) if smax > 0 else 0
+    U_new = qu @ (a[:, :k] * s[:k])
+    B_new = zh[:k] @ qb.mT
+    return Factors(factors.scale, U_new.contiguous(), B_new.contiguous())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f64(x: Tensor, name: str, device: torch.device, shape: tuple[int | None, ...]) -> Tensor:
+    """Detached float64 copy of an input, checked for device, shape and finiteness."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (the device of W)")
+    if x.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
+        want = "×".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    x = x.detach().to(_F64)
+    if not bool(torch.isfinite(x).all()):
+        raise SolverError(f"{name} contains NaN or Inf")
+    return x
+
+
+def orthonormal_basis(O: Tensor, rtol: float | None = None) -> Tensor:
+    """Orthonormal basis Q (d×q, q ≤ n) of span(O) by thin SVD.
+
+    Directions with singular value ≤ ``rtol·σ_max`` (default ``max(d, n)·eps``)
+    are dropped, so near-parallel columns of O do not give a spurious axis.
+    """
+    O = O.to(_F64)
+    d, n = O.shape
+    if n == 0:
+        return O.new_zeros(d, 0)
+    u, s, _ = torch.linalg.svd(O, full_matrices=False)
+    if rtol is None:
+        rtol = max(d, n) * _EPS64
+    smax = float(s[0])
+    q = int((s > rtol * smax).sum()) if smax > 0 else 0
+    return u[:, :q].contiguous()
+
+
+def _spd_solve(H: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``H X = rhs`` for symmetric positive (semi)definite H, in float64.
+
+    Cholesky first; if it fails, LU. Either way a pivot ratio below
+    ``d·eps`` is reported as :class:`SingularSystemError` instead of
+    returning garbage.
+    """
+    d = H.shape[0]
+    H = 0.5 * (H + H.mT)
+    tol = d * _EPS64
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        diag = L.diagonal()
+        rcond = float((diag.min() / diag.max()) ** 2)
+        if rcond > tol:
+            return torch.cholesky_solve(rhs, L)
+    LU, pivots, info = torch.linalg.lu_factor_ex(H)
+    piv = LU.diagonal().abs()
+    rcond = float(piv.min() / piv.max()) if float(piv.max()) > 0 else 0.0
+    if int(info) != 0 or not rcond > tol:
+        raise SingularSystemError(
+            f"the closed-form system G + λ_f·Y·Yᵀ ({d}×{d}) is singular (pivot ratio "
+            f"{rcond:.1e}): W has rank < {d}, or lambda_reg = 0 with rank-deficient retain "
+            f"statistics; use lambda_reg > 0 or collect more retain keys"
+        )
+    return torch.linalg.lu_solve(LU, pivots, rhs)
+
+
+def _project(Q: Tensor, X: Tensor, epsilon: float) -> Tensor:
+    """``P·X = (1+ε)X − Q(QᵀX)`` without forming P."""
+    return (1.0 + epsilon) * X - Q @ (Q.mT @ X)
+
+
+# --------------------------------------------------------------------------- closed form
+
+
+def closed_form_update(
+    W: Tensor,
+    C: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor | None,
+    hp: ClosedFormParams = ClosedFormParams(),
+) -> LowRankUpdate:
+    """The optimal left multiplier ``D = c·I + U·Vᵀ`` of the closed form.
+
+    W: d×f weight (math layout), C: f×f retain second moment ``E[k kᵀ]``,
+    K_f: f×n forget keys, V_star: d×n targets, O: d×n original
+    representations (unused, may be None, when ``projection="off"``).
+    With ``G = W(λ_r C + λI)Wᵀ``, ``Y = W K_f``, ``R = V* − Y`` and one
+    solve ``S = (G + λ_f Y Yᵀ)⁻¹ Y``:
+
+    - everywhere: ``c = 1+ε``, ``U = [−Q, λ_f P R]``, ``V = [Q, S]``
+    - forget:     ``c = 1``,   ``U = λ_f (P V* − Y)``, ``V = S``
+    - off:        ``c = 1``,   ``U = λ_f R``,          ``V = S``
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be a d×f matrix, got shape {tuple(W.shape)}")
+    d, f = W.shape
+    dev = W.device
+    W = _f64(W, "W", dev, (d, f))
+    C = _f64(C, "C", dev, (f, f))
+    K = _f64(K_f, "K_f", dev, (f, None))
+    n = K.shape[1]
+    if n == 0:
+        raise ValueError("K_f has no columns: there is nothing to forget")
+    Vs = _f64(V_star, "V_star", dev, (d, n))
+    lr_, lf, lg, eps = hp.lambda_retain, hp.lambda_forget, hp.lambda_reg, hp.epsilon
+
+    # G = W(λ_r C + λI)Wᵀ as one d×f·f×d product after one d×f·f×f product.
+    G = (lr_ * (W @ C) + lg * W) @ W.mT
+    Y = W @ K
+    S = _spd_solve(G + lf * (Y @ Y.mT), Y)
+    R = Vs - Y
+
+    if hp.projection == "off":
+        return LowRankUpdate(1.0, lf * R, S)
+    if O is None:
+        raise ValueError(f"O is required when projection={hp.projection!r}")
+    Q = orthonormal_basis(_f64(O, "O", dev, (d, None)))
+    if hp.projection == "forget":
+        return LowRankUpdate(1.0, lf * (_project(Q, Vs, eps) - Y), S)
+    U = torch.cat([-Q, lf * _project(Q, R, eps)], dim=1)
+    V = torch.cat([Q, S], dim=1)
+    return LowRankUpdate(1.0 + eps, U, V)
+
+
+def closed_form(
+    W: Tensor,
+    C: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor | None,
+    hp: ClosedFormParams = ClosedFormParams(),
+    *,
+    reduce: bool = True,
+) -> Factors:
+    """Patch factors ``(c, U, B)`` of the closed-form ZeroUnlearn edit of W.
+
+    ``W' = c·W + U·B`` with rank r ≤ 2n (``"everywhere"``) or r ≤ n
+    (``"forget"``, ``"off"``); ``reduce`` drops numerically-zero directions
+    (see :func:`reduce_rank`). Arguments as :func:`closed_form_update`.
+    """
+    update = closed_form_update(W, C, K_f, V_star, O, hp)
+    return update.factors(W, reduce=reduce)
+
+
+def closed_form_objective(
+    W_new: Tensor | Factors,
+    W: Tensor,
+    C: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor | None,
+    hp: ClosedFormParams = ClosedFormParams(),
+) -> Tensor:
+    """The objective of ``hp.projection`` at ``W' = W_new`` (scalar, float64).
+
+    ``λ_r‖(W' − T)C^{1/2}‖² + λ_f‖W'K_f − T_f‖² + λ‖W' − T‖²`` with
+    ``T = PW`` (everywhere) or ``W``, and ``T_f = PV*`` (everywhere, forget)
+    or ``V*`` (off). Differentiable in ``W_new`` when it is a tensor, so
+    ``W_new = D @ W`` gives the objective as a function of D.
+    """
+    dev = W.device
+    W = W.detach().to(_F64)
+    C, K, Vs = (x.detach().to(dev, _F64) for x in (C, K_f, V_star))
+    Wn = W_new.apply(W) if isinstance(W_new, Factors) else W_new.to(_F64)
+    T, Tf = W, Vs
+    if hp.projection != "off":
+        if O is None:
+            raise ValueError(f"O is required when projection={hp.projection!r}")
+        Q = orthonormal_basis(O.detach().to(dev, _F64))
+        Tf = _project(Q, Vs, hp.epsilon)
+        if hp.projection == "everywhere":
+            T = _project(Q, W, hp.epsilon)
+    E = Wn - T
+    retain = ((E @ C) * E).sum()
+    forget = ((Wn @ K - Tf) ** 2).sum()
+    return hp.lambda_retain * retain + hp.lambda_forget * forget + hp.lambda_reg * (E**2).sum()
+
+
+# --------------------------------------------------------------------------- gradient variant
+
+
+def null_space_basis(C: Tensor, threshold: float = 1e-2) -> Tensor:
+    """Orthonormal eigenvectors U0 (f×m) of C with eigenvalue ≤ ``threshold``.
+
+    float64 ``eigh`` of the symmetrised C; the threshold is absolute (units
+    of C). These are key directions the retain corpus (almost) never uses.
+    """
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be square, got shape {tuple(C.shape)}")
+    C = _f64(C, "C", C.device, (C.shape[0], C.shape[0]))
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.mT))
+    return evecs[:, evals <= threshold].contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class _GDProblem:
+    """Float64 pieces of the GD objective: Y = W K_f, A = U0ᵀ K_f, Q."""
+
+    Y: Tensor
+    A: Tensor
+    Vs: Tensor
+    Q: Tensor
+    U0: Tensor
+
+
+def _gd_problem(W: Tensor, U0: Tensor, K_f: Tensor, V_star: Tensor, O: Tensor) -> _GDProblem:
+    if W.ndim != 2:
+        raise ValueError(f"W must be a d×f matrix, got shape {tuple(W.shape)}")
+    d, f = W.shape
+    dev = W.device
+    W = _f64(W, "W", dev, (d, f))
+    U0 = _f64(U0, "U0", dev, (f, None))
+    K = _f64(K_f, "K_f", dev, (f, None))
+    n = K.shape[1]
+    if n == 0:
+        raise ValueError("K_f has no columns: there is nothing to forget")
+    Vs = _f64(V_star, "V_star", dev, (d, n))
+    Q = orthonormal_basis(_f64(O, "O", dev, (d, None)))
+    return _GDProblem(Y=W @ K, A=U0.mT @ K, Vs=Vs, Q=Q, U0=U0)
+
+
+def _zero_edit(p: _GDProblem) -> Factors:
+    """No null space (m = 0): the only admissible ΔW is zero."""
+    return Factors(1.0, p.Y.new_zeros(p.Y.shape[0], 0), p.U0.new_zeros(0, p.U0.shape[0]))
+
+
+def _right_basis(A: Tensor) -> Tensor:
+    """Ψ1 (m×k, k = min(m, n)): orthonormal basis of range(A) ⊇ the row space of X."""
+    psi, _, _ = torch.linalg.svd(A, full_matrices=False)
+    return psi
+
+
+def gd_exact(
+    W: Tensor,
+    U0: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor,
+    hp: GDParams = GDParams(),
+    *,
+    reduce: bool = True,
+) -> Factors:
+    """Exact minimiser of the ZeroUnlearn-GD objective, as factors with c = 1.
+
+    Minimises ``‖Qᵀ(W+ΔW)K_f‖² + α‖(W+ΔW)K_f − V*‖² + β‖ΔW‖²`` over
+    ``ΔW = X U0ᵀ``. The normal equation ``M X N + βX = −(QQᵀY + α(Y−V*))Aᵀ``
+    (``A = U0ᵀK_f``, ``M = QQᵀ + αI``, ``N = AAᵀ``) is diagonal in the
+    eigenbases of M (span Q ⊕ its complement; eigenvalues 1+α, α) and N
+    (thin SVD of A), so X is found without any d×d or m×m solve; X vanishes
+    on null(N), hence ``rank ΔW ≤ n``. ``U = X Ψ1``, ``B = (U0 Ψ1)ᵀ``.
+    """
+    p = _gd_problem(W, U0, K_f, V_star, O)
+    if p.A.shape[0] == 0:
+        return _zero_edit(p)
+    alpha, beta = hp.alpha, hp.beta
+    psi, sig, zh = torch.linalg.svd(p.A, full_matrices=False)  # A = Ψ1 Σ Zᵀ
+    E = p.Q @ (p.Q.mT @ p.Y) + alpha * (p.Y - p.Vs)
+    F1 = -(E @ zh.mT) * sig  # F Ψ1 = −E Aᵀ Ψ1 = −E Z Σ
+    s = sig**2  # eigenvalues of N on range(A)
+    QF = p.Q @ (p.Q.mT @ F1)
+    X1 = QF / ((1.0 + alpha) * s + beta) + (F1 - QF) / (alpha * s + beta)
+    out = Factors(1.0, X1, (p.U0 @ psi).mT.contiguous())
+    return reduce_rank(out) if reduce else out
+
+
+def gd_adam(
+    W: Tensor,
+    U0: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor,
+    hp: GDParams = GDParams(),
+    *,
+    project: bool = True,
+    reduce: bool = True,
+) -> Factors:
+    """The paper's ZeroUnlearn-GD: Adam on X (d×m) from zero, in float64.
+
+    Same objective as :func:`gd_exact`, minimised with ``hp.steps`` Adam steps
+    (torch's defaults: betas 0.9/0.999, eps 1e-8) using the analytic
+    gradient, so no autograd state is involved. With ``project`` the result
+    is projected onto the row space ``range(A)``: this never raises the
+    objective (the fit terms see only ``X A`` and ``‖X Ψ1Ψ1ᵀ‖ ≤ ‖X‖``) and
+    makes ``rank ΔW ≤ n``. Without it the rank may reach ``min(d, m)``.
+    """
+    p = _gd_problem(W, U0, K_f, V_star, O)
+    if p.A.shape[0] == 0:
+        return _zero_edit(p)
+    alpha, beta = hp.alpha, hp.beta
+    b1, b2, adam_eps = 0.9, 0.999, 1e-8
+    X = p.Y.new_zeros(p.Y.shape[0], p.A.shape[0])
+    m1 = torch.zeros_like(X)
+    m2 = torch.zeros_like(X)
+    for t in range(1, int(hp.steps) + 1):
+        Z = p.Y + X @ p.A
+        grad = 2.0 * ((p.Q @ (p.Q.mT @ Z) + alpha * (Z - p.Vs)) @ p.A.mT + beta * X)
+        m1.mul_(b1).add_(grad, alpha=1 - b1)
+        m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (m2.sqrt() / math.sqrt(1 - b2**t)).add_(adam_eps)
+        X.addcdiv_(m1, denom, value=-hp.lr / (1 - b1**t))
+    if project:
+        psi = _right_basis(p.A)
+        out = Factors(1.0, X @ psi, (p.U0 @ psi).mT.contiguous())
+    else:
+        out = Factors(1.0, X, p.U0.mT.contiguous())
+    return reduce_rank(out) if reduce else out
+
+
+def gd_objective(
+    delta: Tensor | Factors,
+    W: Tensor,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor,
+    hp: GDParams = GDParams(),
+) -> Tensor:
+    """``‖Qᵀ(W+ΔW)K_f‖² + α‖(W+ΔW)K_f − V*‖² + β‖ΔW‖²`` (scalar, float64).
+
+    ``delta`` is ΔW as a d×f tensor (differentiable) or as :class:`Factors`
+    (then ΔW = (c−1)W + U·B; with c = 1 nothing d×f is formed).
+    """
+    dev = W.device
+    W = W.detach().to(_F64)
+    K, Vs, O = (x.detach().to(dev, _F64) for x in (K_f, V_star, O))
+    Q = orthonormal_basis(O)
+    Y = W @ K
+    if isinstance(delta, Factors) and delta.scale == 1.0:
+        U, B = delta.U.to(_F64), delta.B.to(_F64)
+        Z = Y + U @ (B @ K)
+        reg = ((U.mT @ U) * (B @ B.mT)).sum()  # ‖UB‖² = tr(UᵀU·BBᵀ)
+    else:
+        D = delta.delta(W) if isinstance(delta, Factors) else delta.to(_F64)
+        Z = Y + D @ K
+        reg = (D**2).sum()
+    return ((Q.mT @ Z) ** 2).sum() + hp.alpha * ((Z - Vs) ** 2).sum() + hp.beta * reg
