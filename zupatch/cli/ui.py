@@ -106,14 +106,16 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         steps.add_row(str(i), s["method"], str(s["requests"]), "yes" if s["inverted"] else "", s["created"], hp)
     out.print(steps)
     entries = Table(title="tensors", title_justify="left", show_edge=False)
-    for col in ("step", "tensor", "dtype", "shape", "kind", "rank", "scale", "fixes", "stored", "sha256 before → after"):
-        entries.add_column(col)
+    for col in ("step", "tensor", "dtype shape", "kind", "rank", "scale", "fixes", "stored"):
+        entries.add_column(col, overflow="fold")
     for e in summary["entries"]:
         entries.add_row(
-            str(e["step"]), e["name"], e["dtype"], "x".join(map(str, e["shape"])),
+            str(e["step"]), e["name"], f"{e['dtype']} {'x'.join(map(str, e['shape']))}",
             e["kind"] + ("" if e["direction"] == "forward" else " (inverse)"),
             str(e.get("rank", "")), f"{e['scale']:.6g}" if "scale" in e else "",
             f"{e['fix_count']}/{e['inverse_fix_count']}", human_bytes(e["stored_bytes"]),
-            f"{e['sha256_before'][:10]} → {e['sha256_after'][:10]}",
         )  # fmt: skip
     out.print(entries)
+    out.print("[bold]sha256[/] (base → result)")
+    for t in summary["tensors"]:
+        out.print(f"  {t['name']}\n    {t['sha256_before']}\n  → {t['sha256_after']}", soft_wrap=True)
