@@ -193,7 +193,7 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
         copier.start()
         with open(st.path, "rb") as src:
             for name, info in zip(names, infos):
-                runner = ChainRunner(patch.chain(name))
+                runner = ChainRunner(patch.chain(name), patch.source)
                 dt = runner.dtype
                 row_bytes = runner.cols * dt.itemsize
 
@@ -207,7 +207,7 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
                     os.pwrite(fd, block.tobytes(), info.start + r0 * row_bytes)
                     done_rows[0] += block.shape[0]
                     progress("compute", done_rows[0], total_rows)
-                runner.check(str(ckpt.path))
+                runner.check()
         copier.join()
         if errors:
             raise errors[0]
@@ -238,6 +238,7 @@ def apply_to_checkpoint(
     if not parent.is_dir():
         raise ZupatchError("parent folder does not exist", parent)
     ckpt = Checkpoint(model)
+    ckpt.validate()  # every shard's header, not only the touched ones: they are all handed on
     if out.resolve() == ckpt.path.resolve():
         raise ZupatchError("the output must be a new folder, not the model itself", out)
     state = checkpoint_state(patch, ckpt, progress)

@@ -82,6 +82,11 @@ class Checkpoint:
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
+    def validate(self) -> None:
+        """Parse every weight file's header (cheap: no tensor data is read)."""
+        for filename in self.files:
+            self.file(filename)
+
     def locate(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
         """The file holding tensor ``name`` and where in it."""
         filename = self.weight_map.get(name)

@@ -203,6 +203,7 @@ class Patch:
     steps: list[Step]
     created: str = field(default_factory=utc_now)
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the file it was read from, for messages
 
     # ---- views
 
@@ -480,6 +481,7 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
         raise r.fail("tensors", f"not referenced by the metadata: {', '.join(sorted(unused)[:3])}")
     patch = Patch(
         steps=steps,
+        source=str(path),
         created=meta.get("created") if isinstance(meta.get("created"), str) else "",
         extra={k: v for k, v in meta.items() if k not in {"format", "format_version", "tool", "created", "steps"}},
     )

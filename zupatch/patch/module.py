@@ -79,7 +79,7 @@ def apply_to_module(patch: Patch, model: "torch.nn.Module", *, check_base: bool 
         if check_base and sha256_hex(bits) != chain[0].sha256_before:
             mismatched.append(name)
             continue
-        results[name] = run_chain_in_memory(chain, bits, where=name)
+        results[name] = run_chain_in_memory(chain, bits, patch.source)
     if mismatched:
         raise BaseMismatchError(
             f"the model is not the patch's base ({patch.base_model or 'unknown base'}): "

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from zupatch.errors import ZupatchError
+from zupatch.errors import PatchFormatError, ZupatchError
 from zupatch.patch import numerics as nm
 from zupatch.patch.correction import Correction
 from zupatch.patch.format import Entry, Patch, Step, StoredCorrection, check_tensor_name, validate_chain
@@ -65,13 +65,17 @@ class ChainRunner:
     """
 
     chain: Sequence[Entry]
+    source: str | None = None  # the patch file, named in errors
     threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         first = self.chain[0]
         self.rows, self.cols, self.dtype = first.rows, first.cols, first.float_dtype
         self.block = rows_per_block(self.cols)
-        self._fixes = [e.fix.decode(e.numel, e.float_dtype) if e.fix else None for e in self.chain]
+        try:
+            self._fixes = [e.fix.decode(e.numel, e.float_dtype) if e.fix else None for e in self.chain]
+        except ValueError as exc:
+            raise PatchFormatError(f"the correction of tensor {first.name!r} is unusable: {exc}", self.source) from None
         self._hashers = [hashlib.sha256() for _ in self.chain]
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -107,25 +111,25 @@ class ChainRunner:
     def hashes(self) -> list[str]:
         return [h.hexdigest() for h in self._hashers]
 
-    def check(self, where: str) -> None:
+    def check(self) -> None:
         """Raise if any stage's hash differs from what the patch promises."""
         for k, (entry, got) in enumerate(zip(self.chain, self.hashes)):
             if got != entry.sha256_after:
-                raise ZupatchError(
-                    f"result of step {k} on tensor {entry.name!r} does not match the hash the patch promises; "
+                raise PatchFormatError(
+                    f"entry {k} on tensor {entry.name!r} does not produce the result hash the patch promises; "
                     "the patch is corrupt or was not made by a conforming implementation",
-                    where,
+                    self.source,
                 )
 
 
-def run_chain_in_memory(chain: Sequence[Entry], bits: np.ndarray, where: str = "") -> np.ndarray:
+def run_chain_in_memory(chain: Sequence[Entry], bits: np.ndarray, source: str | None = None) -> np.ndarray:
     """Apply a chain to a whole tensor held in memory; checks every hash."""
-    runner = ChainRunner(chain)
+    runner = ChainRunner(chain, source)
     mat = bits.reshape(runner.rows, runner.cols)
     out = np.empty_like(mat)
     for r0, block in runner.run(lambda a, b: mat[a:b]):
         out[r0 : r0 + block.shape[0]] = block
-    runner.check(where)
+    runner.check()
     return out.reshape(bits.shape)
 
 
