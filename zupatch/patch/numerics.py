@@ -116,6 +116,47 @@ def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
     return y
 
 
+# (significand bits kept, exponent bias) of the 16-bit formats
+_NARROW = {"BF16": (7, 127), "F16": (10, 15)}
+
+
+def _round_narrow_normal(values: np.ndarray, dtype: DType) -> tuple[np.ndarray, np.ndarray]:
+    """Fast path of float64 -> BF16/F16 for values in the target's normal range.
+
+    There, round-to-nearest-even is integer arithmetic on the float64 bit
+    pattern: add half an ulp minus one plus the kept lsb, shift, re-bias the
+    exponent. A carry out of the significand lands in the exponent, and a carry
+    into the all-ones exponent yields exactly the Inf pattern (IEEE overflow
+    under round-to-nearest). Returns the bits and a mask of the elements this
+    does not cover (zeros, subnormals, overflow, Inf, NaN).
+    """
+    keep, bias = _NARROW[dtype.name]
+    drop = 52 - keep
+    u = values.view(np.uint64)
+    magnitude = u & np.uint64(0x7FFFFFFFFFFFFFFF)
+    exponent = magnitude >> np.uint64(52)
+    lowest = 1023 - bias + 1  # the target's smallest normal exponent, float64-biased
+    other = (exponent < np.uint64(lowest)) | (exponent > np.uint64(1023 + bias))
+    lsb = (magnitude >> np.uint64(drop)) & np.uint64(1)
+    magnitude += np.uint64((1 << (drop - 1)) - 1)
+    magnitude += lsb
+    magnitude >>= np.uint64(drop)
+    magnitude -= np.uint64((1023 - bias) << keep)
+    out = magnitude.astype(np.uint16)
+    out |= (u >> np.uint64(48)).astype(np.uint16) & np.uint16(0x8000)
+    return out, other
+
+
+def _round_narrow_general(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """float64 -> BF16/F16 for any value, via round-to-odd float32."""
+    y = _round_to_odd_f32(values)
+    if dtype.name == "F16":
+        return y.astype(np.float16).view(np.uint16)
+    b = y.view(np.uint32)  # BF16: round the float32 bits to their upper half, ties to even
+    lsb = (b >> np.uint32(16)) & np.uint32(1)
+    return ((b + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype(np.uint16)
+
+
 @_quiet
 def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     """float64 values -> bit array of ``dtype``, round-to-nearest-even.
@@ -124,19 +165,16 @@ def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     Every NaN becomes the dtype's canonical quiet NaN, because NaN payload
     propagation through arithmetic differs between processors.
     """
-    nan = np.isnan(values)
+    values = np.ascontiguousarray(values, dtype=np.float64)
     if dtype.name == "F64":
         out = values.view(np.uint64).copy()
     elif dtype.name == "F32":
         out = values.astype(np.float32).view(np.uint32)
     else:
-        y = _round_to_odd_f32(values)
-        if dtype.name == "F16":
-            out = y.astype(np.float16).view(np.uint16)
-        else:  # BF16: round the float32 bits to their upper half, ties to even
-            b = y.view(np.uint32)
-            lsb = (b >> np.uint32(16)) & np.uint32(1)
-            out = ((b + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype(np.uint16)
+        out, other = _round_narrow_normal(values, dtype)
+        if other.any():
+            out[other] = _round_narrow_general(values[other], dtype)
+    nan = np.isnan(values)
     if nan.any():
         out[nan] = dtype.canonical_nan
     return out
