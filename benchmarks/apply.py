@@ -1,0 +1,195 @@
+"""Benchmark `zupatch apply` against copying the touched shards and the naive path.
+
+Builds synthetic Llama-shaped checkpoints (hidden 3072, MLP 8192, bf16, ~500 MB
+shards) of two sizes, a patch with rank-20 factors on three down projections,
+then measures side by side, interleaved, in one run:
+
+- `cp` of the touched shards (the floor any apply must pay),
+- `zupatch apply` (wall time and peak RSS of the process),
+- the naive path: transformers `from_pretrained`, edit, `save_pretrained`.
+
+Usage: python benchmarks/apply.py [--sizes 8,16] [--repeat 3] [--workdir DIR]
+Prints a table and the ratios that docs/benchmarks.md records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, MLP, VOCAB, RANK = 3072, 8192, 32000, 20
+TOUCHED_LAYERS = (2, 3, 4)
+
+MEASURE = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+if r.returncode:
+    sys.stderr.write(r.stderr)
+print(json.dumps({"rc": r.returncode, "seconds": wall,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+NAIVE = r"""
+import sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+src, out, factors = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+f = load_file(factors)
+params = dict(model.named_parameters())
+with torch.no_grad():
+    for layer in %s:
+        w = params[f"model.layers.{layer}.mlp.down_proj.weight"]
+        U, B = f[f"{layer}.U"].double(), f[f"{layer}.B"].double()
+        w.copy_((1.01 * w.double() + U @ B).to(torch.bfloat16))
+model.save_pretrained(out, max_shard_size="500MB")
+""" % (list(TOUCHED_LAYERS),)
+
+
+def write_checkpoint(path: Path, layers: int, seed: int = 0) -> None:
+    """A Llama-shaped bf16 checkpoint written shard by shard (never all in memory)."""
+    from transformers import LlamaConfig
+
+    path.mkdir(parents=True)
+    LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers, num_attention_heads=24,
+        num_key_value_heads=24, vocab_size=VOCAB, tie_word_embeddings=True, torch_dtype="bfloat16",
+    ).save_pretrained(path)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    groups: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": rand(VOCAB, HIDDEN),
+                                              "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)}]  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        groups.append({p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": rand(HIDDEN, HIDDEN),
+                       p + "self_attn.v_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": rand(HIDDEN, HIDDEN),
+                       p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)})  # fmt: skip
+        groups.append({p + "mlp.gate_proj.weight": rand(MLP, HIDDEN), p + "mlp.up_proj.weight": rand(MLP, HIDDEN),
+                       p + "mlp.down_proj.weight": rand(HIDDEN, MLP)})  # fmt: skip
+    # pack groups into ~500 MB shards, written one at a time
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for g in groups:
+        size = sum(t.numel() * 2 for t in shards[-1].values())
+        if size and size + sum(t.numel() * 2 for t in g.values()) > 500e6:
+            shards.append({})
+        shards[-1].update(g)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+        shard.clear()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def make_patch(ckpt: Path, out: Path, factors_out: Path) -> dict:
+    """Rank-20 edits (scale 1.01, the paper's projection) on three down projections."""
+    from zupatch.checkpoint.folder import Checkpoint
+    from zupatch.patch import numerics as nm
+    from zupatch.patch.ops import LowRankEdit, build_patch
+
+    rng = np.random.default_rng(1)
+    ck = Checkpoint(ckpt)
+    bf = nm.FLOAT_DTYPES["BF16"]
+    edits, base, factors = [], {}, {}
+    for layer in TOUCHED_LAYERS:
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        base[name] = (ck.read_bits(name, bf.bits), bf)
+        # a small relative change, as a real edit makes (|UB| ~ 1% of |W|)
+        U = (rng.standard_normal((HIDDEN, RANK)) * 0.01).astype(np.float32)
+        B = (rng.standard_normal((RANK, MLP)) * 0.0045).astype(np.float32)
+        edits.append(LowRankEdit(name, 1.01, U, B))
+        factors[f"{layer}.U"], factors[f"{layer}.B"] = torch.from_numpy(U), torch.from_numpy(B)
+    t = time.perf_counter()
+    patch = build_patch(edits, base, method="benchmark")
+    build_s = time.perf_counter() - t
+    patch.save(out)
+    save_file(factors, factors_out)
+    touched = sum(b.nbytes for b, _ in base.values())
+    fixes = sum(e.inverse_fix.count for e in patch.steps[0].entries if e.inverse_fix)
+    return {"patch_bytes": out.stat().st_size, "touched_bytes": touched, "build_seconds": build_s,
+            "corrected_fraction": fixes / (touched / 2),
+            "touched_shards": sorted({ck.weight_map[n] for n in base})}  # fmt: skip
+
+
+def measure(cmd: list[str]) -> dict:
+    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if out["rc"]:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="8,16", help="layer counts of the synthetic checkpoints")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="zupatch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    zupatch = [sys.executable, "-c", "from zupatch.cli.main import main; main()"]
+    rows = []
+    for layers in (int(s) for s in args.sizes.split(",")):
+        ckpt = work / f"ckpt-{layers}"
+        if not ckpt.exists():
+            print(f"writing a {layers}-layer checkpoint ...", file=sys.stderr)
+            write_checkpoint(ckpt, layers)
+        size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+        info = make_patch(ckpt, work / f"p{layers}.zup.safetensors", work / f"f{layers}.safetensors")
+        results: dict[str, list[dict]] = {"copy": [], "zupatch": [], "naive": []}
+        for _ in range(args.repeat):
+            for kind in results:
+                if kind == "naive" and args.skip_naive:
+                    continue
+                out = work / f"out-{kind}"
+                shutil.rmtree(out, ignore_errors=True)
+                if kind == "copy":
+                    out.mkdir()
+                    cmd = ["cp", *[str(ckpt / s) for s in info["touched_shards"]], str(out)]
+                elif kind == "zupatch":
+                    cmd = [*zupatch, "apply", str(work / f"p{layers}.zup.safetensors"), "-m", str(ckpt), "-o", str(out), "-q"]
+                else:
+                    cmd = [sys.executable, "-c", NAIVE, str(ckpt), str(out), str(work / f"f{layers}.safetensors")]
+                results[kind].append(measure(cmd))
+                shutil.rmtree(out, ignore_errors=True)
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_rss_mb")} for k, v in results.items() if v}
+        rows.append((layers, size, info, med))
+    print(f"\nmachine: {os.cpu_count()} cores; rank {RANK}; touched: 3 x {HIDDEN}x{MLP} bf16; median of {args.repeat}")
+    print(f"{'ckpt':>8} {'size GB':>8} {'copy s':>7} {'apply s':>8} {'apply/copy':>10} {'apply RSS MB':>12} "
+          f"{'naive s':>8} {'naive RSS MB':>12} {'naive/apply time':>16} {'naive/apply RSS':>15} {'patch %':>8} {'fixed %':>8}")  # fmt: skip
+    for layers, size, info, med in rows:
+        naive = med.get("naive", {"seconds": float("nan"), "peak_rss_mb": float("nan")})
+        z = med["zupatch"]
+        print(f"{layers:>6}L {size / 1e9:>8.2f} {med['copy']['seconds']:>7.2f} {z['seconds']:>8.2f} "
+              f"{z['seconds'] / med['copy']['seconds']:>10.2f} {z['peak_rss_mb']:>12.0f} {naive['seconds']:>8.2f} "
+              f"{naive['peak_rss_mb']:>12.0f} {naive['seconds'] / z['seconds']:>16.1f} "
+              f"{naive['peak_rss_mb'] / z['peak_rss_mb']:>15.1f} {100 * info['patch_bytes'] / info['touched_bytes']:>8.2f} "
+              f"{100 * info['corrected_fraction']:>8.2f}")  # fmt: skip
+    print(f"\nworkdir: {work} (delete it when done)")
+
+
+if __name__ == "__main__":
+    main()
