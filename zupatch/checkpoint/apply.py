@@ -207,13 +207,24 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
                     os.pwrite(fd, block.tobytes(), info.start + r0 * row_bytes)
                     done_rows[0] += block.shape[0]
                     progress("compute", done_rows[0], total_rows)
+                _require_base_hash(patch, name, runner.base_hash, ckpt.path)
                 runner.check()
         copier.join()
         if errors:
             raise errors[0]
-        os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _require_base_hash(patch: Patch, name: str, digest: str, where: Path) -> None:
+    """The base check of ``apply``, made on the bytes it streamed through."""
+    chain = patch.chain(name)
+    if digest == chain[0].sha256_before:
+        return
+    if digest == chain[-1].sha256_after:
+        raise BaseMismatchError("this checkpoint already has the patch applied", where)
+    state = CheckpointState([TensorState(name, digest, None, len(chain))])
+    require_base(patch, state, where)
 
 
 def apply_to_checkpoint(
@@ -226,8 +237,10 @@ def apply_to_checkpoint(
 ) -> ApplyReport:
     """Write ``output``: the checkpoint folder ``model`` with ``patch`` applied.
 
-    Checks the base hashes first and every result hash while writing; on any
-    failure (or interruption) nothing is left at ``output``.
+    Checks the base hash of every touched tensor on the bytes it streams
+    through, and every result hash; on any failure (or interruption) nothing is
+    left at ``output``. Files are not fsync'ed: the atomic rename protects
+    against an interrupted process, like ``save_pretrained`` and ``cp`` do.
     """
     started = time.perf_counter()
     nm.check_ieee_environment()
@@ -241,8 +254,7 @@ def apply_to_checkpoint(
     ckpt.validate()  # every shard's header, not only the touched ones: they are all handed on
     if out.resolve() == ckpt.path.resolve():
         raise ZupatchError("the output must be a new folder, not the model itself", out)
-    state = checkpoint_state(patch, ckpt, progress)
-    require_base(patch, state, ckpt.path)
+    check_fits(patch, ckpt)
 
     by_file: dict[str, list[str]] = {}
     for name in patch.tensor_names:

@@ -60,13 +60,16 @@ class ChainRunner:
     """Applies a chain of entries on one tensor, block by block, hashing every stage.
 
     ``run`` takes the base bits block by block (in row order) and yields the
-    final bits of each block; afterwards ``hashes`` holds the sha256 after each
-    entry, which :meth:`check` compares with what the patch promises.
+    final bits of each block. Three kinds of work overlap: the caller's thread
+    reads and writes, a compute pool runs the arithmetic, and one hashing
+    thread digests the base and every stage in row order. Afterwards
+    ``base_hash`` and ``hashes`` hold the sha256 of the base and after each
+    entry; :meth:`check_base` and :meth:`check` compare them with the patch.
     """
 
     chain: Sequence[Entry]
     source: str | None = None  # the patch file, named in errors
-    # one compute worker beside the reading/hashing/writing thread; more measured no faster on 2 cores
+    # one compute worker beside the I/O thread; more measured no faster on 2 cores
     threads: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) - 1)))
 
     def __post_init__(self) -> None:
@@ -77,6 +80,7 @@ class ChainRunner:
             self._fixes = [e.fix.decode(e.numel, e.float_dtype) if e.fix else None for e in self.chain]
         except ValueError as exc:
             raise PatchFormatError(f"the correction of tensor {first.name!r} is unusable: {exc}", self.source) from None
+        self._base_hasher = hashlib.sha256()
         self._hashers = [hashlib.sha256() for _ in self.chain]
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -89,24 +93,39 @@ class ChainRunner:
             stages.append(bits)
         return stages
 
-    def run(self, read: Callable[[int, int], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(r0, final bits)`` per block, in order; ``read(r0, r1)`` gives base bits."""
-        blocks = self.blocks()
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            window = 2 * self.threads
-            futures = []
-            for i, (r0, r1) in enumerate(blocks):
-                futures.append((r0, pool.submit(self._compute, r0, read(r0, r1))))
-                if len(futures) > window:
-                    yield self._finish(*futures.pop(0))
-            while futures:
-                yield self._finish(*futures.pop(0))
-
-    def _finish(self, r0: int, future: Any) -> tuple[int, np.ndarray]:
-        stages = future.result()
+    def _digest(self, base: np.ndarray | None, stages: list[np.ndarray]) -> None:
+        if base is not None:
+            self._base_hasher.update(np.ascontiguousarray(base).view(np.uint8).data)
         for hasher, bits in zip(self._hashers, stages):
             hasher.update(np.ascontiguousarray(bits).view(np.uint8).data)
-        return r0, stages[-1]
+
+    def run(self, read: Callable[[int, int], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(r0, final bits)`` per block, in order; ``read(r0, r1)`` gives base bits."""
+        # A one-thread executor runs its tasks in submission order: the digests stay sequential.
+        with ThreadPoolExecutor(max_workers=self.threads) as pool, ThreadPoolExecutor(max_workers=1) as hashing:
+            window = 2 * self.threads
+            pending: list[tuple[int, Any]] = []
+            digests: list[Any] = []
+
+            def finish(r0: int, future: Any) -> tuple[int, np.ndarray]:
+                stages = future.result()
+                digests.append(hashing.submit(self._digest, None, stages))
+                return r0, stages[-1]
+
+            for r0, r1 in self.blocks():
+                base = read(r0, r1)
+                digests.append(hashing.submit(self._digest, base, []))
+                pending.append((r0, pool.submit(self._compute, r0, base)))
+                if len(pending) > window:
+                    yield finish(*pending.pop(0))
+            while pending:
+                yield finish(*pending.pop(0))
+            for d in digests:
+                d.result()
+
+    @property
+    def base_hash(self) -> str:
+        return self._base_hasher.hexdigest()
 
     @property
     def hashes(self) -> list[str]:
