@@ -39,8 +39,11 @@ def is_repo_id(ref: str) -> bool:
     return bool(_REPO_ID.match(ref)) and ".." not in ref and not Path(ref).exists()
 
 
-def resolve_model(ref: str, revision: str | None = None) -> ResolvedModel:
-    """A checkpoint folder for ``ref`` (a folder path or a Hub repo id)."""
+def resolve_model(ref: str, revision: str | None = None, *, token: str | None = None) -> ResolvedModel:
+    """A checkpoint folder for ``ref`` (a folder path or a Hub repo id).
+
+    ``token`` defaults to the logged-in one (``HF_TOKEN`` or ``hf auth login``).
+    """
     path = Path(ref).expanduser()
     if path.exists():
         if revision:
@@ -48,16 +51,16 @@ def resolve_model(ref: str, revision: str | None = None) -> ResolvedModel:
         return ResolvedModel(path=path)
     if not is_repo_id(ref):
         raise ZupatchError("no such folder, and not a Hub repo id (namespace/name)", ref)
-    return _snapshot(ref, revision)
+    return _snapshot(ref, revision, token)
 
 
-def _snapshot(repo_id: str, revision: str | None) -> ResolvedModel:
+def _snapshot(repo_id: str, revision: str | None, token: str | None = None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
     from zupatch.hub.errors import hub_error
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=MODEL_IGNORE))
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=MODEL_IGNORE, token=token))
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise hub_error(exc, repo_id, revision) from None
+        raise hub_error(exc, repo_id, revision, token=token) from None
     return ResolvedModel(path=folder, repo_id=repo_id, revision=folder.name)

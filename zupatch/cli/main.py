@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from zupatch._version import __version__
-from zupatch.cli import ui
+from zupatch.cli import hub_cli, ui
 from zupatch.errors import ZupatchError
 
 app = typer.Typer(
@@ -30,7 +30,11 @@ app = typer.Typer(
 # Exit codes of `zupatch verify` (documented in docs/cli.md).
 EXIT_FITS, EXIT_ERROR, EXIT_APPLIED, EXIT_MISMATCH = 0, 1, 3, 4
 
-PatchArg = Annotated[str, typer.Argument(help="Patch file (.zup.safetensors).", show_default=False)]
+PatchArg = Annotated[
+    str,
+    typer.Argument(help="Patch file (.zup.safetensors), or a Hub reference NAMESPACE/NAME[@REVISION][:FILE].",
+                   show_default=False),
+]  # fmt: skip
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id resolved through the HF cache.")
 ]
@@ -52,10 +56,16 @@ def _root(
     ui.state.debug = debug
 
 
-def _load_patch(ref: str):
-    from zupatch.patch.format import Patch
+def _load_patch(ref: str, revision: str | None = None, token: str | None = None):
+    """A patch from a local file or a Hub reference (resolved through the HF cache)."""
+    from zupatch.hub import load_patch
 
-    return Patch.load(Path(ref))
+    return load_patch(ref, revision, token=token)
+
+
+def _warn(message: str | None, quiet: bool) -> None:
+    if message and not quiet:
+        ui.console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def _emit_json(data: Any) -> None:
@@ -72,6 +82,11 @@ def apply(
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the patched checkpoint.")],
     revision: RevisionOpt = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy untouched files instead of hard-linking them.")] = False,
+    push_to: Annotated[
+        str | None, typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo.")
+    ] = None,
+    private: hub_cli.PrivateOpt = False,
+    token: hub_cli.TokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -83,10 +98,14 @@ def apply(
     """
     from zupatch.checkpoint.apply import apply_to_checkpoint
     from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub import base_revision_note, hub_output
 
-    with ui.guard():
-        p = _load_patch(patch)
-        resolved = resolve_model(model, revision)
+    with ui.guard(), hub_output(quiet or as_json):
+        if push_to:
+            hub_cli.check_push_target(push_to, token)  # before writing anything
+        p = _load_patch(patch, token=token)
+        resolved = resolve_model(model, revision, token=token)
+        _warn(base_revision_note(p, resolved), quiet)
         with ui.progress(quiet or as_json) as progress:
             report = apply_to_checkpoint(p, resolved.path, output, link=not copy, progress=progress)
         result = {
@@ -98,14 +117,17 @@ def apply(
             "copied_files": len(report.copied_files),
             "seconds": round(report.seconds, 3),
         }
-        if as_json:
-            _emit_json(result)
-        elif not quiet:
+        if not as_json and not quiet:
             ui.console.print(
                 f"[green]applied[/] {len(report.tensors)} tensor(s) in {len(report.touched_files)} file(s) "
                 f"-> [bold]{report.output}[/] ({report.seconds:.2f} s; "
                 f"{len(report.linked_files)} file(s) linked, {len(report.copied_files)} copied)"
             )
+        if push_to:
+            result["pushed"] = hub_cli.push_applied(report.output, push_to, p, patch, resolved, private, token,
+                                                    quiet or as_json)  # fmt: skip
+        if as_json:
+            _emit_json(result)
 
 
 # --------------------------------------------------------------------------- verify
@@ -122,10 +144,12 @@ def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, as_js
     from zupatch.checkpoint.apply import checkpoint_state
     from zupatch.checkpoint.folder import Checkpoint
     from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub import base_revision_note, hub_output
 
-    with ui.guard():
+    with ui.guard(), hub_output(quiet or as_json):
         p = _load_patch(patch)
         resolved = resolve_model(model, revision)
+        _warn(base_revision_note(p, resolved), quiet or as_json)
         with ui.progress(quiet or as_json) as progress:
             state = checkpoint_state(p, Checkpoint(resolved.path), progress)
         code = {"base": EXIT_FITS, "applied": EXIT_APPLIED}.get(state.status, EXIT_MISMATCH)
@@ -211,17 +235,25 @@ def _report_written(output: Path, patch: Any, as_json: bool, quiet: bool, what: 
 
 
 @app.command()
-def inspect(patch: PatchArg, as_json: JsonOpt = False) -> None:
+def inspect(
+    patch: PatchArg,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of a patch repo.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Summarise a patch: base, method, steps, tensors, ranks, sizes, hashes."""
+    from zupatch.hub import hub_output
     from zupatch.patch.summary import summarize
 
-    with ui.guard():
-        path = Path(patch)
-        summary = summarize(_load_patch(patch), file_bytes=path.stat().st_size)
+    with ui.guard(), hub_output(as_json):
+        p = _load_patch(patch, revision)
+        summary = summarize(p, file_bytes=Path(p.source).stat().st_size)
         if as_json:
             _emit_json(summary)
         else:
-            ui.print_summary(summary, title=str(path))
+            ui.print_summary(summary, title=patch)
+
+
+hub_cli.register(app)
 
 
 def main() -> None:

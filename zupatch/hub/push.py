@@ -1,0 +1,245 @@
+"""Publishing to the Hub: a patch with its model card, or a full patched checkpoint.
+
+Both create the repository when it does not exist and make at most one
+commit. Before committing, the files already on the branch are compared with
+what would be uploaded (sha256 for LFS files, git blob id for the others):
+pushing the same patch again makes no commit. The token is taken from the
+argument, else from ``HF_TOKEN`` or the ``hf auth login`` store, and never
+appears in a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zupatch.errors import ZupatchError
+from zupatch.hub.card import PatchCardInfo, card_base_model, git_blob_id, layers_of, patch_card
+from zupatch.hub.errors import LOGIN_HINT, hub_error
+from zupatch.hub.pull import PATCH_FILENAME, PATCH_SUFFIX, is_hub_repo_id, locate_patch
+
+README = "README.md"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass
+class PushResult:
+    """What a push did."""
+
+    repo_id: str
+    url: str
+    revision: str  # the branch pushed to (or the PR's base)
+    commit: str | None  # the new commit, or the existing head when nothing changed
+    unchanged: bool  # True: the repo already had these bytes, no commit was made
+    private: bool | None = None
+    commit_url: str | None = None
+    pr_url: str | None = None
+    uploaded: list[str] = field(default_factory=list)  # paths in the repo that the commit changed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repo": self.repo_id,
+            "url": self.url,
+            "revision": self.revision,
+            "commit": self.commit,
+            "unchanged": self.unchanged,
+            "private": self.private,
+            "commit_url": self.commit_url,
+            "pr_url": self.pr_url,
+            "uploaded": self.uploaded,
+        }
+
+
+def require_token(token: str | None = None) -> str:
+    """The token to push with: ``token``, else the logged-in one; a clear error when there is none."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        raise ZupatchError(f"pushing needs a Hugging Face token with write access: {LOGIN_HINT}")
+    return found
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not is_hub_repo_id(repo_id):
+        raise ZupatchError("not a Hub repository id (expected NAMESPACE/NAME)", repo_id)
+    return repo_id
+
+
+def _same(remote: Any, data_sha256: str, data_blob_id: str) -> bool:
+    """Does a ``RepoFile`` from ``get_paths_info`` hold exactly these bytes?"""
+    if remote is None:
+        return False
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None:
+        return getattr(lfs, "sha256", None) == data_sha256
+    return getattr(remote, "blob_id", None) == data_blob_id
+
+
+def _skipped(op: Any) -> bool:
+    """Did the client leave this file out of the commit because the branch already has it?"""
+    remote, local = getattr(op, "_remote_oid", None), getattr(op, "_local_oid", None)
+    return remote is not None and remote == local
+
+
+def base_weights_bytes(base_model: str | None, base_revision: str | None, token: str | None = None) -> int | None:
+    """Total bytes of the base's ``*.safetensors`` files at a pinned commit, or None (best effort).
+
+    Only an immutable commit is asked about, so the card stays the same from
+    one push to the next; any failure just leaves the number out.
+    """
+    if not base_model or not is_hub_repo_id(base_model) or not base_revision or not _COMMIT.match(base_revision):
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(token=token).model_info(base_model, revision=base_revision, files_metadata=True)
+    except Exception:  # noqa: BLE001 - optional information
+        return None
+    sizes = [s.size for s in (info.siblings or []) if s.rfilename.endswith(".safetensors") and s.size]
+    return sum(sizes) or None
+
+
+def _begin(api: Any, repo_id: str, *, private: bool, revision: str | None, create_pr: bool) -> tuple[str, bool | None, str]:
+    """Create the repo (and branch) if needed; return (url, private, head commit of the target revision)."""
+    # private=None (not False) lets an organisation's default visibility apply to a new repo
+    url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True))
+    if revision and revision != "main" and not create_pr and not _COMMIT.match(revision):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.model_info(repo_id, revision=revision or "main")
+    return url, info.private, info.sha
+
+
+def push_patch(
+    patch_ref: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    filename: str = PATCH_FILENAME,
+    base_model: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Upload a patch and its model card to ``repo_id`` (created if needed).
+
+    ``patch_ref`` is a patch file (or a Hub reference to one). The patch goes
+    to ``filename`` (default ``patch.zup.safetensors``), the card to
+    ``README.md``, both in one commit on ``revision`` (a branch, created from
+    main when missing; default main), or in a pull request against it with
+    ``create_pr``. When the branch already holds the same bytes, no commit is
+    made and ``unchanged`` is true. ``base_model`` names the base on the card
+    when the patch records a local path rather than a Hub repo id.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_repo_id(repo_id)
+    if not filename.endswith(PATCH_SUFFIX) or "/" in filename or filename.startswith("."):
+        raise ZupatchError(f"the patch file name in the repo must be a plain name ending in {PATCH_SUFFIX}", filename)
+    if base_model is not None and not is_hub_repo_id(base_model):
+        raise ZupatchError("--base-model must be a Hub repo id (NAMESPACE/NAME)", base_model)
+    tok = require_token(token)
+    source = locate_patch(patch_ref, token=tok)
+    from zupatch.patch.format import Patch
+
+    patch = Patch.load(source.path)
+    data = source.path.read_bytes()
+    data_sha = hashlib.sha256(data).hexdigest()
+    api = HfApi(token=tok)
+    target = revision or "main"
+    try:
+        url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
+        base = card_base_model(patch, base_model)
+        info = PatchCardInfo(
+            repo_id=repo_id, filename=filename, revision=None if create_pr else revision, base_model=base_model,
+            base_bytes=base_weights_bytes(base, patch.base_revision, tok), file_bytes=len(data), file_sha256=data_sha,
+        )  # fmt: skip
+        card = patch_card(patch, info).encode()
+        remote = {f.path: f for f in api.get_paths_info(repo_id, [filename, README], revision=head)}
+        ops = []
+        if not _same(remote.get(filename), data_sha, git_blob_id(data)):
+            ops.append(CommitOperationAdd(path_in_repo=filename, path_or_fileobj=data))
+        if not _same(remote.get(README), hashlib.sha256(card).hexdigest(), git_blob_id(card)):
+            ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
+        result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
+        if not ops:
+            return result
+        requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps)
+        layers = layers_of(patch.tensor_names)
+        message = commit_message or (
+            f"zupatch: {'update' if filename in remote else 'add'} patch ({patch.steps[0].method}, "
+            f"{requests} request{'s' if requests != 1 else ''}, layer{'s' if len(layers) != 1 else ''} "
+            f"{', '.join(map(str, layers)) or 'n/a'})"
+        )
+        commit = api.create_commit(
+            repo_id, ops, commit_message=message, revision=target, create_pr=create_pr,
+            parent_commit=None if create_pr else head,
+        )  # fmt: skip
+    except ZupatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
+    result.commit = commit.oid
+    result.commit_url = commit.commit_url
+    result.pr_url = commit.pr_url
+    result.uploaded = [op.path_in_repo for op in ops]
+    return result
+
+
+def push_checkpoint(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    readme: str,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Upload a checkpoint folder (e.g. the output of ``apply``) with ``readme`` as its card, in one commit.
+
+    Hidden files and the folder's own ``README.md`` (usually the base's card)
+    are left out. Files already on the branch with the same content are
+    skipped by the client; when nothing changed, no commit is made.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_repo_id(repo_id)
+    root = Path(folder)
+    if not root.is_dir():
+        raise ZupatchError("not a folder", root)
+    tok = require_token(token)
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_dir() or any(part.startswith(".") for part in rel.parts) or rel.as_posix() == README:
+            continue
+        files.append((rel.as_posix(), path))
+    api = HfApi(token=tok)
+    target = revision or "main"
+    try:
+        url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
+        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
+        ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=readme.encode()))
+        commit = api.create_commit(
+            repo_id, ops, commit_message=commit_message or "zupatch: upload patched checkpoint",
+            revision=target, create_pr=create_pr, parent_commit=None if create_pr else head,
+        )  # fmt: skip
+    except ZupatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
+    unchanged = commit.oid == head and not commit.pr_url
+    return PushResult(
+        repo_id, url, target, commit.oid, unchanged=unchanged, private=is_private,
+        commit_url=None if unchanged else commit.commit_url, pr_url=commit.pr_url,
+        uploaded=[] if unchanged else [op.path_in_repo for op in ops if not _skipped(op)],
+    )  # fmt: skip
