@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from zupatch.errors import PatchFormatError, ZupatchError
+from zupatch.patch import fastpath
 from zupatch.patch import numerics as nm
 from zupatch.patch.correction import Correction
 from zupatch.patch.format import Entry, Patch, Step, StoredCorrection, check_tensor_name, validate_chain
@@ -39,17 +40,15 @@ def sha256_hex(bits: np.ndarray) -> str:
 def compute_entry_block(entry: Entry, bits: np.ndarray, r0: int, fix: Correction | None) -> np.ndarray:
     """Canonical result of ``entry`` on rows ``[r0, r0 + len(bits))`` (bits in, bits out)."""
     dt = entry.float_dtype
-    w = nm.decode(bits, dt)
     r1 = r0 + bits.shape[0]
     if entry.kind == "lowrank":
         assert entry.U is not None and entry.B is not None
-        fn = nm.lowrank_forward if entry.direction == "forward" else nm.lowrank_inverse
-        values = fn(w, entry.scale, entry.U[r0:r1], entry.B)
+        # BLAS product plus a per-element error bound; provably the canonical bits (see fastpath)
+        out = fastpath.lowrank_rounded(bits, dt, entry.scale, entry.U[r0:r1], entry.B, entry.direction)
     else:
         assert entry.delta is not None
         fn = nm.dense_forward if entry.direction == "forward" else nm.dense_inverse
-        values = fn(w, entry.delta[r0:r1])
-    out = nm.round_to(values, dt)
+        out = nm.round_to(fn(nm.decode(bits, dt), entry.delta[r0:r1]), dt)
     if fix is not None:
         fix.apply(out, start=r0 * entry.cols)
     return out
