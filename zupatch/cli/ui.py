@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zupatch.errors import ZupatchError
+from zupatch.patch.summary import human_bytes  # noqa: F401 - used by the commands as ui.human_bytes
 
 console = Console(stderr=True, highlight=False)
 
@@ -73,12 +74,21 @@ def progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _headline(hyperparameters: dict[str, Any], limit: int = 6) -> list[tuple[str, Any]]:
+    """The first few scalar hyperparameters, nested keys dotted (no engine import: no torch here)."""
+    flat: dict[str, Any] = {}
+    stack = [("", hyperparameters)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{key}.", value))
+            else:
+                flat[f"{prefix}{key}"] = value
+    preferred = ["layers", "neutral_target", "closed_form.projection", "closed_form.lambda_retain",
+                 "closed_form.lambda_forget", "gd_solver"]  # fmt: skip
+    keys = [k for k in preferred if k in flat] + [k for k in flat if k not in preferred]
+    return [(k, flat[k]) for k in keys if not isinstance(flat[k], (list, dict)) or k == "layers"][:limit]
 
 
 def print_summary(summary: dict[str, Any], title: str) -> None:
@@ -102,7 +112,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     for col in ("#", "method", "requests", "inverted", "created", "hyperparameters"):
         steps.add_column(col)
     for i, s in enumerate(summary["steps"]):
-        hp = ", ".join(f"{k}={v}" for k, v in list(s["hyperparameters"].items())[:6])
+        hp = ", ".join(f"{k}={v}" for k, v in _headline(s["hyperparameters"]))
         steps.add_row(str(i), s["method"], str(s["requests"]), "yes" if s["inverted"] else "", s["created"], hp)
     out.print(steps)
     entries = Table(title="tensors", title_justify="left", show_edge=False)

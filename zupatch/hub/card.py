@@ -15,20 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zupatch.hub.pull import PATCH_FILENAME, is_hub_repo_id
+from zupatch.patch.summary import human_bytes
 
 if TYPE_CHECKING:
     from zupatch.patch.format import Patch
 
 TAGS = ["zupatch", "unlearning", "knowledge-unlearning", "model-patch"]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def layers_of(names: list[str]) -> list[int]:

@@ -7,6 +7,15 @@ from typing import Any
 from zupatch.patch.format import FORMAT_VERSION, Patch
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> "1.2 MB" (decimal units, as the Hub shows sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def summarize(patch: Patch, file_bytes: int | None = None) -> dict[str, Any]:
     """Everything a person or a script wants to know about a patch, no arrays."""
     touched = patch.touched_bytes()
