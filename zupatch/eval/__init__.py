@@ -1,0 +1,1 @@
+"""Evaluation: does the model still know what it should forget, and everything else?"""

@@ -1,0 +1,93 @@
+"""Does the model still know an answer? Teacher-forced scores and perplexity.
+
+One forward pass over ``prompt + " " + answer`` scores every answer token:
+whether the first one is the model's top-1 continuation, whether greedy
+decoding would reproduce the whole answer (every answer token top-1 given the
+ones before), and the answer's mean token probability. Multi-token answers are
+scored on all their tokens, not only the first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """How a model treats one (prompt, answer) pair."""
+
+    first_token_top1: bool  # the answer's first token is the argmax after the prompt
+    greedy: bool  # greedy decoding reproduces every answer token
+    mean_probability: float  # mean over answer tokens of p(token | prefix)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _answer_ids(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the answer as it continues the prompt.
+
+    The answer's tokens are those of ``prompt + " " + answer`` after the
+    prompt's tokens (BPE merges across the boundary are handled by tokenising
+    the whole text and checking that the prompt's tokens are a prefix).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+        full_ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    return bos + prompt_ids, full_ids[len(prompt_ids) :]
+
+
+@torch.no_grad()
+def score_answers(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+) -> list[AnswerScore]:
+    """Score ``answers[i]`` as the continuation of ``prompts[i]``, batched (right padding)."""
+    scores: list[AnswerScore] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    for start in range(0, len(prompts), batch_size):
+        pairs = [_answer_ids(tokenizer, p, a) for p, a in zip(prompts[start : start + batch_size],
+                                                              answers[start : start + batch_size])]  # fmt: skip
+        rows = [p + a for p, a in pairs]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for i, (p, a) in enumerate(pairs):
+            positions = torch.arange(len(p) - 1, len(p) - 1 + len(a))  # logits predicting each answer token
+            targets = torch.tensor(a)
+            predicted = logprobs[i, positions].argmax(dim=-1).cpu()
+            hits = predicted == targets
+            probs = logprobs[i, positions, targets].exp().cpu()
+            scores.append(AnswerScore(bool(hits[0]), bool(hits.all()), float(probs.mean())))
+    return scores
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
+    """exp(mean next-token NLL) over the tokens of ``texts`` (each scored on its own)."""
+    total_nll, total_tokens = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=_device(model))
+        logits = model(input_ids=x).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += len(ids) - 1
+    if total_tokens == 0:
+        raise ValueError("no text to measure perplexity on")
+    return math.exp(total_nll / total_tokens)
