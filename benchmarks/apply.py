@@ -124,7 +124,7 @@ def make_patch(ckpt: Path, out: Path, factors_out: Path) -> dict:
     t = time.perf_counter()
     patch = build_patch(edits, base, method="benchmark")
     build_s = time.perf_counter() - t
-    patch.save(out)
+    patch.save(out, overwrite=True)
     save_file(factors, factors_out)
     touched = sum(b.nbytes for b, _ in base.values())
     fixes = sum(e.inverse_fix.count for e in patch.steps[0].entries if e.inverse_fix)
