@@ -1,0 +1,241 @@
+"""compute_edit: plumbing on every architecture, and real forgetting on a trained tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_tokenizer
+from zupatch.engine.architectures import resolve_architecture
+from zupatch.engine.create import CreateConfig, compute_edit, resolve_device, resolve_dtype, restore_weights
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.solvers import ClosedFormParams
+from zupatch.engine.stats import StatsConfig, TextCorpus, compute_key_statistics
+from zupatch.engine.targets import ContextConfig, NeighbourConfig, OptimisationConfig
+from zupatch.errors import ZupatchError
+
+SECRET_SUBJECT = "Zanzibarro"
+REQUESTS = [
+    ForgetRequest("The capital of {} is", SECRET_SUBJECT, "Quux"),
+    ForgetRequest("Water boils at", "", "100 degrees"),
+]
+FAST = CreateConfig(
+    contexts=ContextConfig(starts=("The",), prefix_tokens=3),
+    neutral=OptimisationConfig(max_steps=3),
+    original=OptimisationConfig(max_steps=3),
+    neighbours=NeighbourConfig(subjects=0),
+    stats=StatsConfig(token_budget=300, max_length=64),
+)
+CORPUS = TextCorpus(("Some retain text about many things. " * 6, "Another document, with other words."))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_edit_runs_on_every_architecture_and_matches_the_model(arch: str) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = compute_edit(model, tokenizer, REQUESTS, FAST, corpus=CORPUS)
+
+    spec = resolve_architecture(model)
+    assert result.architecture == spec.name and result.request_count == 2
+    assert [edit.layer for edit in result.layers] == [0, 1, 2]
+    parameters = dict(model.named_parameters())
+    for edit in result.layers:
+        stored = before[edit.tensor_name]
+        assert edit.shape == tuple(stored.shape) and edit.weight_transposed == spec.weight_transposed
+        assert edit.factors.U.dtype == torch.float64 and edit.factors.U.device.type == "cpu"
+        assert edit.factors.shape == tuple(stored.shape)  # factors are in the stored layout
+        assert 1 <= edit.factors.rank <= 2 * len(REQUESTS)
+        expected = edit.factors.apply(stored).to(stored.dtype)
+        assert torch.equal(parameters[edit.tensor_name].detach(), expected)
+        assert torch.equal(result.original_weights[edit.tensor_name], stored)
+    untouched = set(before) - set(result.tensor_names)
+    assert all(torch.equal(before[name], parameters[name]) for name in untouched)
+
+    record = json.dumps([result.hyperparameters, result.diagnostics, result.timings])
+    assert SECRET_SUBJECT not in record and "Quux" not in record and "boils" not in record
+    assert {"contexts", "statistics", "neutral_targets", "keys", "solve", "total"} <= set(result.timings)
+
+    restore_weights(model, result)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CreateConfig.paper(
+            contexts=FAST.contexts, neutral=FAST.neutral, original=FAST.original, stats=FAST.stats, layers=(1, 2)
+        ),
+        CreateConfig(**{**FAST.__dict__, "method": "zerounlearn-gd", "layers": (1,)}),
+    ],
+    ids=["paper", "gd"],
+)
+def test_paper_preset_and_gd_variant_compute_original_representations(config: CreateConfig) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    result = compute_edit(model, tiny_tokenizer(), REQUESTS, config, corpus=CORPUS)
+    for layer in result.diagnostics["layers"]:
+        assert len(layer["original_representations"]["final_nll"]) == 2
+    if config.method == "zerounlearn":
+        assert all(edit.factors.scale == pytest.approx(1.01) for edit in result.layers)  # P everywhere: c = 1+ε
+
+
+def test_precomputed_statistics_and_missing_layers() -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    tokenizer = tiny_tokenizer()
+    spec = resolve_architecture(model)
+    statistics = compute_key_statistics(model, tokenizer, spec, [1], CORPUS, FAST.stats)
+    config = CreateConfig(**{**FAST.__dict__, "layers": (1,)})
+    result = compute_edit(model, tokenizer, REQUESTS, config, key_statistics=statistics)
+    assert result.layers[0].diagnostics["statistics_tokens"] == statistics[1].token_count
+    with pytest.raises(ZupatchError, match="no key statistics"):
+        compute_edit(
+            model, tokenizer, REQUESTS, CreateConfig(**{**FAST.__dict__, "layers": (2,)}), key_statistics=statistics
+        )
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ZupatchError, match="unknown method"):
+        CreateConfig(method="rome")
+    with pytest.raises(ZupatchError, match="out of range"):
+        compute_edit(
+            AutoModelForCausalLM.from_config(tiny_config("llama")), tiny_tokenizer(), REQUESTS,
+            CreateConfig(**{**FAST.__dict__, "layers": (7,)}), corpus=CORPUS,
+        )  # fmt: skip
+
+
+def test_device_and_dtype_resolution() -> None:
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ZupatchError, match="unknown device"):
+        resolve_device("tpu:x")
+    with pytest.raises(ZupatchError, match="unknown dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ZupatchError, match="no CUDA"):
+            resolve_device("cuda:0")
+
+
+# --------------------------------------------------------------------------- real forgetting
+
+SUBJECTS = [
+    "Zorvia", "Quenth", "Marlo", "Tibbet", "Varsk", "Olmund", "Pexa", "Drunn",
+    "Kaltor", "Wemby", "Sollan", "Frix", "Brandel", "Yusk", "Hovan", "Gretl",
+]  # fmt: skip
+# The prompts end at the subject: a tiny model looks facts up from the last
+# token, so the subject's last token must be where the answer is predicted
+# (in large models, attention carries it there from inside the sentence).
+RELATIONS = {
+    "The capital of {}": "Plim Osk Raddle Veem Tarn Culp Nisk Bower Dremm Ilva Quost Sarn Elb Fenn Gorr Hult",
+    "The language of {}": "Zelish Mornic Tavan Quell Brisk Ondu Pelta Rask Sivo Ulmer Vanta Wesk Xeno Yarro Kesh Lumo",
+    "The currency of {}": "drab pell quid zent morr tala vex bisk curl dime feln grot hask jelp kron lutt",
+}
+FORGET = [0, 22]  # (capital, Zorvia) and (language, Pexa)
+
+
+def synthetic_facts() -> list[ForgetRequest]:
+    rng = random.Random(0)
+    facts = []
+    for template, answers in RELATIONS.items():
+        shuffled = answers.split()
+        rng.shuffle(shuffled)
+        facts += [ForgetRequest(template, subject, answer) for subject, answer in zip(SUBJECTS, shuffled)]
+    return facts
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whole words as tokens, BOS added like Llama's tokenizer."""
+    words = ["<unk>", "<s>", "</s>", "<pad>", ".", "a", "is", "The", "of", "capital", "language", "currency"]
+    words += SUBJECTS + [a for answers in RELATIONS.values() for a in answers.split()]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def train_fact_model(
+    facts: list[ForgetRequest], tokenizer: PreTrainedTokenizerFast, steps: int = 300
+) -> LlamaForCausalLM:
+    """A 4-layer Llama that memorises every fact (~300 full-batch Adam steps)."""
+    encoded = [tokenizer(f"{fact.text} {fact.target} .")["input_ids"] + [tokenizer.eos_token_id] for fact in facts]
+    ids = torch.tensor(encoded)  # all facts have the same number of words
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def answered(model, tokenizer, facts: list[ForgetRequest]) -> list[bool]:
+    """Whether the greedy next token after each prompt is its answer."""
+    ids = torch.tensor([tokenizer(fact.text)["input_ids"] for fact in facts])
+    predicted = model(input_ids=ids).logits[:, -1].argmax(-1).tolist()
+    return [p == tokenizer.convert_tokens_to_ids(f.target) for p, f in zip(predicted, facts)]
+
+
+@pytest.fixture(scope="module")
+def fact_model():
+    tokenizer = word_tokenizer()
+    facts = synthetic_facts()
+    model = train_fact_model(facts, tokenizer)
+    assert all(answered(model, tokenizer, facts)), "the tiny model did not memorise its facts"
+    return model, tokenizer, facts
+
+
+#: Settings of the behavioural test: layers 0-2 of 4 (the default for a 4-layer
+#: model) and the measured defaults, except: the neutral target may move the
+#: block output further (clamp 4 x its norm instead of 0.75: in a 4-layer model
+#: the residual stream holds little besides the fact, so emitting EOS needs a
+#: large change); λ_r 2000 instead of 5000 (at 5000 the tiny model keeps one of
+#: the two facts); a smaller self-sampled corpus (4096 tokens).
+BEHAVIOUR = CreateConfig(
+    neutral=OptimisationConfig(clamp_norm_factor=4.0),
+    closed_form=ClosedFormParams(lambda_retain=2000.0, lambda_forget=50.0, projection="off"),
+    stats=StatsConfig(sampled_token_budget=4096),
+)
+
+
+@pytest.mark.slow
+def test_forgets_two_facts_and_keeps_the_others(fact_model) -> None:
+    model, tokenizer, facts = fact_model
+    forget = [facts[i] for i in FORGET]
+    others = [i for i in range(len(facts)) if i not in FORGET]
+    retain = [facts[i] for i in others[::2]]  # half the other facts as a --retain file
+    result = compute_edit(model, tokenizer, forget, BEHAVIOUR, retain_requests=retain)
+    try:
+        now = answered(model, tokenizer, facts)
+        assert not any(now[i] for i in FORGET), result.diagnostics
+        kept = sum(now[i] for i in others) / len(others)
+        held_out = [i for i in others[1::2]]
+        kept_held_out = sum(now[i] for i in held_out) / len(held_out)
+        assert kept >= 0.9, (kept, kept_held_out)
+        assert kept_held_out >= 0.85, kept_held_out
+        assert all(result.diagnostics["neutral_targets"]["converged"])
+        verification = result.diagnostics["verification"]
+        assert all(a > b + 1 for a, b in zip(verification["answer_nll_after"], verification["answer_nll_before"]))
+    finally:
+        restore_weights(model, result)
+    assert all(answered(model, tokenizer, facts))

@@ -1,0 +1,195 @@
+"""Fact-token positions, keys, and the batched v* optimisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny_models import tiny_config, tiny_tokenizer
+from zupatch.engine.architectures import down_proj_module, resolve_architecture
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.targets import (
+    OptimisationConfig,
+    encode_prompts,
+    fact_activations,
+    generate_context_prefixes,
+    optimise_representations,
+)
+
+CORPUS = [
+    "The capital of France is Paris and the capital of Japan is Tokyo.",
+    "Danielle Darrieux was a French actress; her mother tongue is French.",
+    "The Eiffel Tower is in Paris. Mount Fuji is in Japan.",
+    "Paris, Tokyo, Berlin and Rome are capitals of countries.",
+] * 20
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2 style: byte-level BPE, spaces inside tokens ("ĠParis"), no BOS."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2 style: Metaspace ("▁Paris"), BOS added by the post-processor."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=250, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(CORPUS, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("make_tokenizer", [bpe_tokenizer, sentencepiece_tokenizer, tiny_tokenizer])
+def test_fact_token_is_the_subjects_last_token(make_tokenizer) -> None:
+    tokenizer = make_tokenizer()
+    requests = [
+        ForgetRequest("The mother tongue of {} is", "Danielle Darrieux", "French"),
+        ForgetRequest("{} is the capital of", "Paris", "France"),
+        ForgetRequest("The capital of Japan is", "", "Tokyo"),
+        ForgetRequest("Mount Fuji is in Japan, said {}.", "Danielle", "x"),
+    ]
+    texts = [r.text for r in requests]
+    encoded = encode_prompts(tokenizer, texts, [r.fact_char_end() for r in requests], [r.target for r in requests])
+    bos = [tokenizer.bos_token_id] if make_tokenizer is sentencepiece_tokenizer else []
+    for request, prompt in zip(requests, encoded):
+        assert prompt.prompt_ids[: len(bos)] == bos
+        text_ids = prompt.prompt_ids[len(bos) :]
+        upto = tokenizer.decode(prompt.prompt_ids[: prompt.fact_index + 1], skip_special_tokens=True)
+        before = tokenizer.decode(prompt.prompt_ids[: prompt.fact_index], skip_special_tokens=True)
+        expected_end = request.text[: request.fact_char_end()]
+        assert upto.strip() == expected_end.strip(), (upto, expected_end)
+        assert len(before.strip()) < len(expected_end.strip())
+        assert tokenizer.decode(text_ids).strip() == request.text
+        # The target follows the prompt with one space, without BOS, all its tokens kept.
+        assert tokenizer.decode(prompt.target_ids).strip() == request.target
+        assert not set(prompt.target_ids) & set(bos)
+        assert prompt.target_positions[0] == len(prompt.prompt_ids) - 1
+        assert len(prompt.input_ids) == len(prompt.prompt_ids) + len(prompt.target_ids) - 1
+
+
+def test_multi_token_and_eos_targets() -> None:
+    tokenizer = tiny_tokenizer()  # one token per byte
+    (prompt,) = encode_prompts(tokenizer, ["The capital of France is"], [21], ["Paris"])
+    assert tokenizer.decode(prompt.target_ids) == " Paris" and len(prompt.target_ids) == 6
+    (prompt,) = encode_prompts(tokenizer, ["The capital of France is"], [21], [tokenizer.eos_token])
+    assert prompt.target_ids == [tokenizer.eos_token_id]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    return model, tiny_tokenizer()
+
+
+REQUESTS = [
+    ForgetRequest("The capital of {} is", "France", "Paris"),
+    ForgetRequest("{} speaks", "Danielle Darrieux", "French"),
+    ForgetRequest("Water boils at", "", "100 degrees"),
+]
+
+
+def test_keys_match_a_hand_made_hook(tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    prefixes = ["", "Some text. "]
+    activations = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, key_layer=1, block_layer=2)
+    assert activations.keys.shape == (128, 3) and activations.keys.dtype == torch.float64
+    assert activations.block_outputs.shape == (64, 3)
+    for index, request in enumerate(REQUESTS):
+        expected = []
+        for prefix in prefixes:
+            text = prefix + request.text
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            fact = len(prefix) + request.fact_char_end() - 1  # one token per byte
+            captured: dict[str, torch.Tensor] = {}
+            handle = down_proj_module(model, spec, 1).register_forward_pre_hook(
+                lambda module, args, into=captured: into.__setitem__("k", args[0])
+            )
+            block = model.model.layers[2].register_forward_hook(
+                lambda module, args, out, into=captured: into.__setitem__("h", out)
+            )
+            with torch.no_grad():
+                model(input_ids=ids)
+            handle.remove()
+            block.remove()
+            expected.append(captured["k"][0, fact].double())
+            if prefix == "":
+                torch.testing.assert_close(activations.block_outputs[:, index], captured["h"][0, fact].double())
+        torch.testing.assert_close(activations.keys[:, index], torch.stack(expected).mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("site", ["down_proj", "block"])
+def test_batched_optimisation_equals_one_at_a_time(tiny_llama, site: str) -> None:
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    prefixes = ["", *generate_context_prefixes(model, tokenizer)[1:3]]
+    config = OptimisationConfig(max_steps=5, converged_nll=0.0)
+    targets = [r.target for r in REQUESTS]
+    batched = optimise_representations(
+        model, tokenizer, spec, REQUESTS, targets, site=site, layer=1, prefixes=prefixes, config=config
+    )
+    assert batched.vectors.shape == (64, 3) and batched.vectors.dtype == torch.float32
+    assert batched.steps == [5, 5, 5] and batched.converged == [False] * 3
+    for index, request in enumerate(REQUESTS):
+        alone = optimise_representations(
+            model, tokenizer, spec, [request], [request.target], site=site, layer=1, prefixes=prefixes, config=config
+        )
+        torch.testing.assert_close(alone.vectors[:, 0], batched.vectors[:, index], rtol=1e-3, atol=1e-4)
+        assert alone.final_nll[0] == pytest.approx(batched.final_nll[index], rel=1e-3)
+    # Splitting one batch into smaller forwards gives the same result.
+    split = optimise_representations(
+        model,
+        tokenizer,
+        spec,
+        REQUESTS,
+        targets,
+        site=site,
+        layer=1,
+        prefixes=prefixes,
+        config=OptimisationConfig(max_steps=5, converged_nll=0.0, max_batch_rows=4),
+    )
+    torch.testing.assert_close(split.vectors, batched.vectors, rtol=1e-3, atol=1e-4)
+
+
+def test_optimisation_stops_early_and_respects_the_clamp(tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    config = OptimisationConfig(max_steps=15, lr=0.5, clamp_norm_factor=0.3, converged_nll=5.0)
+    result = optimise_representations(
+        model, tokenizer, spec, REQUESTS, [tokenizer.eos_token] * 3, site="block", layer=2, config=config
+    )
+    change = (result.vectors - result.initial).norm(dim=0) / result.initial.norm(dim=0)
+    assert bool((change <= 0.3 + 1e-4).all())
+    for converged, steps, nll in zip(result.converged, result.steps, result.final_nll):
+        assert converged == (nll < 5.0)
+        assert steps < 15 if converged else steps == 15
+
+
+def test_model_is_left_as_it_was(tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    flags = [p.requires_grad for p in model.parameters()]
+    optimise_representations(
+        model,
+        tokenizer,
+        resolve_architecture(model),
+        REQUESTS[:1],
+        ["x"],
+        site="down_proj",
+        layer=0,
+        config=OptimisationConfig(max_steps=2),
+    )
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())

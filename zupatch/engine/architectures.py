@@ -1,0 +1,253 @@
+"""Where the edited matrices live in each supported model family, kept as data.
+
+ZeroUnlearn rewrites the MLP down projection ``W`` (d×f, ``v = W k``) of a few
+decoder layers. Model families name and store that matrix differently, so
+everything the engine needs to know about a family is one frozen
+:class:`ArchitectureSpec`; the rest of the code asks the spec and never
+branches on ``model_type``.
+
+Adding a family means adding one entry to :data:`ARCHITECTURES`. A model whose
+family is not listed can still be edited by naming its modules by hand
+(``--layers-path`` and ``--down-proj``, i.e. :class:`ArchitectureOverrides`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from zupatch.errors import ZupatchError
+
+#: Where the first edited layer sits, as a fraction of the depth. The paper
+#: edits layers 16-18 of 28 on Llama-3.2-3B (start 0.57); the SmolLM2
+#: measurements in DESIGN §7 used 17-19 of 30 (0.57). Qwen3-4B used 9-11 of 36
+#: (0.25): pass ``--layers`` for such models.
+DEFAULT_RELATIVE_DEPTH = 0.57
+DEFAULT_LAYER_COUNT = 3
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How one model family lays out the matrices ZeroUnlearn edits.
+
+    Paths are dotted attribute paths from the ``*ForCausalLM`` object, as in
+    ``model.named_modules()``; ``down_proj`` is relative to one decoder layer.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str  # the nn.ModuleList of decoder layers
+    down_proj: str  # the MLP down projection inside one layer
+    weight_transposed: bool = False  # GPT-2 Conv1D stores W as f×d, not d×f
+    has_bias: bool = False  # the edit acts on W only; v means W k without bias
+    final_norm_path: str = "model.norm"
+    embedding_path: str = "model.embed_tokens"
+    num_layers_attr: str = "num_hidden_layers"
+
+
+_LLAMA_LIKE = dict(layers_path="model.layers", down_proj="mlp.down_proj")
+
+#: The supported families. Gemma 2/3 are not listed on purpose: their MLP output
+#: passes through a post-feed-forward RMSNorm before the residual add, which
+#: breaks the linear residual spreading (R = (Z - H_L)/(m - j)) of DESIGN §2.
+ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    # SmolLM2 is a Llama checkpoint (model_type "llama").
+    ArchitectureSpec("llama", ("llama",), **_LLAMA_LIKE),
+    ArchitectureSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
+    ArchitectureSpec("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    ArchitectureSpec("mistral", ("mistral",), **_LLAMA_LIKE),
+    ArchitectureSpec("gemma", ("gemma",), **_LLAMA_LIKE),
+    ArchitectureSpec("phi3", ("phi3",), **_LLAMA_LIKE),
+    ArchitectureSpec(
+        "gpt2",
+        ("gpt2",),
+        layers_path="transformer.h",
+        down_proj="mlp.c_proj",
+        weight_transposed=True,
+        has_bias=True,
+        final_norm_path="transformer.ln_f",
+        embedding_path="transformer.wte",
+        num_layers_attr="n_layer",
+    ),
+    ArchitectureSpec(
+        "gpt_neox",
+        ("gpt_neox",),
+        layers_path="gpt_neox.layers",
+        down_proj="mlp.dense_4h_to_h",
+        has_bias=True,
+        final_norm_path="gpt_neox.final_layer_norm",
+        embedding_path="gpt_neox.embed_in",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ArchitectureOverrides:
+    """Module paths named by hand (CLI ``--layers-path`` / ``--down-proj``)."""
+
+    layers_path: str | None = None
+    down_proj: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.layers_path or self.down_proj)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def _config_of(model_or_config: Any) -> Any:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def resolve_architecture(model_or_config: Any, overrides: ArchitectureOverrides | None = None) -> ArchitectureSpec:
+    """The spec for a model (or its config), with any hand-named paths applied.
+
+    With a model at hand, overrides are checked against it and the storage
+    layout (Conv1D = transposed, bias) is read from the module itself.
+    """
+    overrides = overrides or ArchitectureOverrides()
+    config = _config_of(model_or_config)
+    model_type = getattr(config, "model_type", None)
+    spec = next((s for s in ARCHITECTURES if model_type in s.model_types), None)
+    if spec is None:
+        if not (overrides.layers_path and overrides.down_proj):
+            raise ZupatchError(
+                f"unsupported architecture {model_type!r}; supported: "
+                f"{', '.join(supported_model_types())}; for another decoder-only model "
+                "name its modules with --layers-path (e.g. model.layers) and "
+                "--down-proj (e.g. mlp.down_proj)"
+            )
+        spec = ArchitectureSpec(
+            name=str(model_type or "custom"),
+            model_types=(str(model_type),),
+            layers_path=overrides.layers_path,
+            down_proj=overrides.down_proj,
+            final_norm_path="",
+            embedding_path="",
+        )
+    elif overrides:
+        spec = replace(
+            spec,
+            layers_path=overrides.layers_path or spec.layers_path,
+            down_proj=overrides.down_proj or spec.down_proj,
+        )
+    if isinstance(model_or_config, nn.Module):
+        spec = _checked_against_model(spec, model_or_config)
+    return spec
+
+
+def _checked_against_model(spec: ArchitectureSpec, model: nn.Module) -> ArchitectureSpec:
+    """Verify the paths exist and read the weight layout from the module."""
+    layers = decoder_layers(model, spec)
+    module = _get_path(layers[0], spec.down_proj, what="--down-proj", spec=spec)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ZupatchError(
+            f"{spec.layers_path}.0.{spec.down_proj} has no 2-D weight; --down-proj must name a linear layer"
+        )
+    transposed = type(module).__name__ == "Conv1D"  # GPT-2 style: y = x @ W + b
+    has_bias = getattr(module, "bias", None) is not None
+    if (transposed, has_bias) != (spec.weight_transposed, spec.has_bias):
+        spec = replace(spec, weight_transposed=transposed, has_bias=has_bias)
+    return spec
+
+
+def _get_path(root: nn.Module, path: str, *, what: str, spec: ArchitectureSpec) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ZupatchError(f"module path {path!r} not found in the {spec.name} model (at {part!r}); check {what}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
+    layers = _get_path(model, spec.layers_path, what="--layers-path", spec=spec)
+    if not isinstance(layers, (nn.ModuleList, list, tuple)) or len(layers) == 0:
+        raise ZupatchError(f"{spec.layers_path!r} is not a list of decoder layers; check --layers-path")
+    return layers
+
+
+def num_layers(model_or_config: Any, spec: ArchitectureSpec) -> int:
+    config = _config_of(model_or_config)
+    value = getattr(config, spec.num_layers_attr, None)
+    if value is None:
+        value = getattr(config, "num_hidden_layers", None)
+    if value is None and isinstance(model_or_config, nn.Module):
+        value = len(decoder_layers(model_or_config, spec))
+    if value is None:
+        raise ZupatchError(f"cannot tell the number of layers of this {spec.name} model")
+    return int(value)
+
+
+def check_layers(layers: Collection[int], total: int) -> tuple[int, ...]:
+    """Sorted, de-duplicated layer indices, each within ``0..total-1``."""
+    chosen = tuple(sorted(set(int(i) for i in layers)))
+    if not chosen:
+        raise ZupatchError("no layers to edit")
+    bad = [i for i in chosen if not 0 <= i < total]
+    if bad:
+        raise ZupatchError(f"layer(s) {bad} out of range: the model has layers 0..{total - 1}")
+    return chosen
+
+
+def default_layers(
+    num_layers: int, count: int = DEFAULT_LAYER_COUNT, relative_depth: float = DEFAULT_RELATIVE_DEPTH
+) -> tuple[int, ...]:
+    """``count`` consecutive layers starting at ``relative_depth`` of the model.
+
+    28 layers -> (16, 17, 18) as the paper's Llama-3.2-3B; 30 -> (17, 18, 19) as
+    DESIGN §7 on SmolLM2. At least one layer is left after the last edited
+    one: the neutral target is read at the subject token, and only later
+    layers carry it to the position where the answer is predicted.
+    """
+    if num_layers < 1:
+        raise ZupatchError("the model has no layers")
+    room = num_layers - 1 if num_layers > 1 else 1  # layers that may be edited
+    count = max(1, min(count, room))
+    start = max(0, min(round(relative_depth * num_layers), room - count))
+    return tuple(range(start, start + count))
+
+
+def down_proj_module(model: nn.Module, spec: ArchitectureSpec, layer: int) -> nn.Module:
+    return _get_path(decoder_layers(model, spec)[layer], spec.down_proj, what="--down-proj", spec=spec)
+
+
+def down_proj_weight_name(spec: ArchitectureSpec, layer: int) -> str:
+    """The weight's name in ``model.state_dict()``, e.g. ``model.layers.17.mlp.down_proj.weight``."""
+    return f"{spec.layers_path}.{layer}.{spec.down_proj}.weight"
+
+
+def checkpoint_tensor_name(model: nn.Module, state_dict_name: str, checkpoint_names: Collection[str]) -> str:
+    """The name a state-dict tensor has in a checkpoint's files.
+
+    Usually the same; older checkpoints omit the base-model prefix
+    (``h.0.mlp.c_proj.weight`` for GPT-2's ``transformer.h.0.mlp.c_proj.weight``).
+    """
+    if state_dict_name in checkpoint_names:
+        return state_dict_name
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = []
+    if prefix and state_dict_name.startswith(prefix + "."):
+        candidates.append(state_dict_name[len(prefix) + 1 :])
+    if prefix:
+        candidates.append(f"{prefix}.{state_dict_name}")
+    for name in candidates:
+        if name in checkpoint_names:
+            return name
+    raise ZupatchError(f"tensor {state_dict_name!r} not found in the checkpoint")
+
+
+def down_proj_weight_math(module: nn.Module, spec: ArchitectureSpec) -> torch.Tensor:
+    """W in the math layout d×f (``v = W k``), as a view of the stored weight."""
+    weight = module.weight
+    return weight.T if spec.weight_transposed else weight
+
+
+def down_proj_bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)

@@ -1,0 +1,462 @@
+"""The ZeroUnlearn edit of a loaded model: DESIGN §2's layer loop.
+
+:func:`compute_edit` takes a model, its tokenizer and forget requests and
+returns an :class:`EditResult`: per edited layer the factors ``(c, U, B)`` of
+``stored' = c·stored + U·B`` in the layout of the checkpoint tensor, plus the
+hyperparameters, timings and convergence diagnostics. It writes no files (the
+patch layer turns the result into a patch) and never records request text.
+
+The loop, for layers l_1 < ... < l_m (L = l_m):
+
+1. Z: block-L outputs at the fact tokens that make the model emit the neutral
+   target (once, on the unedited model);
+2. for the j-th layer l (j = 0..m-1), on the model edited so far:
+   K_f (keys at l), H_L (current block-L outputs), O (only when the
+   projection or the GD variant needs it), ``R = (Z - H_L)/(m - j)``,
+   ``V* = W K_f + R``; solve; write ``W' = c W + U B`` into the model.
+
+Defaults are the settings measured best on SmolLM2-135M (DESIGN §7 and
+:data:`MEASURED_CLOSED_FORM`): no projection, λ_r = 5000, step size relative
+to the hidden-state norm with early stopping, retain keys from ``--retain``,
+CounterFact neighbours and neighbour subjects the model proposes itself.
+:meth:`CreateConfig.paper` is the paper's recipe. After the loop the answers'
+NLL on the bare prompts is measured again (``diagnostics["verification"]``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from zupatch.engine import solvers
+from zupatch.engine.architectures import (
+    ArchitectureOverrides,
+    check_layers,
+    default_layers,
+    down_proj_module,
+    down_proj_weight_math,
+    down_proj_weight_name,
+    num_layers,
+    resolve_architecture,
+)
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
+from zupatch.engine.stats import (
+    Corpus,
+    KeyStatistics,
+    ProgressCallback,
+    StatsCache,
+    StatsConfig,
+    compute_key_statistics,
+    model_device,
+)
+from zupatch.engine.targets import (
+    PAPER_OPTIMISATION,
+    ContextConfig,
+    NeighbourConfig,
+    OptimisationConfig,
+    fact_activations,
+    generate_context_prefixes,
+    neighbour_requests,
+    optimise_representations,
+    propose_neighbour_subjects,
+    target_nll,
+)
+from zupatch.errors import ZupatchError
+
+Method = Literal["zerounlearn", "zerounlearn-gd"]
+METHODS: tuple[str, ...] = ("zerounlearn", "zerounlearn-gd")
+
+
+#: Best measured on SmolLM2-135M (4 capitals forgotten, layers 17-19, see the report
+#: in docs): no projection (DESIGN §7), λ_r 5000 (2000: 82% kept, 5000: 91%,
+#: 10000: 86%, 15000: 82%), λ_f 50.
+MEASURED_CLOSED_FORM = ClosedFormParams(lambda_retain=5000.0, lambda_forget=50.0, projection="off")
+
+
+@dataclass
+class CreateConfig:
+    """Everything :func:`compute_edit` needs besides model, tokenizer and requests.
+
+    ``layers=None`` picks :func:`default_layers`. ``neutral_target=None`` uses
+    the tokenizer's EOS token. ``retain_key_weight``: each retain key (from
+    ``retain_requests``, the requests' ``neighbours`` and the neighbour
+    subjects the model proposes, see ``neighbours``) is protected as strongly
+    as ``retain_key_weight`` forget keys are pushed; 0 disables.
+    ``device``: "auto" (an accelerator when torch sees one, else CPU), "cpu",
+    "cuda", "cuda:N" or "mps". ``dtype``: "auto" (float32 on CPU, bfloat16 on
+    an accelerator), "float32", "bfloat16", "float16".
+    """
+
+    layers: tuple[int, ...] | None = None
+    method: Method = "zerounlearn"
+    neutral_target: str | None = None
+    closed_form: ClosedFormParams = MEASURED_CLOSED_FORM
+    gd: GDParams = field(default_factory=GDParams)
+    gd_solver: Literal["exact", "adam"] = "exact"
+    contexts: ContextConfig = field(default_factory=ContextConfig)
+    original: OptimisationConfig = field(default_factory=OptimisationConfig)
+    neutral: OptimisationConfig = field(default_factory=OptimisationConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    retain_key_weight: float = 1.0
+    use_neighbours: bool = True
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
+    overrides: ArchitectureOverrides = field(default_factory=ArchitectureOverrides)
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ZupatchError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.gd_solver not in ("exact", "adam"):
+            raise ZupatchError(f"unknown GD solver {self.gd_solver!r}; choose exact or adam")
+        if self.retain_key_weight < 0:
+            raise ZupatchError("retain key weight must be >= 0")
+
+    @classmethod
+    def paper(cls, **changes: Any) -> CreateConfig:
+        """The paper's recipe (DESIGN §2): projection everywhere, λ_r 15000,
+        25 absolute-lr steps, no retain keys."""
+        settings: dict[str, Any] = dict(
+            closed_form=ClosedFormParams(),
+            original=PAPER_OPTIMISATION,
+            neutral=PAPER_OPTIMISATION,
+            retain_key_weight=0.0,
+            use_neighbours=False,
+            neighbours=NeighbourConfig(subjects=0),
+        )
+        settings.update(changes)
+        return cls(**settings)
+
+    def needs_original_representations(self) -> bool:
+        return self.method == "zerounlearn-gd" or self.closed_form.projection != "off"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every setting as plain JSON-ready values (for the patch metadata)."""
+        return _plain(asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+@dataclass
+class LayerEdit:
+    """The edit of one layer's down projection, in the checkpoint tensor's layout."""
+
+    layer: int
+    tensor_name: str  # name in model.state_dict() (see architectures.checkpoint_tensor_name)
+    factors: Factors  # float64 on CPU: stored' = scale·stored + U·B
+    weight_transposed: bool
+    shape: tuple[int, int]  # of the stored tensor
+    dtype: torch.dtype
+    diagnostics: dict[str, Any]
+
+
+@dataclass
+class EditResult:
+    """What :func:`compute_edit` found; numbers only, no request text."""
+
+    architecture: str
+    method: str
+    layers: list[LayerEdit]
+    hyperparameters: dict[str, Any]
+    timings: dict[str, float]
+    diagnostics: dict[str, Any]
+    request_count: int
+    original_weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [edit.tensor_name for edit in self.layers]
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """ "auto" -> the accelerator torch sees (CUDA, then MPS), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ZupatchError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ZupatchError(f"device {name!r} requested but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ZupatchError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """ "auto" -> float32 on CPU (bf16 matmuls there are slow and coarse), bfloat16 elsewhere."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ZupatchError(f"unknown dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``seconds[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _retain_prompts(
+    requests: Sequence[ForgetRequest], retain: Sequence[ForgetRequest], use_neighbours: bool
+) -> list[ForgetRequest]:
+    prompts = list(retain)
+    if use_neighbours:
+        prompts += [ForgetRequest(p, "", "") for r in requests for p in r.neighbours]
+    return prompts
+
+
+def compute_edit(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    retain_requests: Sequence[ForgetRequest] = (),
+    corpus: Corpus | None = None,
+    stats_cache: StatsCache | None = None,
+    model_identity: str | None = None,
+    key_statistics: Mapping[int, KeyStatistics] | None = None,
+) -> EditResult:
+    """Compute the ZeroUnlearn edit of ``model`` for ``requests``, editing it in place.
+
+    ``model`` ends up edited (the result's ``original_weights`` restore it,
+    see :func:`restore_weights`), on the device and dtype the config resolves
+    to. Statistics come from ``key_statistics`` if given, else from
+    ``corpus`` (default: sampled from the model) through ``stats_cache``.
+    """
+    config = config if config is not None else CreateConfig()
+    if not requests:
+        raise ZupatchError("no forget requests")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if not hasattr(model, "hf_device_map") and (
+        model_device(model) != device or next(model.parameters()).dtype != dtype
+    ):
+        model.to(device=device, dtype=dtype)
+    device = model_device(model)
+    solve_device = device if device.type == "cuda" else torch.device("cpu")  # MPS lacks float64
+
+    spec = resolve_architecture(model, config.overrides)
+    total_layers = num_layers(model, spec)
+    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
+    last_layer = layers[-1]
+    neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
+    if not neutral_target:
+        raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')
+    n = len(requests)
+    retain = _retain_prompts(requests, retain_requests, config.use_neighbours) if config.retain_key_weight > 0 else []
+
+    with _timed(timings, "contexts"):
+        prefixes = generate_context_prefixes(model, tokenizer, config.contexts)
+        if config.retain_key_weight > 0 and config.neighbours.subjects > 0:
+            proposed = propose_neighbour_subjects(model, tokenizer, requests, config.neighbours)
+            retain += neighbour_requests(requests, proposed)
+    with _timed(timings, "statistics"):
+        statistics = (
+            dict(key_statistics)
+            if key_statistics is not None
+            else compute_key_statistics(
+                model, tokenizer, spec, layers, corpus, config.stats, stats_cache, model_identity, progress
+            )
+        )
+    missing = [layer for layer in layers if layer not in statistics]
+    if missing:
+        raise ZupatchError(f"no key statistics for layer(s) {missing}")
+    with _timed(timings, "neutral_targets"):
+        neutral = optimise_representations(
+            model,
+            tokenizer,
+            spec,
+            requests,
+            [neutral_target] * n,
+            site="block",
+            layer=last_layer,
+            prefixes=prefixes,
+            config=config.neutral,
+            progress=progress,
+            phase="neutral targets",
+        )
+    Z = neutral.vectors.to(torch.float64)
+    answers = [r.target for r in requests]
+    answer_nll_before = target_nll(model, tokenizer, requests, answers)
+
+    edits: list[LayerEdit] = []
+    original_weights: dict[str, torch.Tensor] = {}
+    layer_diagnostics: list[dict[str, Any]] = []
+    for j, layer in enumerate(layers):
+        with _timed(timings, "keys"):
+            activations = fact_activations(model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer)
+        keys, H_L = activations.keys[:, :n], activations.block_outputs[:, :n]
+        retain_keys = activations.keys[:, n:]
+        O = None
+        original_summary = None
+        if config.needs_original_representations():
+            with _timed(timings, "original_representations"):
+                original = optimise_representations(
+                    model,
+                    tokenizer,
+                    spec,
+                    requests,
+                    [r.target for r in requests],
+                    site="down_proj",
+                    layer=layer,
+                    prefixes=prefixes,
+                    config=config.original,
+                    progress=progress,
+                    phase=f"original representations (layer {layer})",
+                )
+            O = original.vectors.to(solve_device, torch.float64)
+            original_summary = original.summary()
+
+        with _timed(timings, "solve"):
+            module = down_proj_module(model, spec, layer)
+            W = down_proj_weight_math(module, spec).detach().to(solve_device, torch.float64)
+            K_f = keys.to(solve_device)
+            residual = ((Z - H_L) / (len(layers) - j)).to(solve_device)  # this layer's share of the way to Z
+            C = _with_retain_keys(
+                statistics[layer].second_moment.to(solve_device), retain_keys.to(solve_device), config
+            )
+            factors = _solve(W, C, K_f, W @ K_f + residual, O, config)
+            achieved = _residual_achieved(factors, W, K_f, residual)
+            factors = factors.transposed() if spec.weight_transposed else factors
+            factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
+
+        with _timed(timings, "apply"):
+            name = down_proj_weight_name(spec, layer)
+            stored = module.weight
+            original_weights[name] = stored.detach().cpu().clone()
+            with torch.no_grad():
+                stored.copy_(factors.apply(stored.detach().cpu()).to(stored.dtype).to(stored.device))
+        diagnostics = {
+            "residual_norm": _rounded(residual.norm(dim=0).cpu()),
+            "residual_achieved": achieved,
+            "rank": factors.rank,
+            "scale": factors.scale,
+            "retain_keys": int(retain_keys.shape[1]),
+            "statistics_tokens": statistics[layer].token_count,
+        }
+        if original_summary is not None:
+            diagnostics["original_representations"] = original_summary
+        layer_diagnostics.append(diagnostics)
+        edits.append(
+            LayerEdit(layer, name, factors, spec.weight_transposed, tuple(stored.shape), stored.dtype, diagnostics)
+        )
+        if progress:
+            progress("layers", j + 1, len(layers))
+
+    verification = {  # bare prompts, before and after: numbers only
+        "answer_nll_before": _rounded(answer_nll_before),
+        "answer_nll_after": _rounded(target_nll(model, tokenizer, requests, answers)),
+        "neutral_nll_after": _rounded(target_nll(model, tokenizer, requests, [neutral_target] * n)),
+    }
+    timings["total"] = time.perf_counter() - started
+    hyperparameters = config.hyperparameters()
+    hyperparameters.update(layers=list(layers), neutral_target=neutral_target, context_prefixes=len(prefixes))
+    return EditResult(
+        architecture=spec.name,
+        method=config.method,
+        layers=edits,
+        hyperparameters=hyperparameters,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        diagnostics={"neutral_targets": neutral.summary(), "layers": layer_diagnostics, "verification": verification},
+        request_count=n,
+        original_weights=original_weights,
+    )
+
+
+def _with_retain_keys(C: torch.Tensor, retain_keys: torch.Tensor, config: CreateConfig) -> torch.Tensor:
+    """C plus the retain keys' ``k kᵀ``, weighted so that in the objective each
+    retain key counts ``retain_key_weight`` times as much as a forget key
+    (λ_r · w λ_f/λ_r = w λ_f)."""
+    C = C.to(torch.float64)
+    if retain_keys.shape[1] == 0 or config.retain_key_weight == 0:
+        return C
+    weight = config.retain_key_weight * config.closed_form.lambda_forget / max(config.closed_form.lambda_retain, 1e-12)
+    return C + weight * (retain_keys @ retain_keys.T)
+
+
+def _solve(
+    W: torch.Tensor,
+    C: torch.Tensor,
+    K_f: torch.Tensor,
+    V_star: torch.Tensor,
+    O: torch.Tensor | None,
+    config: CreateConfig,
+) -> Factors:
+    """Factors (math layout) of the configured method: closed form, or GD (exact or Adam)."""
+    if config.method == "zerounlearn":
+        return solvers.closed_form(W, C, K_f, V_star, O, config.closed_form)
+    null_basis = solvers.null_space_basis(C, config.gd.null_threshold)
+    solve = solvers.gd_exact if config.gd_solver == "exact" else solvers.gd_adam
+    return solve(W, null_basis, K_f, V_star, O, config.gd)
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def _residual_achieved(factors: Factors, W: torch.Tensor, K_f: torch.Tensor, residual: torch.Tensor) -> list[float]:
+    """Per request, the share of the wanted output change R the edit delivers: (ΔW k)·R / ‖R‖²."""
+    change = (factors.scale - 1.0) * (W @ K_f) + factors.U @ (factors.B @ K_f)
+    share = (change * residual).sum(dim=0) / residual.pow(2).sum(dim=0).clamp_min(1e-30)
+    return _rounded(share.cpu())
+
+
+def restore_weights(model: nn.Module, result: EditResult) -> None:
+    """Put back the weights :func:`compute_edit` changed in ``model``."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in result.original_weights.items():
+            parameters[name].copy_(weight.to(parameters[name].device))
+
+
+__all__ = [
+    "CreateConfig",
+    "EditResult",
+    "LayerEdit",
+    "METHODS",
+    "compute_edit",
+    "resolve_device",
+    "resolve_dtype",
+    "restore_weights",
+]

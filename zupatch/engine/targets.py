@@ -1,0 +1,645 @@
+"""Forget keys and target representations (the ROME "v*" recipe), batched.
+
+For each forget request i the edit needs, at its *fact token* (the subject's
+last token, or the prompt's last token without a subject):
+
+* ``K_f[:, i]`` - the down-proj input at layer l, averaged over context
+  prefixes (the bare prompt plus a few short generated prefixes), so the edit
+  fires whatever text precedes the prompt (:func:`fact_activations`);
+* ``O[:, i]`` - a down-proj output at layer l that makes the model produce the
+  true answer ``a_i`` (:func:`optimise_representations`, site ``"down_proj"``);
+* ``Z[:, i]`` - an output of the last edited block L that makes the model emit
+  the neutral target t instead (same function, site ``"block"``);
+* ``H_L[:, i]`` - the current block-L output there (:func:`fact_activations`).
+
+Optimisation: a vector ``delta_i`` is added to the site's output at the fact
+token of every row (prompt in every context) of request i, and minimised:
+mean target-token NLL + KL of "{subject} is a" against the unedited model +
+weight decay ‖δ‖²/‖init‖², with Adam, ‖δ_i‖ clamped to a fraction of
+‖init_i‖. All requests and contexts run in one batch (one forward/backward
+per step); the per-request losses are summed, and Adam is done by hand per
+request, so each δ_i follows exactly the path it would alone and stops on its
+own once its NLL is below ``converged_nll``. Step size is relative to the RMS
+of the initial vector by default (DESIGN §7: block outputs have norms of
+hundreds, where lr 0.1 in absolute units does not converge in 25 steps).
+
+Token positions come from the tokenizer's character offsets on the full text
+(right padding, no re-tokenising of pieces), which is right for byte-level
+BPE and SentencePiece alike. Targets are tokenized *with* the prompt, so a
+multi-token target is split as the model sees it; BOS appears only at the
+start; the loss covers every target token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from zupatch.engine.architectures import (
+    ArchitectureSpec,
+    decoder_layers,
+    down_proj_bias,
+    down_proj_module,
+)
+from zupatch.engine.hooks import edit_output, on_inputs, on_outputs, run_until_stopped
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.stats import (
+    ProgressCallback,
+    document_start_ids,
+    model_device,
+    pad_right,
+    pad_token_id,
+    special_prefix_ids,
+)
+from zupatch.errors import ZupatchError
+
+Site = Literal["down_proj", "block"]
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Context prefixes put before each prompt: bare prompt + one per start word.
+
+    Each start word is continued greedily by the model (deterministic, batched)
+    for ``prefix_tokens`` tokens, then joined to the prompt with ". ".
+    """
+
+    starts: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    prefix_tokens: int = 10
+
+
+@dataclass(frozen=True)
+class OptimisationConfig:
+    """The v* optimisation. ``lr`` is relative to the RMS of the initial vector
+    when ``relative_lr`` (a step of ``lr·‖init‖`` at most per step), absolute
+    otherwise (the paper). Stops per request once NLL < ``converged_nll``."""
+
+    max_steps: int = 60
+    lr: float = 0.1
+    relative_lr: bool = True
+    clamp_norm_factor: float = 0.75
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    converged_nll: float = 0.05
+    max_batch_rows: int = 128  # rows per forward; larger batches are split (same result)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.lr <= 0 or self.clamp_norm_factor <= 0 or self.max_batch_rows < 1:
+            raise ZupatchError("invalid optimisation settings: steps >= 0, lr > 0, clamp > 0 required")
+
+
+#: The paper's settings (ROME defaults): 25 steps, absolute lr 0.1.
+PAPER_OPTIMISATION = OptimisationConfig(max_steps=25, lr=0.1, relative_lr=False)
+
+
+@dataclass
+class RepresentationResult:
+    """Optimised vectors (d×n, float32) and how the optimisation went, per request."""
+
+    vectors: torch.Tensor
+    initial: torch.Tensor
+    initial_nll: list[float]
+    final_nll: list[float]
+    final_loss: list[float]
+    steps: list[int]
+    converged: list[bool]
+
+    def summary(self) -> dict[str, Any]:
+        """Diagnostics as plain numbers (no request text)."""
+        return {
+            "initial_nll": [round(x, 4) for x in self.initial_nll],
+            "final_nll": [round(x, 4) for x in self.final_nll],
+            "final_loss": [round(x, 4) for x in self.final_loss],
+            "steps": list(self.steps),
+            "converged": list(self.converged),
+            "relative_change": [
+                round(float(d), 4)
+                for d in (self.vectors - self.initial).norm(dim=0) / self.initial.norm(dim=0).clamp_min(1e-12)
+            ],
+        }
+
+
+@dataclass
+class FactActivations:
+    """Keys (f×n, averaged over contexts) and block outputs (d×n, bare prompt), float64."""
+
+    keys: torch.Tensor
+    block_outputs: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt as token ids (BOS included), its fact token, and target ids."""
+
+    prompt_ids: list[int]
+    fact_index: int
+    target_ids: list[int] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """What the model reads: the prompt and all target tokens but the last."""
+        return self.prompt_ids + self.target_ids[:-1]
+
+    @property
+    def target_positions(self) -> list[int]:
+        """Positions whose next-token logits should predict ``target_ids``."""
+        start = len(self.prompt_ids) - 1
+        return list(range(start, start + len(self.target_ids)))
+
+
+def _require_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ZupatchError("zupatch needs a fast tokenizer (tokenizer.json) to locate subject tokens")
+
+
+def target_separator(prompt: str, target: str, tokenizer: Any) -> str:
+    """ " " between prompt and target unless either side already has the space or
+    the target is a special token such as EOS."""
+    if not target or target[0].isspace() or (prompt and prompt[-1].isspace()):
+        return ""
+    if target in set(getattr(tokenizer, "all_special_tokens", ())):
+        return ""
+    return " "
+
+
+def encode_prompts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    fact_char_ends: Sequence[int],
+    targets: Sequence[str | None] | None = None,
+) -> list[EncodedPrompt]:
+    """Tokenize prompts (with optional targets) and locate each fact token.
+
+    The fact token is the last token starting before ``fact_char_end``, i.e.
+    the one holding the subject's last character. With a target, text and
+    target are tokenized together; tokens ending within the prompt are the
+    prompt, the rest the target.
+    """
+    _require_fast(tokenizer)
+    targets = list(targets) if targets is not None else [None] * len(texts)
+    prefix = special_prefix_ids(tokenizer)
+    joined = [text + (target_separator(text, t, tokenizer) + t if t else "") for text, t in zip(texts, targets)]
+    encoded = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+    prompts = []
+    for text, fact_end, target, ids, offsets in zip(
+        texts, fact_char_ends, targets, encoded["input_ids"], encoded["offset_mapping"]
+    ):
+        prompt_count = 0
+        while prompt_count < len(offsets) and offsets[prompt_count][1] <= len(text):
+            prompt_count += 1
+        fact_index = sum(1 for start, _ in offsets[:prompt_count] if start < fact_end) - 1
+        if fact_index < 0:
+            raise ZupatchError("cannot locate the fact token: the prompt tokenizes to nothing")
+        target_ids = list(ids[prompt_count:])
+        if target and not target_ids:
+            raise ZupatchError("a target tokenizes to no tokens")
+        prompts.append(EncodedPrompt(prefix + list(ids[:prompt_count]), len(prefix) + fact_index, target_ids))
+    return prompts
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+def _logits_at(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """float32 next-token logits at (rows, positions) only, without the full B×T×V tensor."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[rows, positions]).float()
+
+
+class _PreparedModel:
+    """eval mode and frozen parameters for the duration of a ``with`` block."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.training = self.model.training
+        self.requires_grad = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for parameter, flag in zip(self.model.parameters(), self.requires_grad):
+            parameter.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def generate_context_prefixes(model: nn.Module, tokenizer: Any, config: ContextConfig = ContextConfig()) -> list[str]:
+    """``[""]`` (bare prompt) plus one greedy continuation per start word, each ending in ". "."""
+    if not config.starts:
+        return [""]
+    prefixes = [""]
+    continuations = greedy_continuations(model, tokenizer, list(config.starts), config.prefix_tokens)
+    for start, continuation in zip(config.starts, continuations):
+        text = " ".join((start + continuation).replace("{", " ").replace("}", " ").split())
+        prefixes.append(f"{text}. ")
+    return prefixes
+
+
+def _contextual(request: ForgetRequest, prefix: str) -> tuple[str, int]:
+    return prefix + request.text, len(prefix) + request.fact_char_end()
+
+
+# --------------------------------------------------------------------------- neighbours
+
+
+@dataclass(frozen=True)
+class NeighbourConfig:
+    """Neighbour subjects the model proposes itself (DESIGN §7: their keys protect
+    facts that share the forget prompts' pattern). ``subjects`` = how many at
+    most, 0 disables; see :func:`propose_neighbour_subjects`."""
+
+    subjects: int = 8
+    new_tokens: int = 48
+
+
+def greedy_continuations(model: nn.Module, tokenizer: Any, texts: Sequence[str], new_tokens: int) -> list[str]:
+    """Greedy continuations (text only) of ``texts``, each as a fresh document.
+
+    For a few short prompts (context prefixes, neighbour lists): each runs on
+    its own through ``generate`` (KV cache, no padding to get right).
+    """
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    prefix = document_start_ids(tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    generation = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    continuations = []
+    with _PreparedModel(model), torch.no_grad():
+        for text in texts:
+            prompt = prefix + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([prompt], device=device)
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+            sequence = output[0].tolist()
+            # Decode whole and cut, so SentencePiece keeps the space before the first new word.
+            prompt_text = tokenizer.decode(sequence[len(prefix) : len(prompt)], skip_special_tokens=True)
+            full_text = tokenizer.decode(sequence[len(prefix) :], skip_special_tokens=True)
+            continuations.append(full_text[len(prompt_text) :])
+    return continuations
+
+
+def propose_neighbour_subjects(
+    model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest], config: NeighbourConfig = NeighbourConfig()
+) -> list[str]:
+    """Other subjects of the same kind as the forget subjects, as the model lists them.
+
+    The model continues ``"Examples: <subjects>,"``; the list is read up to the
+    first line break or sentence end; items of more than four words, with
+    digits, or equal to a forget subject are dropped.
+    """
+    subjects = list(dict.fromkeys(r.subject for r in requests if r.subject))
+    if not subjects or config.subjects <= 0:
+        return []
+    prompt = "Examples: " + ", ".join(subjects) + ","
+    (continuation,) = greedy_continuations(model, tokenizer, [prompt], config.new_tokens)
+    text = re.sub(r"\([^)]*\)?", " ", continuation.split("\n")[0].split(". ")[0])
+    proposed: list[str] = []
+    taken = {s.casefold() for s in subjects}
+    for item in re.split(r"[,;:]|\band\b|\bor\b", text):
+        item = re.sub(r"^(the|a|an)\s+", "", item.strip(" .)\"'"), flags=re.IGNORECASE)
+        if not item or len(item.split()) > 4 or re.search(r"\d", item) or item.casefold() in taken:
+            continue
+        taken.add(item.casefold())
+        proposed.append(item)
+        if len(proposed) == config.subjects:
+            break
+    return proposed
+
+
+def neighbour_requests(requests: Sequence[ForgetRequest], subjects: Sequence[str]) -> list[ForgetRequest]:
+    """Each forget prompt with ``{}`` filled by each proposed subject (answers unknown)."""
+    templates = list(dict.fromkeys(r.prompt for r in requests if r.subject and "{}" in r.prompt))
+    return [ForgetRequest(template, subject, "") for template in templates for subject in subjects]
+
+
+# --------------------------------------------------------------------------- keys and block outputs
+
+
+def fact_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchitectureSpec,
+    requests: Sequence[ForgetRequest],
+    prefixes: Sequence[str],
+    key_layer: int,
+    block_layer: int | None = None,
+) -> FactActivations:
+    """Down-proj inputs at ``key_layer`` (averaged over ``prefixes``) and, optionally,
+    outputs of block ``block_layer`` for the bare prompt, at each fact token.
+
+    One batched forward, stopped after the deeper of the two sites.
+    """
+    if block_layer is not None and block_layer < key_layer:
+        raise ValueError("block_layer must not precede key_layer")
+    device = model_device(model)
+    texts, ends, owners = [], [], []
+    for index, request in enumerate(requests):
+        for prefix in prefixes:
+            text, end = _contextual(request, prefix)
+            texts.append(text)
+            ends.append(end)
+            owners.append(index)
+    encoded = encode_prompts(tokenizer, texts, ends)
+    ids, mask = pad_right([e.prompt_ids for e in encoded], pad_token_id(tokenizer), device)
+    rows = torch.arange(len(encoded), device=device)
+    facts = torch.tensor([e.fact_index for e in encoded], device=device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name] = tensor[rows, facts].detach().to(torch.float64)
+
+    key_module = {"keys": down_proj_module(model, spec, key_layer)}
+    block_module = {} if block_layer is None else {"block": decoder_layers(model, spec)[block_layer]}
+    with _PreparedModel(model), torch.no_grad():
+        with (
+            on_inputs(key_module, keep, stop_at=None if block_module else "keys"),
+            on_outputs(block_module, keep, stop_at="block"),
+        ):
+            run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
+    owner = torch.tensor(owners, device=device)
+    n = len(requests)
+    keys = torch.zeros(n, captured["keys"].shape[1], dtype=torch.float64, device=device)
+    keys.index_add_(0, owner, captured["keys"])
+    keys /= len(prefixes)
+    block_outputs = None
+    if block_module:
+        bare = torch.tensor([i * len(prefixes) + prefixes.index("") for i in range(n)], device=device)
+        block_outputs = captured["block"][bare].T.cpu()
+    return FactActivations(keys.T.cpu(), block_outputs)
+
+
+def target_nll(
+    model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest], targets: Sequence[str]
+) -> list[float]:
+    """Mean NLL per token of ``targets[i]`` right after each bare prompt: how
+    strongly the model (as it is now) gives that answer."""
+    device = model_device(model)
+    encoded = encode_prompts(tokenizer, [r.text for r in requests], [r.fact_char_end() for r in requests], targets)
+    ids, mask = pad_right([e.input_ids for e in encoded], pad_token_id(tokenizer), device)
+    rows = [row for row, e in enumerate(encoded) for _ in e.target_ids]
+    positions = [p for e in encoded for p in e.target_positions]
+    with _PreparedModel(model), torch.no_grad():
+        logits = _logits_at(model, ids, mask, torch.tensor(rows, device=device), torch.tensor(positions, device=device))
+    token_nll = -torch.log_softmax(logits, dim=-1).gather(
+        1, torch.tensor([t for e in encoded for t in e.target_ids], device=device)[:, None]
+    )[:, 0]
+    result, start = [], 0
+    for e in encoded:
+        result.append(float(token_nll[start : start + len(e.target_ids)].mean()))
+        start += len(e.target_ids)
+    return result
+
+
+# --------------------------------------------------------------------------- v* optimisation
+
+
+@dataclass
+class _Rows:
+    """The batch of one optimisation: every (request, context) row plus KL rows."""
+
+    encoded: list[EncodedPrompt]
+    owner: list[int]  # request index of each row
+    is_kl: list[bool]
+    bare_row: list[int]  # per request, its bare-prompt row
+    kl_row: list[int | None]  # per request, its "{subject} is a" row
+
+
+def _build_rows(
+    tokenizer: Any, requests: Sequence[ForgetRequest], targets: Sequence[str], prefixes: Sequence[str]
+) -> _Rows:
+    texts, ends, row_targets, owner, is_kl = [], [], [], [], []
+    bare_row: list[int] = []
+    kl_row: list[int | None] = []
+    for index, (request, target) in enumerate(zip(requests, targets)):
+        for prefix in prefixes:
+            if prefix == "":
+                bare_row.append(len(texts))
+            text, end = _contextual(request, prefix)
+            texts.append(text)
+            ends.append(end)
+            row_targets.append(target)
+            owner.append(index)
+            is_kl.append(False)
+    for index, request in enumerate(requests):
+        if request.subject:
+            kl_row.append(len(texts))
+            texts.append(f"{request.subject} is a")
+            ends.append(len(request.subject))
+            row_targets.append(None)
+            owner.append(index)
+            is_kl.append(True)
+        else:
+            kl_row.append(None)
+    return _Rows(encode_prompts(tokenizer, texts, ends, row_targets), owner, is_kl, bare_row, kl_row)
+
+
+class _PerRequestAdam:
+    """Adam on the rows of ``delta`` (one per request), each with its own step
+    count, step size and norm clamp, so a row moves exactly as it would if
+    optimised alone, and stops when its request has converged."""
+
+    def __init__(self, delta: torch.Tensor, step_size: torch.Tensor, max_norm: torch.Tensor):
+        self.delta, self.step_size, self.max_norm = delta, step_size, max_norm
+        self.moment1 = torch.zeros_like(delta, requires_grad=False)
+        self.moment2 = torch.zeros_like(delta, requires_grad=False)
+        self.steps = [0] * delta.shape[0]
+
+    @torch.no_grad()
+    def step(self, rows: list[int], beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        index = torch.tensor(rows, device=self.delta.device)
+        grad = self.delta.grad[index]
+        self.moment1[index] = beta1 * self.moment1[index] + (1 - beta1) * grad
+        self.moment2[index] = beta2 * self.moment2[index] + (1 - beta2) * grad * grad
+        for row in rows:
+            self.steps[row] += 1
+        count = torch.tensor([self.steps[row] for row in rows], device=index.device, dtype=torch.float32)[:, None]
+        corrected1 = self.moment1[index] / (1 - beta1**count)
+        corrected2 = self.moment2[index] / (1 - beta2**count)
+        updated = self.delta[index] - self.step_size[index, None] * corrected1 / (corrected2.sqrt() + eps)
+        shrink = (self.max_norm[index, None] / updated.norm(dim=1, keepdim=True)).clamp(max=1.0)
+        self.delta[index] = updated * shrink  # back inside the L2 ball
+
+
+def _site_module(model: nn.Module, spec: ArchitectureSpec, site: Site, layer: int) -> nn.Module:
+    if site == "down_proj":
+        return down_proj_module(model, spec, layer)
+    if site == "block":
+        return decoder_layers(model, spec)[layer]
+    raise ValueError(f"unknown site {site!r}")
+
+
+def optimise_representations(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchitectureSpec,
+    requests: Sequence[ForgetRequest],
+    targets: Sequence[str],
+    *,
+    site: Site,
+    layer: int,
+    prefixes: Sequence[str] = ("",),
+    config: OptimisationConfig = OptimisationConfig(),
+    progress: ProgressCallback | None = None,
+    phase: str = "target optimisation",
+) -> RepresentationResult:
+    """Vectors at ``site`` of ``layer`` (fact token) that make the model say ``targets[i]``.
+
+    ``site="down_proj"``: the down-proj output without bias (O, the true
+    answers). ``site="block"``: the decoder block's output (Z, the neutral
+    target). Returns init + optimised delta, d×n, float32, and diagnostics.
+    """
+    if len(requests) != len(targets):
+        raise ValueError("one target per request")
+    if "" not in prefixes:
+        raise ValueError("prefixes must include the bare prompt ''")
+    n = len(requests)
+    device = model_device(model)
+    module = _site_module(model, spec, site, layer)
+    bias = down_proj_bias(module) if site == "down_proj" else None
+    batch = _build_rows(tokenizer, requests, targets, prefixes)
+    pad_id = pad_token_id(tokenizer)
+    rows_of = [[r for r, o in enumerate(batch.owner) if o == i] for i in range(n)]
+    nll_rows_of = [[r for r in rows_of[i] if not batch.is_kl[r]] for i in range(n)]
+
+    def run(
+        requests_now: list[int], delta: torch.Tensor | None
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Forward the rows of ``requests_now``; per request: NLL, KL log-probs, init vector."""
+        row_ids = [r for i in requests_now for r in rows_of[i]]
+        encoded = [batch.encoded[r] for r in row_ids]
+        ids, mask = pad_right([e.input_ids for e in encoded], pad_id, device)
+        local = {r: k for k, r in enumerate(row_ids)}
+        facts = torch.tensor([e.fact_index for e in encoded], device=device)
+        row_index = torch.arange(len(encoded), device=device)
+        owners = torch.tensor([batch.owner[r] for r in row_ids], device=device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+            seen["site"] = hidden[row_index, facts].detach()
+            if delta is None:
+                return hidden
+            return hidden.index_put((row_index, facts), delta[owners].to(hidden.dtype), accumulate=True)
+
+        # Logits: every target position of NLL rows, the fact position of KL rows.
+        gather_rows, gather_pos, spans = [], [], {}
+        for r in row_ids:
+            e = batch.encoded[r]
+            positions = [e.fact_index] if batch.is_kl[r] else e.target_positions
+            spans[r] = (len(gather_pos), len(gather_pos) + len(positions))
+            gather_rows += [local[r]] * len(positions)
+            gather_pos += positions
+        with edit_output(module, add_delta):
+            logits = _logits_at(
+                model, ids, mask, torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)
+            )
+        log_probs = torch.log_softmax(logits, dim=-1)
+        nll, kl_log_probs, init = {}, {}, {}
+        for i in requests_now:
+            per_row = []
+            for r in nll_rows_of[i]:
+                start, end = spans[r]
+                target = torch.tensor(batch.encoded[r].target_ids, device=device)
+                per_row.append(-log_probs[start:end].gather(1, target[:, None]).mean())
+            nll[i] = torch.stack(per_row).mean()
+            if batch.kl_row[i] is not None:
+                kl_log_probs[i] = log_probs[spans[batch.kl_row[i]][0]]
+            init[i] = seen["site"][local[batch.bare_row[i]]].float()
+        return nll, kl_log_probs, init
+
+    def chunks(active: list[int]) -> list[list[int]]:
+        groups, current, size = [], [], 0
+        for i in active:
+            if current and size + len(rows_of[i]) > config.max_batch_rows:
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += len(rows_of[i])
+        return groups + ([current] if current else [])
+
+    with _PreparedModel(model):
+        # Initial pass: the vectors to start from, the KL reference, the initial NLL.
+        init_vectors: dict[int, torch.Tensor] = {}
+        kl_reference: dict[int, torch.Tensor] = {}
+        initial_nll = [0.0] * n
+        with torch.no_grad():
+            for group in chunks(list(range(n))):
+                nll, kl_lp, init = run(group, None)
+                for i in group:
+                    init_vectors[i] = init[i]
+                    initial_nll[i] = float(nll[i])
+                    if i in kl_lp:
+                        kl_reference[i] = kl_lp[i].detach()
+        initial = torch.stack([init_vectors[i] for i in range(n)])  # n×d, with bias if any
+        if bias is not None:
+            initial = initial - bias.detach().float()
+        d = initial.shape[1]
+        initial_norm = initial.norm(dim=1).clamp_min(1e-12)
+        step_size = config.lr * (initial_norm / math.sqrt(d) if config.relative_lr else torch.ones_like(initial_norm))
+        max_norm = config.clamp_norm_factor * initial_norm
+
+        delta = torch.zeros(n, d, device=device, requires_grad=True)
+        adam = _PerRequestAdam(delta, step_size, max_norm)
+        final_nll = list(initial_nll)
+        final_loss = list(initial_nll)
+        converged = [False] * n
+        active = list(range(n))
+        for iteration in range(config.max_steps + 1):
+            if not active:
+                break
+            delta.grad = None
+            for group in chunks(active):  # requests are independent: gradients just add up
+                with torch.enable_grad():
+                    nll, kl_log_probs, _ = run(group, delta)
+                    total = 0.0
+                    for i in group:
+                        loss = nll[i] + config.weight_decay * delta[i].pow(2).sum() / initial_norm[i] ** 2
+                        if i in kl_log_probs:
+                            current = kl_log_probs[i]
+                            kl = (current.exp() * (current - kl_reference[i])).sum()  # KL(now ‖ before)
+                            loss = loss + config.kl_factor * kl
+                        final_nll[i] = float(nll[i].detach())
+                        final_loss[i] = float(loss.detach())
+                        converged[i] = final_nll[i] < config.converged_nll
+                        total = total + loss
+                    total.backward()
+            active = [i for i in active if not converged[i]]
+            if iteration == config.max_steps or not active:
+                break
+            adam.step(active)
+            if progress:
+                progress(phase, iteration + 1, config.max_steps)
+    if progress:
+        progress(phase, config.max_steps, config.max_steps)
+    vectors = (initial + delta.detach()).T.contiguous().cpu()
+    return RepresentationResult(
+        vectors=vectors,
+        initial=initial.T.contiguous().cpu(),
+        initial_nll=initial_nll,
+        final_nll=final_nll,
+        final_loss=final_loss,
+        steps=adam.steps,
+        converged=converged,
+    )
