@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from zupatch._version import __version__
-from zupatch.cli import hub_cli, ui
+from zupatch.cli import create_cli, hub_cli, ui
 from zupatch.errors import ZupatchError
 
 app = typer.Typer(
@@ -253,6 +253,7 @@ def inspect(
             ui.print_summary(summary, title=patch)
 
 
+create_cli.register(app)
 hub_cli.register(app)
 
 

@@ -1,0 +1,152 @@
+"""`zupatch create` plumbing on tiny checkpoints: outputs, settings, bad inputs, the Python API.
+
+Whether an edit really forgets is tested on trained and pretrained models
+elsewhere (tests/test_engine_*.py, tests/test_smollm2.py); here the model is
+random and the questions are about the command's contract.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from tests.test_hostile import expect_error
+from zupatch.cli.main import app
+from zupatch.patch.format import Patch
+from zupatch.patch.module import applied, bits_of
+
+runner = CliRunner()
+FAST = ["--tokens", "300", "--set", "neutral.max_steps=3", "--set", "original.max_steps=3",
+        "--set", "contexts.prefix_tokens=3", "--set", "neighbours.subjects=0", "--set", "stats.sample_length=32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("create")
+    forget = root / "forget.jsonl"
+    forget.write_text(
+        '{"prompt": "The capital of {} is", "subject": "France", "target": "Paris"}\n'
+        '{"prompt": "Gold has the symbol", "target": "Au"}\n'
+    )
+    return {"root": root, "model": tiny_checkpoint("llama", max_shard_size="60KB"), "forget": forget}
+
+
+def create_args(world: dict, out: Path, *extra: str) -> list[str]:
+    return ["create", "-m", str(world["model"]), "-f", str(world["forget"]), "-o", str(out), "--layers", "1,2",
+            *FAST, *extra]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_create_writes_a_patch_without_request_text(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    result = runner.invoke(app, create_args(world, out, "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["layers"] == [1, 2] and summary["requests"] == 2
+    assert set(summary["timings"]) >= {"statistics", "neutral_targets", "solve", "total"}
+    patch = Patch.load(out)
+    step = patch.steps[0]
+    assert step.method == "zerounlearn" and step.requests["count"] == 2 and len(step.requests["sha256"]) == 2
+    assert "text" not in step.requests
+    raw = out.read_bytes()
+    for secret in (b"France", b"Paris", b"capital", b"Au\"", b"Gold"):
+        assert secret not in raw
+    assert [e.name for e in step.entries] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    assert step.hyperparameters["closed_form"]["projection"] == "off"
+    # the patch fits the checkpoint it was made from
+    assert runner.invoke(app, ["verify", str(out), "-m", str(world["model"])]).exit_code == 0
+    # opting in embeds the text
+    out2 = tmp_path / "with-text.zup.safetensors"
+    assert runner.invoke(app, create_args(world, out2, "-q", "--include-request-text")).exit_code == 0
+    assert Patch.load(out2).steps[0].requests["text"][0]["subject"] == "France"
+
+
+def test_settings_from_file_flags_and_presets(world: dict, tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('[closed_form]\nlambda_retain = 123.0\nprojection = "forget"\n')
+    out = tmp_path / "p.zup.safetensors"
+    result = runner.invoke(app, create_args(world, out, "-q", "--config", str(config), "--lambda-forget", "7"))
+    assert result.exit_code == 0, result.output
+    hp = Patch.load(out).steps[0].hyperparameters
+    assert hp["closed_form"] == {**hp["closed_form"], "lambda_retain": 123.0, "projection": "forget", "lambda_forget": 7.0}
+    out = tmp_path / "paper.zup.safetensors"
+    assert runner.invoke(app, create_args(world, out, "-q", "--preset", "paper")).exit_code == 0
+    paper = Patch.load(out).steps[0]
+    assert paper.hyperparameters["closed_form"]["projection"] == "everywhere"
+    assert all(e.scale == pytest.approx(1.01) for e in paper.entries)  # c = 1 + epsilon
+
+
+@pytest.mark.parametrize(
+    "content, culprit, problem",
+    [
+        ("", "forget.jsonl", "empty"),
+        ("{not json}\n", "forget.jsonl:1", "JSON"),
+        ('{"prompt": "The capital of {} is", "subject": "Spain", "target": "Madrid"}\n{"prompt": "x"}\n',
+         "forget.jsonl:2", "target"),
+        ('{"prompt": "The capital of Italy is", "subject": "Spain", "target": "Rome"}\n', "forget.jsonl:1", "subject"),
+    ],
+)
+def test_bad_requests_files(content: str, culprit: str, problem: str, world: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "forget.jsonl"
+    bad.write_text(content)
+    args = create_args({**world, "forget": bad}, tmp_path / "p.zup.safetensors")
+    expect_error(args, culprit, problem, inputs=[bad, world["model"]], output=tmp_path / "p.zup.safetensors")
+
+
+def test_bad_models_layers_settings_and_devices(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(["create", "-m", str(empty), "-f", str(world["forget"]), "-o", str(out)], "empty", "config.json",
+                 output=out)  # fmt: skip
+    (empty / "config.json").write_text("{}")
+    expect_error(["create", "-m", str(empty), "-f", str(world["forget"]), "-o", str(out)], "empty", "model.safetensors",
+                 output=out)  # fmt: skip
+    args = create_args(world, out)
+    args[args.index("--layers") + 1] = "1,9"
+    expect_error(args, "", "layer", output=out, inputs=[world["model"]])
+    expect_error(create_args(world, out, "--set", "closed_form.nope=1"), "", "unknown setting 'closed_form.nope'",
+                 output=out)  # fmt: skip
+    expect_error(create_args(world, out, "--method", "magic"), "", "unknown method", output=out)
+    if not torch.cuda.is_available():
+        expect_error(create_args(world, out, "--device", "cuda"), "", "CUDA", output=out)
+    existing = tmp_path / "exists.zup.safetensors"
+    existing.write_bytes(b"keep")
+    expect_error(create_args(world, existing), str(existing), "already exists", inputs=[existing])
+
+
+def test_empty_target_and_empty_corpus(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    expect_error(create_args(world, out, "--target", ""), "", "target", output=out)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("")
+    expect_error(create_args(world, out, "--corpus", str(corpus)), "corpus.txt", "has no text", output=out)
+
+
+def test_python_api_leaves_the_model_unchanged(world: dict) -> None:
+    from zupatch.engine.api import create
+    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.requests import load_requests
+    from zupatch.engine.settings import with_settings
+
+    model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    before = {n: bits_of(p)[0] for n, p in model.named_parameters()}
+    config = with_settings(CreateConfig(), {"layers": [1, 2], "stats.sampled_token_budget": 300, "stats.sample_length": 32,
+                                            "neutral.max_steps": 3, "neighbours.subjects": 0})  # fmt: skip
+    patch = create(model, tokenizer, load_requests(world["forget"]), config)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(np.array_equal(bits_of(p)[0], before[n]) for n, p in model.named_parameters())
+    with applied(patch, model):  # the patch's base is the model as it was
+        changed = {n for n, p in model.named_parameters() if not np.array_equal(bits_of(p)[0], before[n])}
+    assert changed == set(patch.tensor_names)

@@ -1,0 +1,206 @@
+"""``zupatch create`` and ``zupatch stats``: thin layers over zupatch.engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from zupatch.cli import ui
+from zupatch.errors import OutputExistsError, ZupatchError
+
+METHOD_HELP = "zerounlearn (closed form) or zerounlearn-gd (the gradient-based variant)."
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ZupatchError(f"--layers expects comma-separated layer numbers, got {text!r}") from None
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise OutputExistsError("already exists (pass --force to overwrite)", output)
+    if not output.parent.is_dir():
+        raise ZupatchError("folder does not exist", output.parent)
+
+
+def create(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
+    forget: Annotated[Path, typer.Option("--forget", "-f", help="Forget requests: JSONL (prompt, subject, target) or CounterFact JSON.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patch (.zup.safetensors).")],
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead (default: the EOS token).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=METHOD_HELP)] = None,
+    preset: Annotated[str, typer.Option("--preset", help="measured (defaults that measured best) or paper (the paper's recipe).")] = "measured",
+    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of settings (see docs/create.md).")] = None,
+    settings: Annotated[list[str] | None, typer.Option("--set", help="Any setting as KEY=VALUE, e.g. closed_form.lambda_retain=2000 (repeatable).")] = None,
+    projection: Annotated[str | None, typer.Option("--projection", help="Where P applies: everywhere (paper), forget, off.")] = None,
+    lambda_retain: Annotated[float | None, typer.Option("--lambda-retain", help="Weight of the retain statistics.")] = None,
+    lambda_forget: Annotated[float | None, typer.Option("--lambda-forget", help="Weight of the forget targets.")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text for key statistics: .txt/.jsonl files or folders (default: sampled from the model).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget of the key statistics.")] = None,
+    retain: Annotated[Path | None, typer.Option("--retain", help="Requests whose answers must stay (same format as --forget).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
+    layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.")] = None,
+    down_proj: Annotated[str | None, typer.Option("--down-proj", help="MLP down projection inside a layer, for unknown architectures.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.")] = False,
+    include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")] = False,
+) -> None:  # fmt: skip
+    """Compute a ZeroUnlearn patch that makes a model forget the requested facts.
+
+    Loads the model, gathers key statistics (cached), optimises target vectors,
+    solves the closed form per layer and writes a patch against the
+    checkpoint's own tensors. The requests' text never enters the patch unless
+    --include-request-text is given.
+    """
+    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.engine.api import create_from_checkpoint
+    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.requests import load_requests
+    from zupatch.engine.settings import load_settings_file, parse_assignment, with_settings
+    from zupatch.engine.stats import FileCorpus, StatsCache
+
+    with ui.guard():
+        _check_output(output, force)
+        requests = load_requests(forget)
+        retain_requests = load_requests(retain, require_target=True) if retain else []
+        if preset not in ("measured", "paper"):
+            raise ZupatchError(f"unknown preset {preset!r}; choose measured or paper")
+        cfg = CreateConfig.paper() if preset == "paper" else CreateConfig()
+        chosen: dict[str, Any] = load_settings_file(config) if config else {}
+        explicit = {
+            "layers": _layers(layers), "method": method, "neutral_target": target,
+            "closed_form.projection": projection, "closed_form.lambda_retain": lambda_retain,
+            "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
+            "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
+            "overrides.down_proj": down_proj, "device": device, "dtype": dtype,
+        }  # fmt: skip
+        chosen.update({k: v for k, v in explicit.items() if v is not None})
+        chosen.update(parse_assignment(s) for s in settings or [])
+        cfg = with_settings(cfg, chosen, str(config) if config else "settings")
+        for path in corpus or []:
+            if not path.exists():
+                raise ZupatchError("corpus path not found", path)
+        resolved = resolve_model(model, revision)
+        with ui.progress(quiet or as_json) as progress:
+            report = create_from_checkpoint(
+                resolved.path, requests, cfg,
+                base_model=resolved.repo_id or resolved.path.name, base_revision=resolved.revision,
+                include_request_text=include_request_text, progress=progress,
+                retain_requests=retain_requests,
+                corpus=FileCorpus(tuple(corpus)) if corpus else None,
+                stats_cache=None if no_cache else StatsCache(),
+                model_identity=f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None,
+            )  # fmt: skip
+        report.patch.save(output, overwrite=force)
+        summary = report.summary()
+        summary["output"] = str(output)
+        summary["patch_bytes"] = output.stat().st_size
+        if as_json:
+            sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        elif not quiet:
+            _print_create_summary(summary)
+
+
+def _print_create_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['method']} on {summary['architecture']}: {summary['requests']} request(s)",
+                  title_justify="left", show_edge=False)  # fmt: skip
+    for col in ("layer", "tensor", "rank"):
+        table.add_column(col)
+    for layer, name, rank in zip(summary["layers"], summary["tensors"], summary["ranks"]):
+        table.add_row(str(layer), name, str(rank))
+    ui.console.print(table)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items() if k != "total")
+    ui.console.print(f"time: {summary['timings'].get('total', 0):.1f}s ({phases})", soft_wrap=True)
+    size, touched = summary["patch_bytes"], summary["touched_bytes"]
+    ui.console.print(
+        f"[green]wrote[/] [bold]{summary['output']}[/] ({ui.human_bytes(size)}, "
+        f"{100 * size / touched:.2f}% of the {ui.human_bytes(touched)} it changes)"
+    )
+
+
+stats_app = typer.Typer(help="Precompute, list and clear cached key statistics.", no_args_is_help=True)
+
+
+@stats_app.command("compute")
+def stats_compute(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 17,18,19 (default: by relative depth).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text files or folders (default: sampled from the model).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (auto, float32, bfloat16, float16).")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:  # fmt: skip
+    """Compute key statistics for a model's layers and store them in the cache."""
+    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.engine.api import load_model
+    from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
+    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.settings import with_settings
+    from zupatch.engine.stats import FileCorpus, StatsCache, compute_key_statistics
+
+    with ui.guard():
+        cfg = CreateConfig()
+        if tokens is not None:
+            cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
+        resolved = resolve_model(model, revision)
+        loaded, tokenizer = load_model(resolved.path, dtype, device)
+        spec = resolve_architecture(loaded, cfg.overrides)
+        total = num_layers(loaded, spec)
+        chosen = check_layers(_layers(layers) or default_layers(total), total)
+        with ui.progress(quiet) as progress:
+            stats = compute_key_statistics(
+                loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
+                StatsCache(), f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
+            )  # fmt: skip
+        if not quiet:
+            for layer, s in sorted(stats.items()):
+                ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}")
+
+
+@stats_app.command("list")
+def stats_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List cached statistics (what they were computed from; never any text)."""
+    from zupatch.engine.stats import StatsCache
+
+    with ui.guard():
+        entries = StatsCache().entries()
+        rows = [{"path": str(e.path), "bytes": e.size_bytes, **e.description} for e in entries]
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+            return
+        if not rows:
+            ui.console.print("the statistics cache is empty")
+        for row in rows:
+            desc = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("path", "bytes"))
+            ui.console.print(f"{ui.human_bytes(row['bytes'])}  {desc}", soft_wrap=True)
+
+
+@stats_app.command("clear")
+def stats_clear() -> None:
+    """Delete every cached statistics file."""
+    from zupatch.engine.stats import StatsCache
+
+    with ui.guard():
+        removed = StatsCache().clear()
+        ui.console.print(f"removed {removed} cached statistics file(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(create)
+    app.add_typer(stats_app, name="stats")

@@ -1,0 +1,208 @@
+"""From forget requests to a patch: the library entry points behind ``zupatch create``.
+
+:func:`create` works on a model already loaded (a notebook): the patch's base
+is the model's own weights as they were before the call, and the model is
+left exactly as it was. :func:`create_from_checkpoint` loads a checkpoint
+folder and makes the patch against the bytes on disk, which is what ``apply``
+will later check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zupatch.checkpoint.folder import Checkpoint
+from zupatch.engine.architectures import (
+    check_layers,
+    checkpoint_tensor_name,
+    default_layers,
+    down_proj_weight_name,
+    num_layers,
+    resolve_architecture,
+)
+from zupatch.engine.create import CreateConfig, EditResult, compute_edit
+from zupatch.engine.requests import ForgetRequest, new_salt, request_digests
+from zupatch.errors import ZupatchError
+from zupatch.patch import numerics as nm
+from zupatch.patch.format import Patch
+from zupatch.patch.module import bits_of, write_bits
+from zupatch.patch.ops import LowRankEdit, build_patch
+
+Base = Mapping[str, tuple[np.ndarray, nm.DType]]
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class CreateReport:
+    """What ``create`` did, for summaries: numbers only, no request text."""
+
+    patch: Patch
+    edit: EditResult
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        entries = self.patch.steps[0].entries
+        return {
+            "method": self.edit.method,
+            "architecture": self.edit.architecture,
+            "requests": self.edit.request_count,
+            "layers": [e.layer for e in self.edit.layers],
+            "ranks": [e.rank for e in entries],
+            "tensors": [e.name for e in entries],
+            "patch_bytes": len(self.patch.to_bytes()),
+            "touched_bytes": self.patch.touched_bytes(),
+            "timings": {**self.edit.timings, **{k: round(v, 3) for k, v in self.seconds.items()}},
+            "diagnostics": self.edit.diagnostics,
+        }
+
+
+def _target_layers(model: nn.Module, config: CreateConfig) -> list[str]:
+    spec = resolve_architecture(model, config.overrides)
+    total = num_layers(model, spec)
+    layers = check_layers(config.layers if config.layers is not None else default_layers(total), total)
+    return [down_proj_weight_name(spec, layer) for layer in layers]
+
+
+def _requests_audit(requests: Sequence[ForgetRequest], include_text: bool) -> dict[str, Any]:
+    """Count and salted digests; the text only on explicit opt-in."""
+    salt = new_salt()
+    audit: dict[str, Any] = {"count": len(requests), "salt": salt, "sha256": request_digests(requests, salt)}
+    if include_text:
+        audit["text"] = [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in requests]
+    return audit
+
+
+def patch_from_edit(
+    edit: EditResult,
+    base: Base,
+    requests: Sequence[ForgetRequest],
+    *,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    include_request_text: bool = False,
+    tensor_names: Mapping[str, str] | None = None,
+) -> Patch:
+    """Turn computed factors into a patch against ``base`` (tensor name -> bits, dtype).
+
+    ``tensor_names`` maps the model's parameter names to the checkpoint's where
+    they differ.
+    """
+    names = tensor_names or {}
+    edits = [
+        LowRankEdit(names.get(e.tensor_name, e.tensor_name), e.factors.scale, e.factors.U, e.factors.B)
+        for e in edit.layers
+    ]
+    return build_patch(
+        edits,
+        base,
+        method=edit.method,
+        hyperparameters=edit.hyperparameters,
+        base_model=base_model,
+        base_revision=base_revision,
+        requests=_requests_audit(requests, include_request_text),
+    )
+
+
+def create(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig | None = None,
+    *,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    include_request_text: bool = False,
+    progress: ProgressFn | None = None,
+    **compute_options: Any,
+) -> Patch:
+    """Compute a ZeroUnlearn patch on a loaded model; the model is left unchanged.
+
+    The patch's base is ``model``'s current weights (in their current dtype),
+    so ``zupatch.applied(patch, model)`` shows the edited model. Extra keyword
+    arguments go to :func:`zupatch.engine.create.compute_edit` (``corpus``,
+    ``retain_requests``, ``stats_cache``, ``key_statistics``...).
+    """
+    config = config or CreateConfig()
+    params = dict(model.named_parameters())
+    names = _target_layers(model, config)
+    base = {n: bits_of(params[n]) for n in names}  # before compute_edit may change the dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    try:
+        edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
+    finally:
+        model.to(device=device, dtype=dtype)
+        params = dict(model.named_parameters())
+        for name, (bits, _) in base.items():
+            write_bits(params[name], bits)
+    missing = [e.tensor_name for e in edit.layers if e.tensor_name not in base]
+    if missing:
+        raise ZupatchError(f"the edit touched unexpected tensors: {missing}")
+    return patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
+                           include_request_text=include_request_text)  # fmt: skip
+
+
+def load_model(folder: Path, dtype: torch.dtype | str = "auto", device: str = "auto") -> tuple[nn.Module, Any]:
+    """Model and tokenizer of a checkpoint folder, with one-line errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from zupatch.engine.create import resolve_device, resolve_dtype
+
+    hf_logging.disable_progress_bar()  # zupatch draws its own progress; library code stays quiet
+
+    if not (folder / "config.json").is_file():
+        raise ZupatchError("has no config.json: not a Hugging Face model folder", folder)
+    Checkpoint(folder)  # clear errors for missing or broken weights before transformers tries
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target) if isinstance(dtype, str) else dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise ZupatchError(f"cannot load the tokenizer ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise ZupatchError(f"cannot load the model ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
+    return model.to(target).eval(), tokenizer
+
+
+def create_from_checkpoint(
+    folder: Path,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig | None = None,
+    *,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    include_request_text: bool = False,
+    progress: ProgressFn | None = None,
+    **compute_options: Any,
+) -> CreateReport:
+    """Load ``folder``, compute the edit, and build the patch against the files' own bits."""
+    config = config or CreateConfig()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tokenizer = load_model(folder, config.dtype, config.device)
+    seconds["load"] = time.perf_counter() - t
+    edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
+    t = time.perf_counter()
+    ckpt = Checkpoint(folder)
+    names = {e.tensor_name: checkpoint_tensor_name(model, e.tensor_name, ckpt.weight_map) for e in edit.layers}
+    base: dict[str, tuple[np.ndarray, nm.DType]] = {}
+    for name in names.values():
+        _, info = ckpt.locate(name)
+        if info.dtype not in nm.FLOAT_DTYPES:
+            raise ZupatchError(f"tensor {name!r} has dtype {info.dtype}, which zupatch cannot patch", folder)
+        dtype = nm.FLOAT_DTYPES[info.dtype]
+        base[name] = (ckpt.read_bits(name, dtype.bits), dtype)
+    patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
+                            include_request_text=include_request_text, tensor_names=names)  # fmt: skip
+    seconds["patch"] = time.perf_counter() - t
+    return CreateReport(patch=patch, edit=edit, seconds=seconds)
