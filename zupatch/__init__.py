@@ -9,7 +9,8 @@ The library API (the CLI is a thin layer over it)::
         ...
     zupatch.invert(patch).save("restore.zup.safetensors")
 
-Importing zupatch does not import torch or transformers.
+Importing zupatch does not import torch or transformers; ``zupatch.create``
+(the edit engine) loads them on first use.
 """
 
 from zupatch._version import __version__
@@ -21,9 +22,20 @@ from zupatch.patch.ops import DenseEdit, LowRankEdit, build_patch, invert, stack
 
 load_patch = Patch.load
 
+
+def __getattr__(name: str):
+    """``zupatch.create`` / ``zupatch.CreateConfig`` / ``zupatch.ForgetRequest``, imported on first use."""
+    if name in ("create", "CreateConfig", "ForgetRequest"):
+        from zupatch import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'zupatch' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "BaseMismatchError",
+    "CreateConfig",
+    "ForgetRequest",
     "DenseEdit",
     "Entry",
     "LowRankEdit",
@@ -36,6 +48,7 @@ __all__ = [
     "apply_to_module",
     "build_patch",
     "checkpoint_state",
+    "create",
     "invert",
     "load_patch",
     "stack",
