@@ -1,0 +1,108 @@
+"""Unlearning real knowledge: SmolLM2-135M-Instruct, through the CLI, judged by plain transformers.
+
+Forget three facts the model knows (two capitals and a chemical symbol) with
+the default settings, a --retain file holding every other one of the 47 other
+facts, and a 4096-token self-sampled corpus; then, on the applied checkpoint
+loaded with ``AutoModelForCausalLM.from_pretrained``:
+- the true answer is no longer the top-1 token on any forget prompt;
+- most paraphrases the base model answered forget too;
+- the other facts (including facts about the same subjects: France's
+  language, Japan's currency) are still answered: measured 40/47 overall and
+  19/23 of those not in the retain file (2026-11-23). The project's goal is
+  90%; the bars below sit just under what is measured, so a regression fails;
+- the perplexity of ordinary text rises by no more than 10%;
+- invert restores the base checkpoint byte for byte.
+Without a retain file only 19/47 survive: same-pattern facts (other capitals,
+other symbols) need their keys in the statistics (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from tests.patching import folder_digest
+from zupatch.cli.main import app
+from zupatch.eval.metrics import perplexity, score_answers
+
+DATA = Path(__file__).parent / "data"
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fill(record: dict) -> str:
+    return record["prompt"].replace("{}", record["subject"])
+
+
+def evaluate(folder: Path, forget: list[dict], retain: list[dict], texts: list[str]) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    para = [(p, r["target"]) for r in forget for p in r["paraphrases"]]
+    return {
+        "forget": score_answers(model, tok, [fill(r) for r in forget], [r["target"] for r in forget]),
+        "paraphrases": score_answers(model, tok, [p for p, _ in para], [a for _, a in para]),
+        "retain": score_answers(model, tok, [fill(r) for r in retain], [r["target"] for r in retain]),
+        "perplexity": perplexity(model, tok, texts),
+    }
+
+
+def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, tmp_path: Path) -> None:
+    forget_file = DATA / "smollm2_forget.jsonl"
+    forget = load_jsonl(forget_file)
+    forgotten = {(r["prompt"], r["subject"]) for r in forget}
+    retain = [r for r in load_jsonl(DATA / "smollm2_facts.jsonl") if (r["prompt"], r["subject"]) not in forgotten]
+    texts = [t for t in (DATA / "ordinary_text.txt").read_text().splitlines() if t.strip()]
+    assert len(retain) >= 30
+
+    base = evaluate(smollm2_checkpoint, forget, retain, texts)
+    assert all(s.first_token_top1 for s in base["forget"]), "the base model should know the facts to forget"
+    known_paraphrases = [i for i, s in enumerate(base["paraphrases"]) if s.first_token_top1]
+    known_retain = [i for i, s in enumerate(base["retain"]) if s.greedy]
+    assert len(known_paraphrases) >= 5 and len(known_retain) >= 30
+
+    retain_file = tmp_path / "retain.jsonl"
+    retain_file.write_text("".join(json.dumps(r) + "\n" for r in retain[::2]))
+    held_out = set(range(1, len(retain), 2))
+    patch = tmp_path / "forget.zup.safetensors"
+    result = runner.invoke(app, ["create", "-m", str(smollm2_checkpoint), "-f", str(forget_file), "-o", str(patch),
+                                 "--retain", str(retain_file), "--tokens", "4096", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    out = tmp_path / "unlearned"
+    assert runner.invoke(app, ["apply", str(patch), "-m", str(smollm2_checkpoint), "-o", str(out)]).exit_code == 0
+
+    after = evaluate(out, forget, retain, texts)
+    report = {
+        "forget_top1": [s.first_token_top1 for s in after["forget"]],
+        "paraphrases_still_known": sum(after["paraphrases"][i].first_token_top1 for i in known_paraphrases),
+        "paraphrases_known_before": len(known_paraphrases),
+        "retain_kept": sum(after["retain"][i].greedy for i in known_retain),
+        "retain_known_before": len(known_retain),
+        "held_out_kept": sum(after["retain"][i].greedy for i in known_retain if i in held_out),
+        "held_out_known_before": sum(1 for i in known_retain if i in held_out),
+        "perplexity": (base["perplexity"], after["perplexity"]),
+        "layers": summary["layers"],
+        "ranks": summary["ranks"],
+        "seconds": summary["timings"].get("total"),
+    }
+    print(json.dumps(report))
+    assert not any(report["forget_top1"]), report
+    assert report["paraphrases_still_known"] <= len(known_paraphrases) // 2, report
+    assert report["retain_kept"] >= 0.8 * report["retain_known_before"], report
+    assert report["held_out_kept"] >= 0.75 * report["held_out_known_before"], report
+    assert after["perplexity"] <= 1.10 * base["perplexity"], report
+
+    inverse = tmp_path / "restore.zup.safetensors"
+    assert runner.invoke(app, ["invert", str(patch), "-o", str(inverse)]).exit_code == 0
+    restored = tmp_path / "restored"
+    assert runner.invoke(app, ["apply", str(inverse), "-m", str(out), "-o", str(restored)]).exit_code == 0
+    assert folder_digest(restored) == folder_digest(smollm2_checkpoint)
