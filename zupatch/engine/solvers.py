@@ -327,6 +327,19 @@ def _project(Q: Tensor, X: Tensor, epsilon: float) -> Tensor:
 # --------------------------------------------------------------------------- closed form
 
 
+def _forget_inputs(W: Tensor, K_f: Tensor, V_star: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W (d×f), K_f (f×n, n ≥ 1) and V* (d×n) in float64 on W's device, shapes checked."""
+    if W.ndim != 2:
+        raise ValueError(f"W must be a d×f matrix, got shape {tuple(W.shape)}")
+    d, f = W.shape
+    dev = W.device
+    W = _f64(W, "W", dev, (d, f))
+    K = _f64(K_f, "K_f", dev, (f, None))
+    if K.shape[1] == 0:
+        raise ValueError("K_f has no columns: there is nothing to forget")
+    return W, K, _f64(V_star, "V_star", dev, (d, K.shape[1]))
+
+
 def closed_form_update(
     W: Tensor,
     C: Tensor,
@@ -347,17 +360,9 @@ def closed_form_update(
     - forget:     ``c = 1``,   ``U = λ_f (P V* − Y)``, ``V = S``
     - off:        ``c = 1``,   ``U = λ_f R``,          ``V = S``
     """
-    if W.ndim != 2:
-        raise ValueError(f"W must be a d×f matrix, got shape {tuple(W.shape)}")
-    d, f = W.shape
-    dev = W.device
-    W = _f64(W, "W", dev, (d, f))
+    W, K, Vs = _forget_inputs(W, K_f, V_star)
+    (d, f), dev = W.shape, W.device
     C = _f64(C, "C", dev, (f, f))
-    K = _f64(K_f, "K_f", dev, (f, None))
-    n = K.shape[1]
-    if n == 0:
-        raise ValueError("K_f has no columns: there is nothing to forget")
-    Vs = _f64(V_star, "V_star", dev, (d, n))
     lr_, lf, lg, eps = hp.lambda_retain, hp.lambda_forget, hp.lambda_reg, hp.epsilon
 
     # G = W(λ_r C + λI)Wᵀ as one d×f·f×d product after one d×f·f×f product.
@@ -460,17 +465,9 @@ class _GDProblem:
 
 
 def _gd_problem(W: Tensor, U0: Tensor, K_f: Tensor, V_star: Tensor, O: Tensor) -> _GDProblem:
-    if W.ndim != 2:
-        raise ValueError(f"W must be a d×f matrix, got shape {tuple(W.shape)}")
-    d, f = W.shape
-    dev = W.device
-    W = _f64(W, "W", dev, (d, f))
+    W, K, Vs = _forget_inputs(W, K_f, V_star)
+    (d, f), dev = W.shape, W.device
     U0 = _f64(U0, "U0", dev, (f, None))
-    K = _f64(K_f, "K_f", dev, (f, None))
-    n = K.shape[1]
-    if n == 0:
-        raise ValueError("K_f has no columns: there is nothing to forget")
-    Vs = _f64(V_star, "V_star", dev, (d, n))
     Q = orthonormal_basis(_f64(O, "O", dev, (d, None)))
     return _GDProblem(Y=W @ K, A=U0.mT @ K, Vs=Vs, Q=Q, U0=U0)
 
