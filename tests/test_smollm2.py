@@ -6,10 +6,9 @@ facts, and a 4096-token self-sampled corpus; then, on the applied checkpoint
 loaded with ``AutoModelForCausalLM.from_pretrained``:
 - the true answer is no longer the top-1 token on any forget prompt;
 - most paraphrases the base model answered forget too;
-- the other facts (including facts about the same subjects: France's
-  language, Japan's currency) are still answered: measured 40/47 overall and
-  19/23 of those not in the retain file (2026-11-23). The project's goal is
-  90%; the bars below sit just under what is measured, so a regression fails;
+- >= 90% of the other facts (including facts about the same subjects:
+  France's language, Japan's currency) are still answered, overall and among
+  those not in the retain file (measured 45/47 and 22/23 on 2026-11-23);
 - the perplexity of ordinary text rises by no more than 10%;
 - invert restores the base checkpoint byte for byte.
 Without a retain file only 19/47 survive: same-pattern facts (other capitals,
@@ -97,8 +96,8 @@ def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, tmp_path: Pa
     print(json.dumps(report))
     assert not any(report["forget_top1"]), report
     assert report["paraphrases_still_known"] <= len(known_paraphrases) // 2, report
-    assert report["retain_kept"] >= 0.8 * report["retain_known_before"], report
-    assert report["held_out_kept"] >= 0.75 * report["held_out_known_before"], report
+    assert report["retain_kept"] >= 0.9 * report["retain_known_before"], report
+    assert report["held_out_kept"] >= 0.9 * report["held_out_known_before"], report
     assert after["perplexity"] <= 1.10 * base["perplexity"], report
 
     inverse = tmp_path / "restore.zup.safetensors"
