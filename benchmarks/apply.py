@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,21 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from measure import measure  # benchmarks/measure.py (scripts run from their folder)
 from safetensors.torch import save_file
 
 HIDDEN, MLP, VOCAB, RANK = 3072, 8192, 32000, 20
 TOUCHED_LAYERS = (2, 3, 4)
 
-MEASURE = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-wall = time.perf_counter() - t
-if r.returncode:
-    sys.stderr.write(r.stderr)
-print(json.dumps({"rc": r.returncode, "seconds": wall,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
 
 NAIVE = r"""
 import sys, torch
@@ -133,12 +124,6 @@ def make_patch(ckpt: Path, out: Path, factors_out: Path) -> dict:
             "touched_shards": sorted({ck.weight_map[n] for n in base})}  # fmt: skip
 
 
-def measure(cmd: list[str]) -> dict:
-    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    if out["rc"]:
-        raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr}")
-    return out
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ Usage: python benchmarks/create.py [--tokens 8192] [--steps 5] [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,31 +29,15 @@ from pathlib import Path
 
 import torch
 
+from measure import measure  # benchmarks/measure.py (scripts run from their folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "tests" / "data" / "smollm2_facts.jsonl"
 TEXT = ROOT / "tests" / "data" / "ordinary_text.txt"
 LAYERS = (17, 18, 19)
 
-MEASURE = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-wall = time.perf_counter() - t
-if r.returncode:
-    sys.stderr.write(r.stderr)
-print(json.dumps({"rc": r.returncode, "seconds": wall,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
 
 
-def measure(cmd: list[str], env: dict) -> dict:
-    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise SystemExit(f"measure failed: {res.stderr}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    if out["rc"]:
-        raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr}")
-    return out
 
 
 def load_model(cache_dir: Path):
