@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fact_model import answered, synthetic_facts, train_fact_model, word_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
 from zupatch.models.demo import CACHE_ENV, DemoDownloadError, demo_checkpoint
 
@@ -71,3 +73,30 @@ def smollm2_checkpoint() -> Path:
         if e.offline:
             pytest.skip(f"SmolLM2 demo checkpoint unavailable, no network to download it: {e}")
         raise
+
+
+@pytest.fixture(scope="session")
+def _trained_fact_model():
+    tokenizer = word_tokenizer()
+    facts = synthetic_facts()
+    model = train_fact_model(facts, tokenizer)
+    assert all(answered(model, tokenizer, facts)), "the tiny model did not memorise its facts"
+    return model, tokenizer, facts
+
+
+@pytest.fixture
+def fact_model(_trained_fact_model):
+    """``(model, tokenizer, facts)``: a fresh copy of the tiny Llama that knows 48 facts
+    (trained once per session; see tests/fact_model.py). Safe to edit."""
+    model, tokenizer, facts = _trained_fact_model
+    return copy.deepcopy(model), tokenizer, facts
+
+
+@pytest.fixture(scope="session")
+def fact_checkpoint(_trained_fact_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained fact model saved as a float32 Hugging Face checkpoint folder; read-only."""
+    model, tokenizer, _ = _trained_fact_model
+    folder = tmp_path_factory.mktemp("facts") / "fact-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
