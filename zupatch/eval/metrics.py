@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from zupatch.engine.stats import special_prefix_ids
+from zupatch.engine.targets import target_separator
+
 
 @dataclass(frozen=True)
 class AnswerScore:
@@ -25,25 +28,27 @@ class AnswerScore:
     first_token_top1: bool  # the answer's first token is the argmax after the prompt
     greedy: bool  # greedy decoding reproduces every answer token
     mean_probability: float  # mean over answer tokens of p(token | prefix)
+    probability: float  # p(whole answer | prompt): the product over answer tokens
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _answer_ids(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the answer as it continues the prompt.
+def _answer_ids(tokenizer: Any, prompt: str, answer: str, prefix: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (after the tokenizer's own ``prefix``, e.g. BOS) and of the answer.
 
-    The answer's tokens are those of ``prompt + " " + answer`` after the
-    prompt's tokens (BPE merges across the boundary are handled by tokenising
-    the whole text and checking that the prompt's tokens are a prefix).
+    The answer's tokens are those of ``prompt + separator + answer`` after the
+    prompt's tokens, the separator being the space ``create`` puts there too
+    (BPE merges across the boundary are handled by tokenising the whole text
+    and checking that the prompt's tokens are a prefix).
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+    separator = target_separator(prompt, answer, tokenizer)
+    full_ids = tokenizer(prompt + separator + answer, add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
-        full_ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-    return bos + prompt_ids, full_ids[len(prompt_ids) :]
+        full_ids = prompt_ids + tokenizer(separator + answer, add_special_tokens=False)["input_ids"]
+    return list(prefix) + prompt_ids, full_ids[len(prompt_ids) :]
 
 
 @torch.no_grad()
@@ -52,17 +57,12 @@ def score_answers(
 ) -> list[AnswerScore]:
     """Score ``answers[i]`` as the continuation of ``prompts[i]``, batched (right padding)."""
     scores: list[AnswerScore] = []
+    prefix = special_prefix_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for start in range(0, len(prompts), batch_size):
-        pairs = [_answer_ids(tokenizer, p, a) for p, a in zip(prompts[start : start + batch_size],
+        pairs = [_answer_ids(tokenizer, p, a, prefix) for p, a in zip(prompts[start : start + batch_size],
                                                               answers[start : start + batch_size])]  # fmt: skip
-        rows = [p + a for p, a in pairs]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = _padded_batch([p + a for p, a in pairs], pad)
         logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for i, (p, a) in enumerate(pairs):
@@ -71,23 +71,59 @@ def score_answers(
             predicted = logprobs[i, positions].argmax(dim=-1).cpu()
             hits = predicted == targets
             probs = logprobs[i, positions, targets].exp().cpu()
-            scores.append(AnswerScore(bool(hits[0]), bool(hits.all()), float(probs.mean())))
+            joint = float(logprobs[i, positions, targets].double().sum().exp())
+            scores.append(AnswerScore(bool(hits[0]), bool(hits.all()), float(probs.mean()), joint))
     return scores
 
 
+def _padded_batch(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
-    """exp(mean next-token NLL) over the tokens of ``texts`` (each scored on its own)."""
+def next_tokens(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
+    """The top-1 next token after each prompt (encoded as :func:`score_answers` encodes prompts)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokens: list[int] = []
+    prefix = special_prefix_ids(tokenizer)
+    for start in range(0, len(prompts), batch_size):
+        rows = [_answer_ids(tokenizer, p, "x", prefix)[0] for p in prompts[start : start + batch_size]]
+        ids, mask = _padded_batch(rows, pad)
+        logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits
+        last = torch.tensor([len(r) - 1 for r in rows])
+        tokens += logits[torch.arange(len(rows)), last.to(logits.device)].argmax(dim=-1).tolist()
+    return tokens
+
+
+@torch.no_grad()
+def token_perplexity(model: nn.Module, windows: Sequence[Sequence[int]]) -> float:
+    """exp(mean next-token NLL) over token windows (each scored on its own)."""
     total_nll, total_tokens = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) < 2:
+    for window in windows:
+        if len(window) < 2:
             continue
-        x = torch.tensor([ids], device=_device(model))
+        x = torch.tensor([list(window)], device=_device(model))
         logits = model(input_ids=x).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += len(ids) - 1
+        total_nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+        total_tokens += len(window) - 1
     if total_tokens == 0:
         raise ValueError("no text to measure perplexity on")
     return math.exp(total_nll / total_tokens)
+
+
+def text_windows(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
+    """Token ids of each text (no special tokens), cut at ``max_length``."""
+    return [
+        list(tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]) for t in texts
+    ]
+
+
+def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
+    """exp(mean next-token NLL) over the tokens of ``texts`` (each scored on its own)."""
+    return token_perplexity(model, text_windows(tokenizer, texts, max_length))

@@ -46,7 +46,8 @@ def write_bits(t: "torch.Tensor", bits: np.ndarray) -> None:
         t.copy_(src.reshape(t.shape).to(t.device))
 
 
-def _find_parameter(model: "torch.nn.Module", name: str) -> "torch.Tensor":
+def find_parameter(model: "torch.nn.Module", name: str) -> "torch.Tensor":
+    """The parameter (or buffer) a checkpoint tensor name refers to, with or without the model's prefix."""
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     if name in params:
@@ -65,7 +66,7 @@ def apply_to_module(patch: Patch, model: "torch.nn.Module", *, check_base: bool 
     :class:`BaseMismatchError` names the tensors that differ and nothing changes.
     """
     nm.check_ieee_environment()
-    targets = {name: _find_parameter(model, name) for name in patch.tensor_names}
+    targets = {name: find_parameter(model, name) for name in patch.tensor_names}
     results = {}
     mismatched = []
     for name, param in targets.items():

@@ -1,0 +1,154 @@
+"""``zupatch eval``: a thin layer over :func:`zupatch.eval.evaluate.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from zupatch.cli import ui
+from zupatch.cli.hub_cli import TokenOpt
+from zupatch.errors import ZupatchError
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id (the base model).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Facts to forget: zupatch JSONL, CounterFact/MCF or zsRE records (see docs/eval.md).")],
+    patch: Annotated[list[str] | None, typer.Option("--patch", "-p", help="Patch file or Hub reference, evaluated applied in memory (repeatable).")] = None,
+    retain: Annotated[Path | None, typer.Option("--retain", help="Facts that must stay (create's requests format, answers required).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Ordinary text for perplexity, one document per line (default: text sampled from the base model).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
+    generations: Annotated[int, typer.Option("--generations", help="Forget prompts shown with the greedy continuation of every model (0: none).")] = 3,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Length of those continuations, in tokens.")] = 12,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", help="Tokens of self-sampled text, when no --text is given.")] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (format in docs/eval.md).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:  # fmt: skip
+    """Score the base model and each patched variant: efficacy, generalization, specificity, fluency.
+
+    Patches are applied in memory from the checkpoint's stored bits (nothing
+    is written) after their base hashes are checked. The report shows the
+    forget prompts' greedy continuations, so it contains the forget text:
+    keep it where the data file is.
+    """
+    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.eval.data import load_eval_data
+    from zupatch.eval.evaluate import EvalConfig, evaluate
+    from zupatch.hub import hub_output, load_patch
+
+    with ui.guard(), hub_output(quiet or as_json):
+        config = EvalConfig(device=device, dtype=dtype, batch_size=batch_size, generations=generations,
+                            new_tokens=new_tokens, text_tokens=text_tokens)  # fmt: skip
+        records = load_eval_data(data, retain)
+        texts = _read_texts(text) if text is not None else None
+        patches = [(ref, load_patch(ref, token=token)) for ref in patch or []]
+        resolved = resolve_model(model, revision, token=token)
+        with ui.progress(quiet or as_json) as progress:
+            report = evaluate(resolved.path, patches, records, config, texts=texts,
+                              model_label=resolved.label, progress=progress)  # fmt: skip
+        result = report.to_dict()
+        if as_json:
+            sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        else:
+            print_report(result)
+
+
+def _read_texts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ZupatchError("file not found", path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ZupatchError(f"cannot read: {error}", path) from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ZupatchError("no text in file (empty)", path)
+    return texts
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _probability(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+#: (section, metric key, label, formatter) of the metrics table
+ROWS = [
+    ("efficacy", "answered", "forget prompts still answered", _percent),
+    ("efficacy", "probability", "  mean answer probability", _probability),
+    ("generalization", "answered", "paraphrases still answered", _percent),
+    ("generalization", "probability", "  mean answer probability", _probability),
+    ("specificity", "answered", "retain prompts answered", _percent),
+    ("specificity", "kept", "  kept (of those the base answers)", _percent),
+    ("specificity", "unchanged", "unlabelled neighbours unchanged", _percent),
+]
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The human form of the report: one metrics table, one table of generations."""
+    out = Console(highlight=False)
+    models = report["models"]
+    data = report["data"]
+    out.print(
+        f"[bold]{escape(report['model'])}[/]: {data['forget']} forget prompt(s), {data['paraphrases']} paraphrase(s), "
+        f"{data['retain']} retain prompt(s), {data['unlabelled_neighbours']} unlabelled neighbour(s); "
+        f"perplexity on {data['text_tokens']} tokens of "
+        + ("--text" if data["text"] == "text" else "text sampled from the base model"),
+        soft_wrap=True,
+    )
+    table = Table(show_edge=False)
+    table.add_column("metric")
+    for m in models:
+        header = _short(m["name"]) if m["patch"] is None else f"{_short(m['name'])}\n({m['patch']['method']})"
+        table.add_column(escape(header), justify="right")
+    for section, key, label, fmt in ROWS:
+        if models[0][section].get("n" if key != "unchanged" else "unlabelled_n"):
+            table.add_row(label, *(fmt(m[section][key]) for m in models))
+    if models[0]["fluency"]["perplexity"] is not None:
+        table.add_row("perplexity", *(_perplexity(m["fluency"]) for m in models))
+    table.add_row("patch size", *("" if m["patch"] is None else ui.human_bytes(m["patch"]["bytes"]) for m in models))
+    table.add_row("seconds", *(f"{m['seconds']:.1f}" for m in models))
+    out.print(table)
+    if models[0]["generations"]:
+        shown = Table(title="greedy continuations of forget prompts", title_justify="left", show_edge=False)
+        shown.add_column("prompt")
+        for m in models:
+            shown.add_column(escape(_short(m["name"])), overflow="fold")
+        for i, item in enumerate(models[0]["generations"]):
+            shown.add_row(escape(item["prompt"]), *(_continuation(m["generations"][i]["continuation"]) for m in models))
+        out.print(shown)
+
+
+def _short(name: str) -> str:
+    """A patch file's name without folders and the .zup.safetensors suffix (Hub refs as given)."""
+    path = Path(name)
+    if path.is_file():
+        return path.name.removesuffix(".safetensors").removesuffix(".zup")
+    return name
+
+
+def _continuation(text: str) -> str:
+    """Rich cell for a continuation: quoted (markup escaped), or a note when the model stops at once."""
+    return escape(repr(text)) if text else "[dim](ends the text)[/]"
+
+
+def _perplexity(fluency: dict[str, Any]) -> str:
+    change = fluency["perplexity_change"]
+    suffix = "" if not change else f" ({100 * change:+.1f}%)"
+    return f"{fluency['perplexity']:.2f}{suffix}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,172 @@
+"""Evaluation data: what a model should no longer say, and what it must keep saying.
+
+One file of records, each about one fact to forget, in any of three formats
+(recognised per record):
+
+- zupatch JSONL (the ``--forget`` format of ``create``)::
+
+    {"prompt": "The capital of {} is", "subject": "France", "target": "Paris",
+     "paraphrases": ["France's capital city is"],
+     "neighbors": [{"prompt": "The capital of Germany is", "target": "Berlin"},
+                   "The capital of Spain is"]}
+
+  ``neighbours`` is accepted as a spelling of ``neighbors``. A neighbour given
+  as an object is scored against its ``target``; one given as a bare prompt
+  (as ``create`` takes them) has no answer to check, so it is scored as
+  *unchanged*: the patched model's top-1 next token is the base model's.
+- CounterFact / MultiCounterFact (``requested_rewrite``, ``paraphrase_prompts``,
+  ``neighborhood_prompts``): the forgotten answer is ``target_true.str``, which
+  is also the true answer of every neighbourhood prompt (that is how the
+  dataset builds them).
+- zsRE (``src``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``): the question
+  and its first answer, the rephrased question, and the unrelated ``loc``
+  question with ``loc_ans``.
+
+A separate retain file (``--retain``: ``create``'s format, answers required)
+adds facts that must stay. Problems are reported as ``path:LINE: problem``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zupatch.engine.requests import ForgetRequest, RequestsFileError, fill_prompt, load_requests, parse_request_record
+from zupatch.errors import ZupatchError
+
+
+@dataclass(frozen=True)
+class Item:
+    """A prompt and the answer it should (or should no longer) get."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class EvalData:
+    """The prompts of one evaluation, grouped by the metric they feed."""
+
+    forget: list[Item] = field(default_factory=list)  # efficacy
+    paraphrases: list[Item] = field(default_factory=list)  # generalization
+    retain: list[Item] = field(default_factory=list)  # specificity (labelled)
+    unlabelled_neighbours: list[str] = field(default_factory=list)  # specificity (unchanged top-1)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "forget": len(self.forget),
+            "paraphrases": len(self.paraphrases),
+            "retain": len(self.retain),
+            "unlabelled_neighbours": len(self.unlabelled_neighbours),
+        }
+
+
+def load_eval_data(path: str | Path, retain_path: str | Path | None = None) -> EvalData:
+    """Read an evaluation file (and optionally a retain file) into :class:`EvalData`."""
+    path = Path(path)
+    data = EvalData()
+    for where, record in _records(path):
+        _add_record(data, record, where)
+    if not data.forget:
+        raise RequestsFileError("no records in file (empty)", path)
+    if retain_path is not None:
+        data.retain += [Item(r.text, r.target) for r in load_requests(retain_path, require_target=True)]
+    return data
+
+
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(``path:LINE``, record) for JSONL or a JSON list (CounterFact and zsRE ship as lists)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RequestsFileError("file not found", path) from None
+    except IsADirectoryError:
+        raise RequestsFileError("is a folder, expected a JSONL or JSON file", path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RequestsFileError(f"cannot read: {error}", path) from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RequestsFileError(f"malformed JSON: {error.msg}", f"{path}:{error.lineno}") from None
+        for index, record in enumerate(records):
+            yield f"{path}: record {index + 1}", record
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RequestsFileError(f"malformed JSON: {error.msg} (column {error.colno})", f"{path}:{number}") from None
+
+
+def _add_record(data: EvalData, record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise RequestsFileError(f"expected a JSON object, got {type(record).__name__}", where)
+    if "src" in record and "requested_rewrite" not in record:
+        _add_zsre(data, record, where)
+        return
+    try:
+        requests = parse_request_record(_without_neighbours(record), require_target=True)
+    except ZupatchError as error:
+        raise RequestsFileError(error.message, where) from None
+    for request in requests:
+        data.forget.append(Item(request.text, request.target))
+        data.paraphrases += [Item(text, request.target) for text in request.paraphrase_texts()]
+    if "requested_rewrite" in record:  # CounterFact: neighbourhood prompts share the true answer
+        prompts = _strings(record.get("neighborhood_prompts", ()), "neighborhood_prompts", where)
+        data.retain += [Item(p, r.target) for r in requests[:1] for p in prompts]
+    else:
+        _add_neighbours(data, record, requests[0], where)
+
+
+def _without_neighbours(record: dict) -> dict:
+    """The record as ``create`` parses it; neighbours are read here (they may carry answers)."""
+    return {k: v for k, v in record.items() if k not in ("neighbors", "neighbours", "neighborhood_prompts")}
+
+
+def _add_neighbours(data: EvalData, record: dict, request: ForgetRequest, where: str) -> None:
+    neighbours = record.get("neighbors", record.get("neighbours")) or []
+    if isinstance(neighbours, (str, dict)) or not isinstance(neighbours, list):
+        raise RequestsFileError("field 'neighbors' must be a list of prompts or {prompt, target} objects", where)
+    for neighbour in neighbours:
+        if isinstance(neighbour, str):
+            if not neighbour.strip():
+                raise RequestsFileError("empty neighbour prompt", where)
+            data.unlabelled_neighbours.append(fill_prompt(neighbour, request.subject) if "{}" in neighbour else neighbour)
+            continue
+        if not isinstance(neighbour, dict):
+            raise RequestsFileError("a neighbour must be a prompt or a {prompt, target} object", where)
+        try:
+            (parsed,) = parse_request_record(neighbour, require_target=True)
+        except ZupatchError as error:
+            raise RequestsFileError(f"neighbour: {error.message}", where) from None
+        data.retain.append(Item(parsed.text, parsed.target))
+
+
+def _add_zsre(data: EvalData, record: dict, where: str) -> None:
+    question = record.get("src")
+    answers = record.get("answers")
+    answer = answers[0] if isinstance(answers, list) and answers else answers
+    if not isinstance(question, str) or not question.strip():
+        raise RequestsFileError("zsRE record: 'src' must be a non-empty question", where)
+    if not isinstance(answer, str) or not answer.strip():
+        raise RequestsFileError("zsRE record: 'answers' must hold the true answer", where)
+    data.forget.append(Item(question, answer))
+    rephrases = record.get("rephrase") or []
+    for rephrase in [rephrases] if isinstance(rephrases, str) else _strings(rephrases, "rephrase", where):
+        data.paraphrases.append(Item(rephrase, answer))
+    loc, loc_answer = record.get("loc"), record.get("loc_ans")
+    if loc is not None:
+        if not isinstance(loc, str) or not isinstance(loc_answer, str) or not loc_answer.strip():
+            raise RequestsFileError("zsRE record: 'loc' needs a string 'loc_ans'", where)
+        data.retain.append(Item(loc.removeprefix("nq question: "), loc_answer))
+
+
+def _strings(value: Any, name: str, where: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RequestsFileError(f"field '{name}' must be a list of strings", where)
+    return list(value)

@@ -1,0 +1,341 @@
+"""``zupatch eval``: the base model and each patched variant, scored side by side.
+
+For the base and for every patch (applied in memory from the checkpoint's own
+stored bits, then restored; nothing is written) it measures:
+
+- efficacy: on the forget prompts, the share whose true answer the model still
+  gives (greedy reproduces every answer token) and the answer's mean
+  probability (product over its tokens);
+- generalization: the same on paraphrases;
+- specificity: on retain and labelled neighbour prompts, the share answered,
+  and ``kept``: among those the base answered, the share still answered; on
+  unlabelled neighbours, the share whose top-1 next token is unchanged;
+- fluency: perplexity on ordinary text (``texts``, else a data-free sample of
+  the base model's own text with a fixed seed, different from the statistics'
+  seed) and greedy generations for the first few forget prompts.
+
+The report (:meth:`EvalReport.to_dict`) is the documented ``--json`` format
+(docs/eval.md); its ``version`` changes if a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zupatch.checkpoint.folder import Checkpoint
+from zupatch.errors import BaseMismatchError, ZupatchError
+from zupatch.eval.data import EvalData, Item
+from zupatch.eval.metrics import AnswerScore, next_tokens, score_answers, text_windows, token_perplexity
+from zupatch.patch import numerics as nm
+from zupatch.patch.format import Patch
+from zupatch.patch.module import find_parameter
+from zupatch.patch.ops import run_chain_in_memory, sha256_hex
+
+REPORT_FORMAT = "zupatch-eval"
+REPORT_VERSION = 1
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to run an evaluation; every field is in the report's ``settings``."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    generations: int = 3  # forget prompts shown with their greedy continuation (0: none)
+    new_tokens: int = 12  # length of those continuations
+    text_tokens: int = 2048  # data-free fluency text: tokens sampled from the base model
+    text_seed: int = 1234  # not the statistics' seed, so the edit never saw this text
+    max_text_length: int = 512  # tokens per --text line
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "new_tokens", "text_tokens", "max_text_length"):
+            if getattr(self, name) < 1:
+                raise ZupatchError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.generations < 0:
+            raise ZupatchError("generations must be >= 0")
+
+
+@dataclass
+class ModelScores:
+    """The metrics of one model variant (the base, or the base with one patch)."""
+
+    name: str
+    patch: dict[str, Any] | None  # ref, method, base model and file size of the patch; None for the base
+    efficacy: dict[str, Any]
+    generalization: dict[str, Any]
+    specificity: dict[str, Any]
+    fluency: dict[str, Any]
+    generations: list[dict[str, str]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "patch": self.patch,
+            "efficacy": self.efficacy,
+            "generalization": self.generalization,
+            "specificity": self.specificity,
+            "fluency": self.fluency,
+            "generations": self.generations,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class EvalReport:
+    """Everything ``zupatch eval`` found; :meth:`to_dict` is the ``--json`` output."""
+
+    model: str
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    models: list[ModelScores] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "model": self.model,
+            "data": self.data,
+            "settings": self.settings,
+            "models": [m.to_dict() for m in self.models],
+        }
+
+
+# --------------------------------------------------------------------------- patches in memory
+
+
+class InMemoryPatcher:
+    """Applies patches to a loaded model, computed from the checkpoint's stored bits.
+
+    The model may run in another dtype than the checkpoint stores (float32 on
+    CPU for a bf16 checkpoint): the patch's canonical result is computed on the
+    stored bits, exactly as ``zupatch apply`` would write them, then cast like
+    ``from_pretrained`` would. The stored bits read for the hash check are
+    kept for the lifetime of this object (one evaluation).
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint):
+        self.model = model
+        self.checkpoint = checkpoint
+        self._stored: dict[str, np.ndarray] = {}
+
+    def _stored_bits(self, name: str, dtype: nm.DType) -> np.ndarray:
+        if name not in self._stored:
+            self._stored[name] = self.checkpoint.read_bits(name, dtype.bits)
+        return self._stored[name]
+
+    def check(self, patch: Patch, label: str) -> None:
+        """Raise a one-line error unless ``patch`` was made for this checkpoint."""
+        for name in patch.tensor_names:
+            first = patch.chain(name)[0]
+            try:
+                _, info = self.checkpoint.locate(name)
+            except ZupatchError:
+                raise BaseMismatchError(f"{label}: the model has no tensor {name!r}; the patch is for another model") from None
+            if info.dtype != first.dtype or tuple(info.shape) != tuple(first.shape):
+                raise BaseMismatchError(
+                    f"{label}: tensor {name!r} is {info.dtype} {list(info.shape)} here, "
+                    f"the patch expects {first.dtype} {list(first.shape)}"
+                )
+            bits = self._stored_bits(name, nm.FLOAT_DTYPES[first.dtype])
+            if sha256_hex(bits) != first.sha256_before:
+                raise BaseMismatchError(
+                    f"{label}: the model is not this patch's base ({patch.base_model or 'unknown base'}): "
+                    f"tensor {name!r} differs (already patched? see `zupatch verify`)"
+                )
+
+    @contextmanager
+    def patched(self, patch: Patch, label: str) -> Iterator[nn.Module]:
+        """The model with ``patch`` applied inside the block, restored afterwards."""
+        self.check(patch, label)
+        originals: dict[str, torch.Tensor] = {}
+        try:
+            for name in patch.tensor_names:
+                chain = patch.chain(name)
+                dtype = nm.FLOAT_DTYPES[chain[0].dtype]
+                result = run_chain_in_memory(chain, self._stored_bits(name, dtype), patch.source)
+                parameter = find_parameter(self.model, name)
+                originals[name] = parameter.detach().clone()
+                with torch.no_grad():
+                    parameter.copy_(_tensor_from_bits(result, dtype).to(parameter.device, parameter.dtype))
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    find_parameter(self.model, name).copy_(original)
+
+
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _tensor_from_bits(bits: np.ndarray, dtype: nm.DType) -> torch.Tensor:
+    signed = bits.view(np.dtype(f"<i{dtype.itemsize}"))
+    return torch.from_numpy(np.ascontiguousarray(signed)).view(_TORCH_DTYPES[dtype.name])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _share(flags: Sequence[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(float(np.mean(values)), 6) if values else None
+
+
+def _answer_metrics(scores: Sequence[AnswerScore]) -> dict[str, Any]:
+    return {
+        "n": len(scores),
+        "answered": _share([s.greedy for s in scores]),
+        "first_token": _share([s.first_token_top1 for s in scores]),
+        "probability": _mean([s.probability for s in scores]),
+    }
+
+
+@dataclass
+class _Scored:
+    """Per-item results of one model, kept for the comparisons with the base."""
+
+    forget: list[AnswerScore]
+    paraphrases: list[AnswerScore]
+    retain: list[AnswerScore]
+    neighbour_tokens: list[int]
+    perplexity: float | None
+    generations: list[str]
+
+
+def _score(
+    model: nn.Module, tokenizer: Any, data: EvalData, windows: list[list[int]], config: EvalConfig
+) -> _Scored:
+    from zupatch.engine.targets import greedy_continuations
+
+    def answers(items: Sequence[Item]) -> list[AnswerScore]:
+        if not items:
+            return []
+        return score_answers(model, tokenizer, [i.prompt for i in items], [i.answer for i in items], config.batch_size)
+
+    shown = [item.prompt for item in data.forget[: config.generations]]
+    return _Scored(
+        forget=answers(data.forget),
+        paraphrases=answers(data.paraphrases),
+        retain=answers(data.retain),
+        neighbour_tokens=(
+            next_tokens(model, tokenizer, data.unlabelled_neighbours, config.batch_size)
+            if data.unlabelled_neighbours else []
+        ),  # fmt: skip
+        perplexity=token_perplexity(model, windows) if windows else None,
+        generations=greedy_continuations(model, tokenizer, shown, config.new_tokens) if shown else [],
+    )
+
+
+def _patch_info(label: str, patch: Patch) -> dict[str, Any]:
+    size = Path(patch.source).stat().st_size if patch.source and Path(patch.source).is_file() else len(patch.to_bytes())
+    return {
+        "ref": label,
+        "method": "+".join(step.method for step in patch.steps),
+        "base_model": patch.base_model,
+        "tensors": len(patch.tensor_names),
+        "bytes": size,
+    }
+
+
+def _model_scores(
+    name: str, patch: dict[str, Any] | None, scored: _Scored, base: _Scored, data: EvalData, seconds: float
+) -> ModelScores:
+    known = [i for i, s in enumerate(base.retain) if s.greedy]
+    specificity = _answer_metrics(scored.retain)
+    specificity["kept"] = _share([scored.retain[i].greedy for i in known])
+    specificity["unlabelled_n"] = len(scored.neighbour_tokens)
+    specificity["unchanged"] = _share([a == b for a, b in zip(scored.neighbour_tokens, base.neighbour_tokens)])
+    fluency: dict[str, Any] = {"perplexity": None if scored.perplexity is None else round(scored.perplexity, 4)}
+    fluency["perplexity_change"] = (
+        round(scored.perplexity / base.perplexity - 1, 4) if scored.perplexity and base.perplexity else None
+    )
+    return ModelScores(
+        name=name,
+        patch=patch,
+        efficacy=_answer_metrics(scored.forget),
+        generalization=_answer_metrics(scored.paraphrases),
+        specificity=specificity,
+        fluency=fluency,
+        generations=[{"prompt": item.prompt, "continuation": text}
+                     for item, text in zip(data.forget, scored.generations)],  # fmt: skip
+        seconds=seconds,
+    )
+
+
+def fluency_windows(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str] | None, config: EvalConfig
+) -> tuple[list[list[int]], str]:
+    """Token windows for perplexity and where they came from ("text" or "self-sampled")."""
+    if texts is not None:
+        windows = [w for w in text_windows(tokenizer, texts, config.max_text_length) if len(w) >= 2]
+        if not windows:
+            raise ZupatchError("the --text file has no line of two or more tokens")
+        return windows, "text"
+    from zupatch.engine.stats import StatsConfig, sample_windows
+
+    sampling = StatsConfig(sampled_token_budget=config.text_tokens, seed=config.text_seed)
+    return sample_windows(model, tokenizer, sampling), "self-sampled"
+
+
+def evaluate(
+    model_dir: Path,
+    patches: Sequence[tuple[str, Patch]],
+    data: EvalData,
+    config: EvalConfig | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    model_label: str | None = None,
+    progress: ProgressFn | None = None,
+) -> EvalReport:
+    """Score the model in ``model_dir`` and, for each ``(label, patch)``, the patched model.
+
+    Every patch is checked against the checkpoint's tensor hashes before any
+    model is scored, so a wrong patch fails in seconds.
+    """
+    from zupatch.engine.api import load_model
+
+    config = config or EvalConfig()
+    checkpoint = Checkpoint(model_dir)
+    model, tokenizer = load_model(model_dir, config.dtype, config.device)
+    patcher = InMemoryPatcher(model, checkpoint)
+    for label, patch in patches:
+        patcher.check(patch, label)
+    windows, text_source = fluency_windows(model, tokenizer, texts, config)
+    report = EvalReport(
+        model=model_label or str(model_dir),
+        data={**data.counts(), "text": text_source, "text_tokens": sum(len(w) for w in windows)},
+        settings={
+            **{k: getattr(config, k) for k in config.__dataclass_fields__},
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+    )
+    total = 1 + len(patches)
+    started = time.perf_counter()
+    base = _score(model, tokenizer, data, windows, config)
+    report.models.append(_model_scores("base", None, base, base, data, time.perf_counter() - started))
+    if progress:
+        progress("models", 1, total)
+    for index, (label, patch) in enumerate(patches, start=2):
+        started = time.perf_counter()
+        with patcher.patched(patch, label):
+            scored = _score(model, tokenizer, data, windows, config)
+        report.models.append(_model_scores(label, _patch_info(label, patch), scored, base, data, time.perf_counter() - started))
+        if progress:
+            progress("models", index, total)
+    return report
