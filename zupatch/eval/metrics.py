@@ -1,10 +1,11 @@
 """Does the model still know an answer? Teacher-forced scores and perplexity.
 
-One forward pass over ``prompt + " " + answer`` scores every answer token:
+One forward pass over ``BOS + prompt + " " + answer`` (BOS only when the
+tokenizer adds one; the separator ``create`` uses) scores every answer token:
 whether the first one is the model's top-1 continuation, whether greedy
 decoding would reproduce the whole answer (every answer token top-1 given the
-ones before), and the answer's mean token probability. Multi-token answers are
-scored on all their tokens, not only the first.
+ones before), the answer's mean token probability and its probability as a
+whole (the product). Multi-token answers are scored on all their tokens.
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""``python -m zupatch``: the same as the ``zupatch`` command."""
+
+from zupatch.cli.main import main
+
+main()
