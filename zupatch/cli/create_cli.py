@@ -13,7 +13,13 @@ from rich.table import Table
 from zupatch.cli import ui
 from zupatch.errors import OutputExistsError, ZupatchError
 
-METHOD_HELP = "zerounlearn (closed form) or zerounlearn-gd (the gradient-based variant)."
+METHOD_HELP = (
+    "zerounlearn (closed form), zerounlearn-gd (the gradient-based variant), or a baseline for comparison: "
+    "ga (gradient ascent) or npo (negative preference optimisation), dense patches."
+)
+#: Options that only ZeroUnlearn uses, and those only the baselines use (for a clear error).
+ZEROUNLEARN_ONLY = ("--target", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens")
+BASELINE_ONLY = ("--lr", "--steps", "--beta", "--retain-weight")
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
@@ -49,6 +55,10 @@ def create(
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text for key statistics: .txt/.jsonl files or folders (default: sampled from the model).")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget of the key statistics.")] = None,
     retain: Annotated[Path | None, typer.Option("--retain", help="Requests whose answers must stay (same format as --forget).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="ga/npo: learning rate (baseline.learning_rate).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="ga/npo: maximum optimiser steps; training stops earlier once nothing is answered (baseline.steps).")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="npo: inverse temperature β (baseline.beta).")] = None,
+    retain_weight: Annotated[float | None, typer.Option("--retain-weight", help="ga/npo: weight of the --retain answers' NLL (baseline.retain_weight).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
     layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.")] = None,
@@ -63,8 +73,9 @@ def create(
 
     Loads the model, gathers key statistics (cached), optimises target vectors,
     solves the closed form per layer and writes a patch against the
-    checkpoint's own tensors. The requests' text never enters the patch unless
-    --include-request-text is given.
+    checkpoint's own tensors. --method ga or npo trains the same layers' down
+    projections with a baseline instead (a dense patch). The requests' text
+    never enters the patch unless --include-request-text is given.
     """
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
@@ -87,10 +98,20 @@ def create(
             "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
             "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
             "overrides.down_proj": down_proj, "device": device, "dtype": dtype,
+            "baseline.learning_rate": lr, "baseline.steps": steps, "baseline.beta": beta,
+            "baseline.retain_weight": retain_weight,
         }  # fmt: skip
         chosen.update({k: v for k, v in explicit.items() if v is not None})
         chosen.update(parse_assignment(s) for s in settings or [])
         cfg = with_settings(cfg, chosen, str(config) if config else "settings")
+        given = {"--target": target, "--projection": projection, "--lambda-retain": lambda_retain,
+                 "--lambda-forget": lambda_forget, "--corpus": corpus or None, "--tokens": tokens, "--lr": lr,
+                 "--steps": steps, "--beta": beta, "--retain-weight": retain_weight}  # fmt: skip
+        unused = ZEROUNLEARN_ONLY if cfg.is_baseline else BASELINE_ONLY
+        wrong = [option for option in unused if given[option] is not None]
+        if wrong:
+            methods = "zerounlearn and zerounlearn-gd" if cfg.is_baseline else "ga and npo"
+            raise ZupatchError(f"{', '.join(wrong)} only apply to --method {methods} (method is {cfg.method})")
         for path in corpus or []:
             if not path.exists():
                 raise ZupatchError("corpus path not found", path)
@@ -120,9 +141,14 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
                   title_justify="left", show_edge=False)  # fmt: skip
     for col in ("layer", "tensor", "rank"):
         table.add_column(col)
-    for layer, name, rank in zip(summary["layers"], summary["tensors"], summary["ranks"]):
-        table.add_row(str(layer), name, str(rank))
+    for layer, name, rank, kind in zip(summary["layers"], summary["tensors"], summary["ranks"], summary["kinds"]):
+        table.add_row(str(layer), name, str(rank) if kind == "lowrank" else "dense")
     ui.console.print(table)
+    diagnostics = summary["diagnostics"]
+    if "stopped_forgotten" in diagnostics:  # a baseline: how training ended
+        ending = ("no forget answer is produced any more" if diagnostics["answered_after"] == 0
+                  else f"{diagnostics['answered_after']} of {summary['requests']} answer(s) still produced")  # fmt: skip
+        ui.console.print(f"training: {diagnostics['steps']} step(s), {ending}")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items() if k != "total")
     ui.console.print(f"time: {summary['timings'].get('total', 0):.1f}s ({phases})", soft_wrap=True)
     size, touched = summary["patch_bytes"], summary["touched_bytes"]

@@ -86,7 +86,8 @@ def _headline(hyperparameters: dict[str, Any], limit: int = 6) -> list[tuple[str
             else:
                 flat[f"{prefix}{key}"] = value
     preferred = ["layers", "neutral_target", "closed_form.projection", "closed_form.lambda_retain",
-                 "closed_form.lambda_forget", "gd_solver"]  # fmt: skip
+                 "closed_form.lambda_forget", "gd_solver", "baseline.learning_rate", "baseline.steps",
+                 "baseline.beta", "retain_term"]  # fmt: skip
     keys = [k for k in preferred if k in flat] + [k for k in flat if k not in preferred]
     return [(k, flat[k]) for k in keys if not isinstance(flat[k], (list, dict)) or k == "layers"][:limit]
 

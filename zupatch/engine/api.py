@@ -34,7 +34,7 @@ from zupatch.errors import ZupatchError
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.module import bits_of, write_bits
-from zupatch.patch.ops import LowRankEdit, build_patch
+from zupatch.patch.ops import DenseEdit, LowRankEdit, build_patch
 
 Base = Mapping[str, tuple[np.ndarray, nm.DType]]
 ProgressFn = Callable[[str, int, int], None]
@@ -56,6 +56,7 @@ class CreateReport:
             "requests": self.edit.request_count,
             "layers": [e.layer for e in self.edit.layers],
             "ranks": [e.rank for e in entries],
+            "kinds": [e.kind for e in entries],
             "tensors": [e.name for e in entries],
             "patch_bytes": len(self.patch.to_bytes()),
             "touched_bytes": self.patch.touched_bytes(),
@@ -90,16 +91,21 @@ def patch_from_edit(
     include_request_text: bool = False,
     tensor_names: Mapping[str, str] | None = None,
 ) -> Patch:
-    """Turn computed factors into a patch against ``base`` (tensor name -> bits, dtype).
+    """Turn computed layer edits into a patch against ``base`` (tensor name -> bits, dtype).
 
+    Factors become low-rank entries, the baselines' deltas dense entries.
     ``tensor_names`` maps the model's parameter names to the checkpoint's where
     they differ.
     """
     names = tensor_names or {}
-    edits = [
-        LowRankEdit(names.get(e.tensor_name, e.tensor_name), e.factors.scale, e.factors.U, e.factors.B)
-        for e in edit.layers
-    ]
+    edits: list[LowRankEdit | DenseEdit] = []
+    for e in edit.layers:
+        name = names.get(e.tensor_name, e.tensor_name)
+        if e.factors is not None:
+            edits.append(LowRankEdit(name, e.factors.scale, e.factors.U, e.factors.B))
+        else:
+            assert e.delta is not None  # LayerEdit holds one or the other
+            edits.append(DenseEdit(name, e.delta))
     return build_patch(
         edits,
         base,
@@ -123,7 +129,7 @@ def create(
     progress: ProgressFn | None = None,
     **compute_options: Any,
 ) -> Patch:
-    """Compute a ZeroUnlearn patch on a loaded model; the model is left unchanged.
+    """Compute a patch (ZeroUnlearn, or a baseline) on a loaded model; the model is left unchanged.
 
     The patch's base is ``model``'s current weights (in their current dtype),
     so ``zupatch.applied(patch, model)`` shows the edited model. Extra keyword
@@ -174,6 +180,19 @@ def load_model(folder: Path, dtype: torch.dtype | str = "auto", device: str = "a
     return model.to(target).eval(), tokenizer
 
 
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _storage_dtypes(model: nn.Module, config: CreateConfig, ckpt: Checkpoint) -> dict[str, torch.dtype]:
+    """dtype in the checkpoint's files of each tensor the edit will touch, by state-dict name."""
+    dtypes = {}
+    for name in _target_layers(model, config):
+        _, info = ckpt.locate(checkpoint_tensor_name(model, name, ckpt.weight_map))
+        if info.dtype in _TORCH_DTYPES:  # others are refused when the patch is built
+            dtypes[name] = _TORCH_DTYPES[info.dtype]
+    return dtypes
+
+
 def create_from_checkpoint(
     folder: Path,
     requests: Sequence[ForgetRequest],
@@ -191,9 +210,11 @@ def create_from_checkpoint(
     t = time.perf_counter()
     model, tokenizer = load_model(folder, config.dtype, config.device)
     seconds["load"] = time.perf_counter() - t
+    ckpt = Checkpoint(folder)
+    if config.is_baseline:  # trained weights are rounded to the dtype the checkpoint stores them in
+        compute_options.setdefault("storage_dtypes", _storage_dtypes(model, config, ckpt))
     edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
     t = time.perf_counter()
-    ckpt = Checkpoint(folder)
     names = {e.tensor_name: checkpoint_tensor_name(model, e.tensor_name, ckpt.weight_map) for e in edit.layers}
     base: dict[str, tuple[np.ndarray, nm.DType]] = {}
     for name in names.values():

@@ -15,6 +15,10 @@ The loop, for layers l_1 < ... < l_m (L = l_m):
    projection or the GD variant needs it), ``R = (Z - H_L)/(m - j)``,
    ``V* = W K_f + R``; solve; write ``W' = c W + U B`` into the model.
 
+``method`` "ga" or "npo" runs a fine-tuning baseline instead
+(:mod:`zupatch.engine.baselines`) on the same layers; its layer edits are
+dense deltas rather than factors.
+
 Defaults are the settings measured best on SmolLM2-135M (DESIGN §7 and
 :data:`MEASURED_CLOSED_FORM`): no projection, λ_r = 5000, step size relative
 to the hidden-state norm with early stopping, retain keys from ``--retain``,
@@ -46,6 +50,7 @@ from zupatch.engine.architectures import (
     num_layers,
     resolve_architecture,
 )
+from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
 from zupatch.engine.stats import (
@@ -71,8 +76,8 @@ from zupatch.engine.targets import (
 )
 from zupatch.errors import ZupatchError
 
-Method = Literal["zerounlearn", "zerounlearn-gd"]
-METHODS: tuple[str, ...] = ("zerounlearn", "zerounlearn-gd")
+Method = Literal["zerounlearn", "zerounlearn-gd", "ga", "npo"]
+METHODS: tuple[str, ...] = ("zerounlearn", "zerounlearn-gd", *BASELINE_METHODS)
 
 
 #: Best measured on SmolLM2-135M (4 capitals forgotten, layers 17-19, see the report
@@ -93,7 +98,9 @@ class CreateConfig:
     as ``retain_key_weight`` forget keys are pushed; 0 disables.
     ``device``: "auto" (an accelerator when torch sees one, else CPU), "cpu",
     "cuda", "cuda:N" or "mps". ``dtype``: "auto" (float32 on CPU, bfloat16 on
-    an accelerator), "float32", "bfloat16", "float16".
+    an accelerator), "float32", "bfloat16", "float16". ``method`` "ga" / "npo"
+    are the fine-tuning baselines (settings in ``baseline``); they use only
+    ``layers``, ``baseline``, ``overrides``, ``device`` and ``dtype``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -102,6 +109,7 @@ class CreateConfig:
     closed_form: ClosedFormParams = MEASURED_CLOSED_FORM
     gd: GDParams = field(default_factory=GDParams)
     gd_solver: Literal["exact", "adam"] = "exact"
+    baseline: BaselineParams = field(default_factory=BaselineParams)
     contexts: ContextConfig = field(default_factory=ContextConfig)
     original: OptimisationConfig = field(default_factory=OptimisationConfig)
     neutral: OptimisationConfig = field(default_factory=OptimisationConfig)
@@ -136,12 +144,25 @@ class CreateConfig:
         settings.update(changes)
         return cls(**settings)
 
+    @property
+    def is_baseline(self) -> bool:
+        """A fine-tuning baseline (GA, NPO) rather than a ZeroUnlearn method."""
+        return self.method in BASELINE_METHODS
+
     def needs_original_representations(self) -> bool:
+        if self.is_baseline:
+            return False
         return self.method == "zerounlearn-gd" or self.closed_form.projection != "off"
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Every setting as plain JSON-ready values (for the patch metadata)."""
-        return _plain(asdict(self))
+        """The settings the method uses, as plain JSON-ready values (for the patch
+        metadata): every ZeroUnlearn setting, or the few a baseline reads."""
+        settings = asdict(self)
+        if self.is_baseline:
+            used = ("method", "layers", "baseline", "overrides", "device", "dtype")
+            return _plain({key: settings[key] for key in used})
+        settings.pop("baseline")
+        return _plain(settings)
 
 
 def _plain(value: Any) -> Any:
@@ -158,15 +179,32 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class LayerEdit:
-    """The edit of one layer's down projection, in the checkpoint tensor's layout."""
+    """The edit of one layer's down projection, in the checkpoint tensor's layout.
+
+    Exactly one of ``factors`` (ZeroUnlearn: ``stored' = scale·stored + U·B``)
+    and ``delta`` (the baselines: ``stored' = stored + delta``) is set, both
+    float64 on CPU.
+    """
 
     layer: int
     tensor_name: str  # name in model.state_dict() (see architectures.checkpoint_tensor_name)
-    factors: Factors  # float64 on CPU: stored' = scale·stored + U·B
+    factors: Factors | None
     weight_transposed: bool
     shape: tuple[int, int]  # of the stored tensor
     dtype: torch.dtype
     diagnostics: dict[str, Any]
+    delta: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.factors is None) == (self.delta is None):
+            raise ValueError("a layer edit has either factors or a dense delta")
+        if self.delta is not None and tuple(self.delta.shape) != tuple(self.shape):
+            raise ValueError(f"delta of shape {tuple(self.delta.shape)} does not fit a tensor of shape {self.shape}")
+
+    @property
+    def kind(self) -> Literal["lowrank", "dense"]:
+        """How the patch stores it: "lowrank" (factors) or "dense" (delta)."""
+        return "lowrank" if self.factors is not None else "dense"
 
 
 @dataclass
@@ -255,6 +293,7 @@ def compute_edit(
     stats_cache: StatsCache | None = None,
     model_identity: str | None = None,
     key_statistics: Mapping[int, KeyStatistics] | None = None,
+    storage_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> EditResult:
     """Compute the ZeroUnlearn edit of ``model`` for ``requests``, editing it in place.
 
@@ -262,6 +301,10 @@ def compute_edit(
     see :func:`restore_weights`), on the device and dtype the config resolves
     to. Statistics come from ``key_statistics`` if given, else from
     ``corpus`` (default: sampled from the model) through ``stats_cache``.
+    For the baselines ("ga", "npo") only ``retain_requests`` and
+    ``storage_dtypes`` matter: the dtype each edited weight is stored in where
+    the patch will apply, by state-dict name (default: the model's dtype
+    before this call), which the trained weights are rounded to.
     """
     config = config if config is not None else CreateConfig()
     if not requests:
@@ -270,11 +313,15 @@ def compute_edit(
     started = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    stored_dtypes = {name: p.dtype for name, p in model.named_parameters()}  # before any conversion
     if not hasattr(model, "hf_device_map") and (
         model_device(model) != device or next(model.parameters()).dtype != dtype
     ):
         model.to(device=device, dtype=dtype)
     device = model_device(model)
+    if config.is_baseline:
+        storage = {**stored_dtypes, **(storage_dtypes or {})}
+        return _baseline_edit(model, tokenizer, requests, config, progress, retain_requests, storage, started)
     solve_device = device if device.type == "cuda" else torch.device("cpu")  # MPS lacks float64
 
     spec = resolve_architecture(model, config.overrides)
@@ -402,6 +449,54 @@ def compute_edit(
         diagnostics={"neutral_targets": neutral.summary(), "layers": layer_diagnostics, "verification": verification},
         request_count=n,
         original_weights=original_weights,
+    )
+
+
+def _baseline_edit(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig,
+    progress: ProgressCallback | None,
+    retain_requests: Sequence[ForgetRequest],
+    storage_dtypes: Mapping[str, torch.dtype],
+    started: float,
+) -> EditResult:
+    """GA or NPO on the layers ZeroUnlearn would edit, as dense layer edits."""
+    spec = resolve_architecture(model, config.overrides)
+    total_layers = num_layers(model, spec)
+    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
+    answers = [r.target for r in requests]
+    answer_nll_before = target_nll(model, tokenizer, requests, answers)
+    run = run_baseline(
+        model, tokenizer, spec, layers, config.method, requests, config.baseline,
+        retain_requests=retain_requests, storage_dtypes=storage_dtypes, progress=progress,
+    )  # fmt: skip
+    edits = []
+    for layer in layers:
+        name = down_proj_weight_name(spec, layer)
+        stored = down_proj_module(model, spec, layer).weight
+        edits.append(LayerEdit(layer, name, None, spec.weight_transposed, tuple(stored.shape), stored.dtype,
+                               run.layer_diagnostics[layer], delta=run.deltas[layer]))  # fmt: skip
+    diagnostics = dict(run.diagnostics)
+    diagnostics["layers"] = [{"layer": layer, **run.layer_diagnostics[layer]} for layer in layers]
+    diagnostics["verification"] = {
+        "answer_nll_before": _rounded(answer_nll_before),
+        "answer_nll_after": _rounded(target_nll(model, tokenizer, requests, answers)),
+    }
+    timings = dict(run.timings)
+    timings["total"] = time.perf_counter() - started
+    hyperparameters = config.hyperparameters()
+    hyperparameters.update(layers=list(layers), retain_term=diagnostics["retain_requests"] > 0)
+    return EditResult(
+        architecture=spec.name,
+        method=config.method,
+        layers=edits,
+        hyperparameters=hyperparameters,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        diagnostics=diagnostics,
+        request_count=len(requests),
+        original_weights=run.original_weights,
     )
 
 
