@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from zupatch._version import __version__
-from zupatch.cli import create_cli, hub_cli, ui
+from zupatch.cli import create_cli, demo_cli, eval_cli, hub_cli, ui
 from zupatch.errors import ZupatchError
 
 app = typer.Typer(
@@ -254,6 +254,8 @@ def inspect(
 
 
 create_cli.register(app)
+demo_cli.register(app)
+eval_cli.register(app)
 hub_cli.register(app)
 
 

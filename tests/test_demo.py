@@ -1,0 +1,123 @@
+"""`zupatch demo` end to end on the SmolLM2 demo checkpoint, and its user errors.
+
+The end-to-end test runs the real command (create, apply, invert, restore) on
+the shared demo checkpoint with a small statistics budget and checks the
+report against the files: the forget prompt's answer is gone, unrelated
+answers stay, the restored folder hashes like the original (hashed here, not
+only taken from the report), the patch is small, and no file the demo wrote
+holds the fact's text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.patching import folder_digest
+from tests.test_hostile import expect_error
+from zupatch.cli.main import app
+from zupatch.demo import DEMO_OUTPUTS, INVERSE_FILE, PATCH_FILE, RESTORED_DIR, UNLEARNED_DIR
+
+runner = CliRunner()
+#: The demo's default statistics budget. Sampling costs about the same for 1024 tokens (one batch of
+#: 128-token samples either way), and a smaller budget gives a larger edit: 1024 tokens made a 307 KB
+#: patch (5.8% of the changed tensors, over DESIGN's 5%), 4096 tokens 204 KB (3.8%).
+TOKENS = "4096"
+FORGET_WORDS = (b"france", b"paris", b"capital")
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".demo-partial-" in p.name or ".demo-old-" in p.name]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(smollm2_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"  # private statistics cache: checked for text below
+    monkeypatch.setenv("ZUPATCH_CACHE", str(cache))
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--model", str(smollm2_checkpoint), "-o", str(out), "--tokens", TOKENS,
+                                 "--device", "cpu", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    rows = {r["kind"]: [] for r in report["rows"]}
+    for r in report["rows"]:
+        rows[r["kind"]].append(r)
+    (forget,) = rows["forget"]
+    assert forget["prompt"] == "The capital of France is"
+    assert "paris" in forget["before"].lower() and forget["said_before"], forget
+    assert "paris" not in forget["after"].lower() and not forget["said_after"], forget
+    assert forget["verdict"] == "forgotten" and report["forgotten"]
+    assert len(rows["paraphrase"]) == 1
+    unrelated = rows["unrelated"]
+    assert len(unrelated) >= 3 and all(r["said_before"] for r in unrelated), unrelated
+    for r in unrelated:  # e.g. "The capital of Germany is" -> Berlin, before and after
+        assert r["answer"].lower() in r["after"].lower() and r["verdict"] == "kept", r
+
+    # the round trip, as reported and as hashed here
+    assert report["round_trip_exact"] is True and report["mismatched_files"] == []
+    assert folder_digest(out / RESTORED_DIR) == folder_digest(smollm2_checkpoint)
+    unlearned = folder_digest(out / UNLEARNED_DIR)
+    changed = {f for f, h in folder_digest(smollm2_checkpoint).items() if unlearned[f] != h}
+    assert changed and all(f.endswith(".safetensors") for f in changed)
+
+    # sizes: the patch is a small fraction of the model and of the tensors it changes
+    patch = out / PATCH_FILE
+    assert patch.stat().st_size == report["patch_bytes"]
+    model_bytes = sum(p.stat().st_size for p in smollm2_checkpoint.glob("*.safetensors"))
+    assert report["model_bytes"] == model_bytes
+    assert report["patch_bytes"] < 0.01 * model_bytes and report["patch_bytes"] < 0.05 * report["touched_bytes"]
+    assert len(report["tensors_changed"]) == 3 < report["tensors_total"]
+    steps = {"model", "generate before", "create", "apply", "generate after", "invert", "restore + check", "total"}
+    assert set(report["seconds"]) == steps
+
+    # what the demo wrote: two patches and two checkpoint folders holding only the model's own files
+    assert {p.name for p in out.iterdir()} == DEMO_OUTPUTS
+    model_files = {p.name for p in smollm2_checkpoint.iterdir()}
+    assert {p.name for p in (out / UNLEARNED_DIR).iterdir()} == model_files
+    assert {p.name for p in (out / RESTORED_DIR).iterdir()} == model_files
+    assert not leftovers(tmp_path)
+    # ... and none of it holds the fact (the checkpoints' tokenizer files hold these words as vocabulary)
+    written = [out / PATCH_FILE, out / INVERSE_FILE, *(p for p in cache.rglob("*") if p.is_file())]
+    assert any(p.parent.name == "stats" for p in written), "the statistics cache was not used"
+    for path in written:
+        data = path.read_bytes().lower()
+        for word in FORGET_WORDS:
+            assert word not in data, f"{path} contains {word!r}"
+
+
+def test_demo_refuses_a_missing_model(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    expect_error(["demo", "--model", str(tmp_path / "no-such-model"), "-o", str(out)], "no-such-model",
+                 "no such folder", output=out)  # fmt: skip
+    assert not leftovers(tmp_path)
+
+
+def test_demo_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    out = tmp_path / "demo"
+    expect_error(["demo", "--model", str(folder), "-o", str(out)], "notes", "has no", inputs=[folder], output=out)
+    assert not leftovers(tmp_path)
+
+
+def test_demo_refuses_a_non_empty_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    expect_error(["demo", "--model", str(tmp_path / "unused"), "-o", str(out)], "demo", "not empty (pass --force",
+                 inputs=[out])  # fmt: skip
+    # --force replaces only an earlier demo's output, never a folder with other files
+    expect_error(["demo", "-o", str(out), "--force"], "demo", "'mine.txt', which the demo did not write", inputs=[out])
+    assert (out / "mine.txt").read_text() == "keep me" and not leftovers(tmp_path)
+
+
+def test_demo_needs_prompt_and_target_together(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    expect_error(["demo", "--subject", "Germany", "-o", str(out)], "--prompt", "--target go together", output=out)
+    expect_error(["demo", "--prompt", "The capital of {} is", "--target", "Berlin", "-o", str(out)], "{}",
+                 "subject", output=out)  # fmt: skip
