@@ -115,7 +115,7 @@ def load_requests(path: str | os.PathLike, *, require_target: bool = True) -> li
         raise RequestsFileError("file not found", path) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RequestsFileError(f"cannot read: {error}", path) from None
-    records = _json_list_records(text, path) if text.lstrip().startswith("[") else _jsonl_records(text, path)
+    records = _json_list_records(text, path) if text.lstrip().startswith("[") else jsonl_records(text, path)
     requests: list[ForgetRequest] = []
     for line, record in records:
         requests.extend(_requests_from_record(record, require_target, where=f"{path}:{line}"))
@@ -129,7 +129,7 @@ def parse_request_record(record: Any, *, require_target: bool = True) -> list[Fo
     return _requests_from_record(record, require_target, where="request")
 
 
-def _jsonl_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+def jsonl_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

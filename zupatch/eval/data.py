@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zupatch.engine.requests import ForgetRequest, RequestsFileError, fill_prompt, load_requests, parse_request_record
+from zupatch.engine.requests import (
+    ForgetRequest,
+    RequestsFileError,
+    jsonl_records,
+    fill_prompt,
+    load_requests,
+    parse_request_record,
+)
 from zupatch.errors import ZupatchError
 
 
@@ -95,12 +102,8 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
         for index, record in enumerate(records):
             yield f"{path}: record {index + 1}", record
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RequestsFileError(f"malformed JSON: {error.msg} (column {error.colno})", f"{path}:{number}") from None
+    for number, record in jsonl_records(text, path):
+        yield f"{path}:{number}", record
 
 
 def _add_record(data: EvalData, record: Any, where: str) -> None:

@@ -37,7 +37,7 @@ from zupatch.eval.data import EvalData, Item
 from zupatch.eval.metrics import AnswerScore, next_tokens, score_answers, text_windows, token_perplexity
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
-from zupatch.patch.module import find_parameter
+from zupatch.patch.module import find_parameter, tensor_of
 from zupatch.patch.ops import run_chain_in_memory, sha256_hex
 
 REPORT_FORMAT = "zupatch-eval"
@@ -169,20 +169,12 @@ class InMemoryPatcher:
                 parameter = find_parameter(self.model, name)
                 originals[name] = parameter.detach().clone()
                 with torch.no_grad():
-                    parameter.copy_(_tensor_from_bits(result, dtype).to(parameter.device, parameter.dtype))
+                    parameter.copy_(tensor_of(result, dtype).to(parameter.device, parameter.dtype))
             yield self.model
         finally:
             with torch.no_grad():
                 for name, original in originals.items():
                     find_parameter(self.model, name).copy_(original)
-
-
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-def _tensor_from_bits(bits: np.ndarray, dtype: nm.DType) -> torch.Tensor:
-    signed = bits.view(np.dtype(f"<i{dtype.itemsize}"))
-    return torch.from_numpy(np.ascontiguousarray(signed)).view(_TORCH_DTYPES[dtype.name])
 
 
 # --------------------------------------------------------------------------- metrics

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 _TORCH_TO_NAME = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32", "torch.float64": "F64"}
+_NAME_TO_TORCH = {name: torch_name.removeprefix("torch.") for torch_name, name in _TORCH_TO_NAME.items()}
 
 
 def bits_of(t: "torch.Tensor") -> tuple[np.ndarray, nm.DType]:
@@ -35,6 +36,13 @@ def bits_of(t: "torch.Tensor") -> tuple[np.ndarray, nm.DType]:
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     arr = t.detach().to("cpu").contiguous().view(as_int).numpy().view(dtype.bits)
     return arr.copy(), dtype
+
+
+def tensor_of(bits: np.ndarray, dtype: nm.DType) -> "torch.Tensor":
+    """A CPU tensor of ``dtype`` holding a bit pattern (the inverse of :func:`bits_of`)."""
+    import torch
+
+    return torch.from_numpy(bits.view(np.dtype(f"<i{bits.dtype.itemsize}")).copy()).view(getattr(torch, _NAME_TO_TORCH[dtype.name]))
 
 
 def write_bits(t: "torch.Tensor", bits: np.ndarray) -> None:
