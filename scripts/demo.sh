@@ -8,5 +8,7 @@
 #   bash scripts/demo.sh --prompt "The capital of {} is" --subject Japan --target Tokyo
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv=.venv
+[ "${ZUPATCH_DEPS:-pinned}" = latest ] && venv=.venv-latest  # scripts/setup.sh
 bash scripts/setup.sh demo >&2
-exec .venv/bin/zupatch demo "$@"
+exec "$venv/bin/zupatch" demo "$@"
