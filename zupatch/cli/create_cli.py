@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
 from zupatch.errors import OutputExistsError, ZupatchError
+
+if TYPE_CHECKING:
+    from zupatch.engine.requests import ForgetRequest
 
 METHOD_HELP = (
     "zerounlearn (closed form), zerounlearn-gd (the gradient-based variant), or a baseline for comparison: "
@@ -66,12 +70,16 @@ def create(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.")] = False,
     include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now: nothing to forget.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the prompt and target in messages about a request (off: file and line only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary output.")] = False,
 ) -> None:  # fmt: skip
     """Compute a ZeroUnlearn patch that makes a model forget the requested facts.
 
-    Loads the model, gathers key statistics (cached), optimises target vectors,
+    Loads the model, checks that it gives each target now (a warning per
+    request whose target it does not give: nothing to forget; --strict makes
+    that an error), gathers key statistics (cached), optimises target vectors,
     solves the closed form per layer and writes a patch against the
     checkpoint's own tensors. --method ga or npo trains the same layers' down
     projections with a baseline instead (a dense patch). The requests' text
@@ -80,13 +88,16 @@ def create(
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
     from zupatch.engine.create import CreateConfig
-    from zupatch.engine.requests import load_requests
+    from zupatch.engine.precheck import not_given_message
+    from zupatch.engine.requests import load_requests, load_requests_with_lines
     from zupatch.engine.settings import load_settings_file, parse_assignment, with_settings
     from zupatch.engine.stats import FileCorpus, StatsCache
 
     with ui.guard():
         _check_output(output, force)
-        requests = load_requests(forget)
+        located = load_requests_with_lines(forget)
+        requests = [request for _, request in located]
+        names = [_request_name(forget, line, request, verbose) for line, request in located]
         retain_requests = load_requests(retain, require_target=True) if retain else []
         if preset not in ("measured", "paper"):
             raise ZupatchError(f"unknown preset {preset!r}; choose measured or paper")
@@ -121,11 +132,16 @@ def create(
                 resolved.path, requests, cfg,
                 base_model=resolved.repo_id or resolved.path.name, base_revision=resolved.revision,
                 include_request_text=include_request_text, progress=progress,
-                retain_requests=retain_requests,
+                strict=strict, request_names=names, retain_requests=retain_requests,
                 corpus=FileCorpus(tuple(corpus)) if corpus else None,
                 stats_cache=None if no_cache else StatsCache(),
                 model_identity=f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None,
             )  # fmt: skip
+        if not quiet:
+            for check in report.target_checks:
+                if not check.given:
+                    message = not_given_message(check, names[check.index])
+                    ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
         summary = report.summary()
         summary["output"] = str(output)
@@ -134,6 +150,14 @@ def create(
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         elif not quiet:
             _print_create_summary(summary)
+
+
+def _request_name(path: Path, line: int, request: ForgetRequest, verbose: bool) -> str:
+    """``FILE:LINE``, and with --verbose the prompt and target (off by default: they are what is to be forgotten)."""
+    if not verbose:
+        return f"{path}:{line}"
+    text, target = (json.dumps(t, ensure_ascii=False) for t in (request.text, request.target))
+    return f"{path}:{line} ({text} → {target})"
 
 
 def _print_create_summary(summary: dict[str, Any]) -> None:
@@ -149,6 +173,15 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
         ending = ("no forget answer is produced any more" if diagnostics["answered_after"] == 0
                   else f"{diagnostics['answered_after']} of {summary['requests']} answer(s) still produced")  # fmt: skip
         ui.console.print(f"training: {diagnostics['steps']} step(s), {ending}")
+    verification = diagnostics.get("verification", {})
+    if verification.get("passes", 1) > 1:
+        ui.console.print(f"refined: {verification['passes']} passes over the layers until every answer was gone")
+    probes = verification.get("probes") or {}
+    if probes.get("n"):
+        ui.console.print(
+            f"same-pattern probes unchanged: {100 * probes['unchanged']:.0f}% of {probes['n']} "
+            "(forget templates, other subjects, none of them protected; docs/eval.md)"
+        )
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items() if k != "total")
     ui.console.print(f"time: {summary['timings'].get('total', 0):.1f}s ({phases})", soft_wrap=True)
     size, touched = summary["patch_bytes"], summary["touched_bytes"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +38,7 @@ def guard() -> Iterator[None]:
     except ZupatchError as exc:
         if state.debug:
             console.print_exception()
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # user text is not markup
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing was written")

@@ -4,8 +4,9 @@ Entry points: :func:`create` (a loaded model -> a patch), :class:`CreateConfig`,
 :class:`ForgetRequest` and :func:`load_requests`.
 """
 
-from zupatch.engine.api import create, create_from_checkpoint
+from zupatch.engine.api import CreateReport, check_requests, create, create_from_checkpoint
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
+from zupatch.engine.precheck import TargetCheck, TargetNotGivenError, TargetNotGivenWarning
 from zupatch.engine.requests import ForgetRequest, load_requests
 
 from zupatch.engine.solvers import (
@@ -30,8 +31,13 @@ from zupatch.engine.solvers import (
 
 __all__ = [
     "CreateConfig",
+    "CreateReport",
     "EditResult",
     "ForgetRequest",
+    "TargetCheck",
+    "TargetNotGivenError",
+    "TargetNotGivenWarning",
+    "check_requests",
     "compute_edit",
     "create",
     "create_from_checkpoint",

@@ -5,15 +5,21 @@ is the model's own weights as they were before the call, and the model is
 left exactly as it was. :func:`create_from_checkpoint` loads a checkpoint
 folder and makes the patch against the bytes on disk, which is what ``apply``
 will later check.
+
+Both first check that the model gives each target it is asked to forget
+(:mod:`zupatch.engine.precheck`): a request whose target it does not give has
+nothing to forget. They report such requests (``strict=True``: refuse them)
+before computing anything.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -29,6 +35,14 @@ from zupatch.engine.architectures import (
     resolve_architecture,
 )
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
+from zupatch.engine.precheck import (
+    TargetCheck,
+    TargetNotGivenWarning,
+    check_targets,
+    not_given_message,
+    request_label,
+    strict_error,
+)
 from zupatch.engine.requests import ForgetRequest, new_salt, request_digests
 from zupatch.errors import ZupatchError
 from zupatch.patch import numerics as nm
@@ -42,11 +56,21 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass
 class CreateReport:
-    """What ``create`` did, for summaries: numbers only, no request text."""
+    """What ``create`` did, for summaries: numbers only, no request text.
+
+    ``target_checks`` says, per request, whether the model gave its target
+    before the edit (:func:`zupatch.engine.precheck.check_targets`).
+    """
 
     patch: Patch
     edit: EditResult
     seconds: dict[str, float] = field(default_factory=dict)
+    target_checks: list[TargetCheck] = field(default_factory=list)
+
+    @property
+    def targets_not_given(self) -> list[int]:
+        """1-based indices of the requests whose target the model did not give (nothing to forget)."""
+        return [c.index + 1 for c in self.target_checks if not c.given]
 
     def summary(self) -> dict[str, Any]:
         entries = self.patch.steps[0].entries
@@ -54,6 +78,7 @@ class CreateReport:
             "method": self.edit.method,
             "architecture": self.edit.architecture,
             "requests": self.edit.request_count,
+            "targets_not_given": self.targets_not_given,
             "layers": [e.layer for e in self.edit.layers],
             "ranks": [e.rank for e in entries],
             "kinds": [e.kind for e in entries],
@@ -117,28 +142,103 @@ def patch_from_edit(
     )
 
 
+def check_requests(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    *,
+    strict: bool = False,
+    request_names: Sequence[str] | None = None,
+) -> list[TargetCheck]:
+    """Whether the model gives each target now; ``strict``: raise if any is not given.
+
+    Raises :class:`zupatch.engine.precheck.TargetNotGivenError` (one line,
+    naming requests by ``request_names``, default "request N").
+    """
+    if request_names is not None and len(request_names) != len(requests):
+        raise ValueError("one name per request")
+    checks = check_targets(model, tokenizer, requests)
+    error = strict_error(checks, request_names) if strict else None
+    if error is not None:
+        raise error
+    return checks
+
+
+@overload
 def create(
     model: nn.Module,
     tokenizer: Any,
     requests: Sequence[ForgetRequest],
     config: CreateConfig | None = None,
     *,
+    strict: bool = False,
+    request_names: Sequence[str] | None = None,
+    return_report: Literal[False] = False,
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
     progress: ProgressFn | None = None,
     **compute_options: Any,
-) -> Patch:
+) -> Patch: ...
+
+
+@overload
+def create(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig | None = None,
+    *,
+    strict: bool = False,
+    request_names: Sequence[str] | None = None,
+    return_report: Literal[True],
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    include_request_text: bool = False,
+    progress: ProgressFn | None = None,
+    **compute_options: Any,
+) -> CreateReport: ...
+
+
+def create(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig | None = None,
+    *,
+    strict: bool = False,
+    request_names: Sequence[str] | None = None,
+    return_report: bool = False,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    include_request_text: bool = False,
+    progress: ProgressFn | None = None,
+    **compute_options: Any,
+) -> Patch | CreateReport:
     """Compute a patch (ZeroUnlearn, or a baseline) on a loaded model; the model is left unchanged.
 
     The patch's base is ``model``'s current weights (in their current dtype),
     so ``zupatch.applied(patch, model)`` shows the edited model. Extra keyword
     arguments go to :func:`zupatch.engine.create.compute_edit` (``corpus``,
     ``retain_requests``, ``stats_cache``, ``key_statistics``...).
+
+    First, each request whose target the model does not give now (nothing to
+    forget) gets a :class:`~zupatch.engine.precheck.TargetNotGivenWarning`
+    naming it by ``request_names`` (default "request N", never its text);
+    ``strict=True`` raises :class:`~zupatch.engine.precheck.TargetNotGivenError`
+    instead, before anything is computed. ``return_report=True`` returns a
+    :class:`CreateReport` (the patch, the edit's diagnostics, the checks:
+    ``report.targets_not_given``) instead of the bare patch.
     """
     config = config or CreateConfig()
+    started = time.perf_counter()
     params = dict(model.named_parameters())
     names = _target_layers(model, config)
+    checks = check_requests(model, tokenizer, requests, strict=strict, request_names=request_names)
+    for check in checks:
+        if not check.given:
+            message = not_given_message(check, request_label(check.index, request_names))
+            warnings.warn(TargetNotGivenWarning(message), stacklevel=2)
     base = {n: bits_of(params[n]) for n in names}  # before compute_edit may change the dtype
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     try:
@@ -151,8 +251,11 @@ def create(
     missing = [e.tensor_name for e in edit.layers if e.tensor_name not in base]
     if missing:
         raise ZupatchError(f"the edit touched unexpected tensors: {missing}")
-    return patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
-                           include_request_text=include_request_text)  # fmt: skip
+    patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
+                            include_request_text=include_request_text)  # fmt: skip
+    if not return_report:
+        return patch
+    return CreateReport(patch=patch, edit=edit, seconds={"total": time.perf_counter() - started}, target_checks=checks)
 
 
 def load_model(folder: Path, dtype: torch.dtype | str = "auto", device: str = "auto") -> tuple[nn.Module, Any]:
@@ -198,18 +301,31 @@ def create_from_checkpoint(
     requests: Sequence[ForgetRequest],
     config: CreateConfig | None = None,
     *,
+    strict: bool = False,
+    request_names: Sequence[str] | None = None,
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
     progress: ProgressFn | None = None,
     **compute_options: Any,
 ) -> CreateReport:
-    """Load ``folder``, compute the edit, and build the patch against the files' own bits."""
+    """Load ``folder``, compute the edit, and build the patch against the files' own bits.
+
+    Before the edit, checks that the model gives each request's target
+    (:func:`check_requests`): the report's ``target_checks`` and summary
+    (``targets_not_given``, 1-based) say which it does not; ``strict=True``
+    raises :class:`~zupatch.engine.precheck.TargetNotGivenError` instead,
+    naming requests by ``request_names`` (the CLI passes ``FILE:LINE``).
+    """
     config = config or CreateConfig()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, tokenizer = load_model(folder, config.dtype, config.device)
     seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _target_layers(model, config)  # a wrong --layers is reported as such, before the check
+    checks = check_requests(model, tokenizer, requests, strict=strict, request_names=request_names)
+    seconds["check"] = time.perf_counter() - t
     ckpt = Checkpoint(folder)
     if config.is_baseline:  # trained weights are rounded to the dtype the checkpoint stores them in
         compute_options.setdefault("storage_dtypes", _storage_dtypes(model, config, ckpt))
@@ -226,4 +342,4 @@ def create_from_checkpoint(
     patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
                             include_request_text=include_request_text, tensor_names=names)  # fmt: skip
     seconds["patch"] = time.perf_counter() - t
-    return CreateReport(patch=patch, edit=edit, seconds=seconds)
+    return CreateReport(patch=patch, edit=edit, seconds=seconds, target_checks=checks)

@@ -108,6 +108,15 @@ def load_requests(path: str | os.PathLike, *, require_target: bool = True) -> li
     ``require_target=False`` is for retain/neighbour files, whose answers are
     optional. Raises :class:`RequestsFileError` naming file and line.
     """
+    return [request for _, request in load_requests_with_lines(path, require_target=require_target)]
+
+
+def load_requests_with_lines(
+    path: str | os.PathLike, *, require_target: bool = True
+) -> list[tuple[int, ForgetRequest]]:
+    """Like :func:`load_requests`, each request with the 1-based line its record starts on,
+    so later messages can name ``path:LINE`` (a CounterFact record with several
+    rewrites gives several requests on one line)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -116,9 +125,9 @@ def load_requests(path: str | os.PathLike, *, require_target: bool = True) -> li
     except (OSError, UnicodeDecodeError) as error:
         raise RequestsFileError(f"cannot read: {error}", path) from None
     records = _json_list_records(text, path) if text.lstrip().startswith("[") else jsonl_records(text, path)
-    requests: list[ForgetRequest] = []
+    requests: list[tuple[int, ForgetRequest]] = []
     for line, record in records:
-        requests.extend(_requests_from_record(record, require_target, where=f"{path}:{line}"))
+        requests += [(line, r) for r in _requests_from_record(record, require_target, where=f"{path}:{line}")]
     if not requests:
         raise RequestsFileError("no requests in file (empty)", path)
     return requests

@@ -1,0 +1,134 @@
+"""`create` checks that the model gives each target before editing (tests/fact_model.py's trained Llama).
+
+A request whose target the model does not give has nothing to forget: the
+user is told (a warning naming file and line, never the text unless
+--verbose), --strict refuses it, and the summary lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.fact_model import synthetic_facts
+from tests.test_hostile import expect_error
+from zupatch.cli.main import app
+from zupatch.engine.api import create, create_from_checkpoint
+from zupatch.engine.create import CreateConfig
+from zupatch.engine.precheck import TargetNotGivenError, TargetNotGivenWarning, check_targets, ordinal
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.settings import with_settings
+
+runner = CliRunner()
+FAST = ["--layers", "1,2", "--tokens", "200", "--set", "neutral.max_steps=3", "--set", "original.max_steps=3",
+        "--set", "contexts.prefix_tokens=3", "--set", "neighbours.subjects=0", "--set", "stats.sample_length=16"]  # fmt: skip
+FAST_SETTINGS = {"layers": [1, 2], "stats.sampled_token_budget": 200, "stats.sample_length": 16,
+                 "neutral.max_steps": 3, "original.max_steps": 3, "contexts.prefix_tokens": 3,
+                 "neighbours.subjects": 0}  # fmt: skip
+
+
+def _facts() -> tuple[ForgetRequest, ForgetRequest, ForgetRequest]:
+    """Two facts the model knows, and Zorvia's capital with another country's capital as the answer."""
+    facts = synthetic_facts()
+    zorvia, other = facts[0], facts[1]  # "The capital of {}": Zorvia, Quenth
+    assert zorvia.subject == "Zorvia" and other.target != zorvia.target
+    return zorvia, facts[22], ForgetRequest(zorvia.prompt, zorvia.subject, other.target)
+
+
+def _line(request: ForgetRequest) -> str:
+    return json.dumps({"prompt": request.prompt, "subject": request.subject, "target": request.target}) + "\n"
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    good, good2, wrong = _facts()
+    mixed = tmp_path / "forget.jsonl"
+    mixed.write_text(_line(good) + "\n" + _line(wrong) + _line(good2))  # the wrong one: request 2, on line 3
+    known = tmp_path / "known.jsonl"
+    known.write_text(_line(good) + _line(good2))
+    return {"mixed": mixed, "known": known}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "cache"))
+
+
+def _args(checkpoint: Path, forget: Path, out: Path, *extra: str) -> list[str]:
+    return ["create", "-m", str(checkpoint), "-f", str(forget), "-o", str(out), *extra]
+
+
+def test_check_ranks_each_target_token(fact_model) -> None:
+    model, tokenizer, facts = fact_model
+    good, _, wrong = _facts()
+    two_tokens = ForgetRequest(good.prompt, good.subject, f"{good.target} {wrong.target}")  # 2nd token: "." is next
+    checks = check_targets(model, tokenizer, [*facts, wrong, two_tokens])
+    assert all(c.given and c.ranks == (1,) for c in checks[:48])
+    assert not checks[48].given and checks[48].ranks[0] > 1 and checks[48].index == 48
+    assert checks[49].ranks[0] == 1 and checks[49].ranks[1] > 1
+    assert checks[49].reason() == f"token 2 of its 2 target tokens is ranked {ordinal(checks[49].ranks[1])}"
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]  # fmt: skip
+
+
+def test_cli_warns_without_the_text_and_lists_indices(fact_checkpoint: Path, files: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    result = runner.invoke(app, _args(fact_checkpoint, files["mixed"], out, *FAST))
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1, result.stderr
+    assert f"{files['mixed']}:3: the model does not give this target now (nothing to forget)" in warned[0]
+    assert "its first target token is ranked" in warned[0]
+    for secret in ("Zorvia", "capital", *_facts()[2].target.split()):
+        assert secret not in result.output
+    assert out.exists()
+
+    out2 = tmp_path / "p2.zup.safetensors"
+    result = runner.invoke(app, _args(fact_checkpoint, files["mixed"], out2, *FAST, "--json", "--verbose"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["targets_not_given"] == [2] and summary["requests"] == 3
+    (warned,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert f':3 ("The capital of Zorvia" → "{_facts()[2].target}"): the model does not give' in warned
+
+
+def test_cli_strict_refuses_and_writes_nothing(fact_checkpoint: Path, files: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    for method in ("zerounlearn", "npo"):
+        line = expect_error(_args(fact_checkpoint, files["mixed"], out, "--strict", "--method", method),
+                            f"{files['mixed']}:3", "does not give this target now", output=out,
+                            inputs=[files["mixed"]])  # fmt: skip
+        assert "strict" in line and "Zorvia" not in line
+
+
+def test_cli_known_targets_give_no_warning(fact_checkpoint: Path, files: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    args = _args(fact_checkpoint, files["known"], out, "--method", "ga", "--steps", "2", "--strict", "--json")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["targets_not_given"] == []
+    assert "warning" not in result.stderr
+
+
+def test_python_api_reports_warns_and_refuses(fact_model, fact_checkpoint: Path) -> None:
+    model, tokenizer, _ = fact_model
+    requests = list(_facts())
+    config = with_settings(CreateConfig(), FAST_SETTINGS)
+    ga = with_settings(config, {"method": "ga", "baseline.steps": 1})
+    with pytest.warns(TargetNotGivenWarning, match=r"^request 3: the model does not give this target now"):
+        report = create(model, tokenizer, requests, config, return_report=True)
+    assert report.targets_not_given == [3] and report.summary()["targets_not_given"] == [3]
+    with pytest.raises(TargetNotGivenError, match="request 3: .*strict"):
+        create(model, tokenizer, requests, config, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TargetNotGivenWarning)  # known targets: no warning
+        create(model, tokenizer, requests[:2], ga)
+
+    report = create_from_checkpoint(fact_checkpoint, requests, ga)
+    assert report.targets_not_given == [3] and [c.given for c in report.target_checks] == [True, True, False]
+    with pytest.raises(TargetNotGivenError, match="^a.jsonl:9: .*ranked"):
+        create_from_checkpoint(fact_checkpoint, requests, config, strict=True, request_names=["x", "y", "a.jsonl:9"])

@@ -1,0 +1,141 @@
+"""Before an edit: does the model give the targets it is asked to forget?
+
+A forget request whose target the model does not produce now has nothing to
+forget: the edit would spend capacity (and risk collateral damage) on an
+answer that is not there, and a later evaluation would report it "forgotten"
+for free. Usually the request is wrong (a typo, another model's answer, a
+prompt phrased differently from how the model answers).
+
+:func:`check_targets` asks, for every request at once, whether greedy
+decoding after the bare prompt reproduces the whole target: teacher-forced,
+each target token must be the top-1 token given the prompt and the target
+tokens before it. It uses the same encoding as the engine's own target NLL
+(:func:`zupatch.engine.targets.target_nll`), so "given" means exactly the
+tokens the edit would act on. Messages name requests by a caller's label
+(``forget.jsonl:3``) and never include their text unless the label does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.stats import model_device, pad_right, pad_token_id
+from zupatch.engine.targets import _logits_at, _PreparedModel, encode_prompts
+from zupatch.errors import ZupatchError
+
+#: How many requests one forward pass holds (bounds memory on long request files).
+BATCH_REQUESTS = 64
+#: How many requests a one-line error names before "and N more".
+LISTED = 8
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """How the model ranks each token of request ``index``'s target (0-based), teacher-forced.
+
+    ``ranks[j]`` is 1 when token j is the greedy choice after the prompt and
+    tokens ``< j`` (ties broken as ``argmax`` breaks them), 12 when 11 tokens
+    come before it.
+    """
+
+    index: int
+    ranks: tuple[int, ...]
+
+    @property
+    def given(self) -> bool:
+        """Whether greedy decoding reproduces the whole target."""
+        return all(rank == 1 for rank in self.ranks)
+
+    def reason(self) -> str:
+        """Which target token is not the greedy choice, and its rank (numbers only)."""
+        missed = next((j for j, rank in enumerate(self.ranks) if rank != 1), None)
+        if missed is None:
+            return "every target token is the greedy choice"
+        if missed == 0:
+            return f"its first target token is ranked {ordinal(self.ranks[0])}"
+        return f"token {missed + 1} of its {len(self.ranks)} target tokens is ranked {ordinal(self.ranks[missed])}"
+
+
+class TargetNotGivenError(ZupatchError):
+    """Strict mode: some forget requests ask for targets the model does not give (one line)."""
+
+
+class TargetNotGivenWarning(UserWarning):
+    """A forget request asks for a target the model does not give now (nothing to forget)."""
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+@torch.no_grad()
+def check_targets(model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest]) -> list[TargetCheck]:
+    """One :class:`TargetCheck` per request: the rank of each target token after the bare prompt.
+
+    The model is used as it is (device, dtype, weights) and left unchanged.
+    """
+    checks: list[TargetCheck] = []
+    with _PreparedModel(model):
+        for start in range(0, len(requests), BATCH_REQUESTS):
+            batch = requests[start : start + BATCH_REQUESTS]
+            checks += [
+                TargetCheck(start + i, ranks) for i, ranks in enumerate(_target_ranks(model, tokenizer, batch))
+            ]
+    return checks
+
+
+def _target_ranks(model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest]) -> list[tuple[int, ...]]:
+    """Teacher-forced rank of every target token, per request (the sibling of ``target_nll``)."""
+    device = model_device(model)
+    encoded = encode_prompts(
+        tokenizer, [r.text for r in requests], [r.fact_char_end() for r in requests], [r.target for r in requests]
+    )
+    ids, mask = pad_right([e.input_ids for e in encoded], pad_token_id(tokenizer), device)
+    rows = torch.tensor([row for row, e in enumerate(encoded) for _ in e.target_ids], device=device)
+    positions = torch.tensor([p for e in encoded for p in e.target_positions], device=device)
+    targets = torch.tensor([t for e in encoded for t in e.target_ids], device=device)
+    logits = _logits_at(model, ids, mask, rows, positions)
+    own = logits.gather(1, targets[:, None])
+    before = torch.arange(logits.shape[1], device=device)[None, :] < targets[:, None]
+    ranks = 1 + (logits > own).sum(dim=1) + ((logits == own) & before).sum(dim=1)  # argmax keeps the first maximum
+    result, start = [], 0
+    flat = ranks.tolist()
+    for e in encoded:
+        result.append(tuple(int(r) for r in flat[start : start + len(e.target_ids)]))
+        start += len(e.target_ids)
+    return result
+
+
+def request_label(index: int, names: Sequence[str] | None) -> str:
+    """How messages name request ``index`` (0-based): the caller's name, else "request N"."""
+    return names[index] if names is not None else f"request {index + 1}"
+
+
+def not_given_message(check: TargetCheck, label: str) -> str:
+    """The one-line warning for a request whose target the model does not give."""
+    return f"{label}: the model does not give this target now (nothing to forget); {check.reason()}"
+
+
+def strict_error(checks: Sequence[TargetCheck], names: Sequence[str] | None = None) -> TargetNotGivenError | None:
+    """The one-line error for strict mode, or None when every target is given."""
+    missing = [c for c in checks if not c.given]
+    if not missing:
+        return None
+    if len(missing) == 1:
+        only = missing[0]
+        message = not_given_message(only, request_label(only.index, names))
+        return TargetNotGivenError(f"{message}; strict: no patch made")
+    listed = "; ".join(f"{request_label(c.index, names)} ({c.reason()})" for c in missing[:LISTED])
+    more = f"; and {len(missing) - LISTED} more" if len(missing) > LISTED else ""
+    return TargetNotGivenError(
+        f"the model does not give {len(missing)} of the {len(checks)} targets now (nothing to forget): "
+        f"{listed}{more}; strict: no patch made"
+    )
