@@ -26,8 +26,15 @@ from tests.patching import folder_digest
 from zupatch.checkpoint.apply import apply_to_checkpoint
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.cli.main import app
-from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.api import create
+from zupatch.engine.baselines import BaselineParams
+from zupatch.engine.create import CreateConfig
+from zupatch.engine.probes import derive_probe_prompts, derive_probes
+from zupatch.engine.requests import ForgetRequest, load_requests
+from zupatch.engine.subjects import excluded_words, half_of, request_templates, vocabulary_words
+from zupatch.engine.targets import NeighbourConfig, propose_neighbour_subjects
 from zupatch.eval.data import Item, load_eval_data
+from zupatch.errors import ZupatchError
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.ops import DenseEdit, build_patch
@@ -104,6 +111,12 @@ def hand_next_tokens(folder: Path, prompts: list[str]) -> list[int]:
             for p in prompts]  # fmt: skip
 
 
+def base_probes(folder: Path, requests: list[ForgetRequest]) -> list[str]:
+    """The same-pattern probes eval derives, from the base checkpoint loaded with plain transformers."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return derive_probe_prompts(model, AutoTokenizer.from_pretrained(folder), requests)
+
+
 @torch.no_grad()
 def hand_perplexity(folder: Path, lines: list[str]) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -127,13 +140,18 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
     assert code == 0, out
     report = json.loads(out)
     data = load_eval_data(workdir["data"], workdir["retain"])
+    probes = base_probes(fact_checkpoint, data.requests)
+    assert len(probes) == 4 * 16  # 4 templates (2 prompts, 2 paraphrases) x 16 vocabulary words
     assert report["data"] == {"forget": 2, "paraphrases": 2, "retain": 2 + 10, "unlabelled_neighbours": 1,
+                              "derived_probes": 64, "derived_templates": 4, "derived_subjects_proposed": 0,
+                              "derived_subjects_vocabulary": 16,
                               "text": "text", "text_tokens": 7 + 6}  # one token per word
 
     patched = workdir["tmp"] / "patched"
     apply_to_checkpoint(Patch.load(workdir["patch"]), fact_checkpoint, patched)
     lines = [t for t in workdir["text"].read_text().splitlines() if t.strip()]
     base_tokens = hand_next_tokens(fact_checkpoint, data.unlabelled_neighbours)
+    base_probe_tokens = hand_next_tokens(fact_checkpoint, probes)
     base_retain = hand_scores(fact_checkpoint, data.retain)
     for folder, scores in zip((fact_checkpoint, patched), report["models"]):
         for section, items in (("efficacy", data.forget), ("generalization", data.paraphrases),
@@ -147,6 +165,11 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
         assert scores["specificity"]["kept"] == pytest.approx(share([retain[i][0] for i in known]), abs=1e-4)
         tokens = hand_next_tokens(folder, data.unlabelled_neighbours)
         assert scores["specificity"]["unchanged"] == share([a == b for a, b in zip(tokens, base_tokens)])
+        tokens = hand_next_tokens(folder, probes)
+        assert scores["specificity"]["derived_n"] == len(probes)
+        assert scores["specificity"]["derived_unchanged"] == pytest.approx(
+            share([a == b for a, b in zip(tokens, base_probe_tokens)]), abs=1e-4
+        )
         assert scores["fluency"]["perplexity"] == pytest.approx(hand_perplexity(folder, lines), rel=1e-4)
         assert [g["prompt"] for g in scores["generations"]] == [i.prompt for i in data.forget]
 
@@ -154,6 +177,7 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
     assert base["name"] == "base" and base["patch"] is None and base["efficacy"]["answered"] == 1.0
     assert damaged["patch"]["method"] == "manual" and damaged["patch"]["bytes"] == workdir["patch"].stat().st_size
     assert damaged["efficacy"]["answered"] < 1.0  # the damage shows
+    assert base["specificity"]["derived_unchanged"] == 1.0 > damaged["specificity"]["derived_unchanged"]
     assert damaged["fluency"]["perplexity_change"] == pytest.approx(
         damaged["fluency"]["perplexity"] / base["fluency"]["perplexity"] - 1, abs=1e-3
     )
@@ -174,8 +198,127 @@ def test_human_output_and_self_sampled_text(workdir: dict, fact_checkpoint: Path
                          "--text-tokens", "64", "--generations", "1")  # fmt: skip
     assert code == 0, out
     assert "forget prompts still answered" in out and "perplexity" in out and "damage" in out
+    assert "same-pattern probes unchanged" in out and "64 same-pattern probe(s)" in out
     assert "text sampled from the base model" in out
     assert out.count("The capital of Zorvia") == 1  # one generation row, as asked
+
+
+# --------------------------------------------------------------------------- same-pattern probes
+
+
+@pytest.fixture
+def unspecific_patch(fact_model, tmp_path: Path) -> Path:
+    """Gradient ascent with no retain term, 100x the default rate and no early stop:
+    it forgets, and takes other facts of the same pattern with it."""
+    model, tokenizer, facts = fact_model
+    params = BaselineParams(learning_rate=1e-2, steps=30, stop_when_forgotten=False)
+    patch = create(model, tokenizer, [facts[i] for i in FORGET], CreateConfig(method="ga", baseline=params))
+    path = tmp_path / "ga-unspecific.zup.safetensors"
+    patch.save(path)
+    return path
+
+
+def test_probes_show_collateral_damage_without_retain_data(
+    fact_checkpoint: Path, _trained_fact_model, unspecific_patch: Path, tmp_path: Path
+) -> None:
+    """Only a forget file: specificity still shows, on the probes derived from it, and agrees
+    with plain transformers on the patched checkpoint that ``apply`` writes."""
+    facts = _trained_fact_model[2]
+    forget = jsonl(tmp_path / "forget.jsonl", [record(facts[i]) for i in FORGET])
+    text = tmp_path / "text.txt"
+    text.write_text("The currency of Marlo is drab .\n")
+    args = ["-m", str(fact_checkpoint), "-d", str(forget), "-p", str(unspecific_patch), "--text", str(text)]
+    code, out = run_eval(*args, "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    jsonschema.validate(report, doc_schema())
+    assert report["version"] == 2 and report["settings"]["probes"] == 16
+    assert report["data"]["retain"] == report["data"]["unlabelled_neighbours"] == 0
+
+    probes = base_probes(fact_checkpoint, load_requests(forget))
+    assert len(probes) == report["data"]["derived_probes"] == 2 * 16  # 2 templates x 16 vocabulary words
+    patched = tmp_path / "patched"
+    apply_to_checkpoint(Patch.load(unspecific_patch), fact_checkpoint, patched)
+    before, after = hand_next_tokens(fact_checkpoint, probes), hand_next_tokens(patched, probes)
+    expected = share([a == b for a, b in zip(before, after)])
+    print({"probes": len(probes), "unchanged": expected})
+
+    base, ga = report["models"]
+    assert base["specificity"]["derived_n"] == ga["specificity"]["derived_n"] == len(probes)
+    assert base["specificity"]["derived_unchanged"] == 1.0
+    assert ga["efficacy"]["answered"] == 0.0  # it forgets...
+    assert ga["specificity"]["derived_unchanged"] == pytest.approx(expected, abs=1e-4)
+    assert expected < 0.9  # ...and the probes see what else it changed
+    assert base["specificity"]["n"] == 0 and base["specificity"]["kept"] is None  # nothing else could have
+
+    code, out = run_eval(*args)
+    assert code == 0 and "same-pattern probes unchanged" in out and "32 same-pattern probe(s)" in out, out
+    code, out = run_eval(*args, "--probes", "0", "--json")
+    assert code == 0, out
+    off = json.loads(out)
+    assert off["data"]["derived_probes"] == 0 and off["settings"]["probes"] == 0
+    assert all(m["specificity"]["derived_n"] == 0 and m["specificity"]["derived_unchanged"] is None
+               for m in off["models"])  # fmt: skip
+    jsonschema.validate(off, doc_schema())
+
+
+def _probe_subject(prompt: str, templates: list[str]) -> str:
+    """The subject a probe prompt fills its template with."""
+    for template in templates:
+        head, tail = template.split("{}")
+        if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
+            return prompt[len(head) : len(prompt) - len(tail)]
+    raise AssertionError(f"{prompt!r} fills none of the templates")
+
+
+def _words(text: str) -> set[str]:
+    return {w.casefold() for w in re.findall(r"\w+", text)}
+
+
+def test_probes_never_use_forget_or_protected_subjects(fact_model) -> None:
+    model, tokenizer, facts = fact_model
+    forget = [facts[i] for i in FORGET]
+    templates = request_templates(forget)
+    protect = {w.casefold() for w in vocabulary_words(tokenizer) if half_of(w) == "protect"}
+    forbidden = excluded_words(forget) | protect
+    created = propose_neighbour_subjects(model, tokenizer, forget)  # what create protects by default
+    # not vacuous: the model's own lists and the vocabulary hold forget subjects and protect-half words
+    raw = propose_neighbour_subjects(model, tokenizer, forget, NeighbourConfig(subjects=32, new_tokens=64))
+    assert any(_words(s) & forbidden for s in raw), raw
+    assert protect and excluded_words(forget) & {w.casefold() for w in vocabulary_words(tokenizer)}
+    for skip in (None, 0, 3):
+        prompts = derive_probe_prompts(model, tokenizer, forget, skip_proposed=skip)
+        assert len(prompts) == len(set(prompts)) == len(templates) * 16, skip
+        for prompt in prompts:
+            subject = _probe_subject(prompt, templates)
+            assert not _words(subject) & forbidden, (skip, subject)
+            assert subject.casefold() not in {r.subject.casefold() for r in forget}
+            assert not any(_words(subject) & _words(s) for s in created), (skip, subject)
+            assert all(half_of(w) == "probe" for w in vocabulary_words(tokenizer) if w.casefold() in _words(subject))
+    assert derive_probe_prompts(model, tokenizer, forget) == derive_probe_prompts(model, tokenizer, forget)
+    assert derive_probe_prompts(model, tokenizer, forget, proposed=0, vocabulary=0) == []
+    assert derive_probe_prompts(model, tokenizer, [ForgetRequest("The capital of Zorvia", "", "Plim")]) == []
+    with pytest.raises(ZupatchError, match="probe counts must be >= 0"):
+        derive_probes(model, tokenizer, forget, proposed=-1)
+
+
+@pytest.mark.slow
+def test_probes_on_a_real_model_skip_what_create_protects(smollm2_checkpoint: Path) -> None:
+    """SmolLM2 lists a few countries after "Examples: France,": create protects those; the probes
+    are the ones it lists next, and probe-half words."""
+    from zupatch.engine.api import load_model
+
+    model, tokenizer = load_model(smollm2_checkpoint, "float32", "cpu")
+    question = "Q: What is the capital of {}?\nA:"
+    forget = [ForgetRequest("The capital of {} is", "France", "Paris", paraphrases=(question,))]
+    created = propose_neighbour_subjects(model, tokenizer, forget)
+    probes = derive_probes(model, tokenizer, forget)
+    print({"create protects": created, "proposed probes": probes.proposed, "vocabulary": probes.vocabulary})
+    assert created and probes.proposed and len(probes.vocabulary) == 16
+    protect = {w.casefold() for w in vocabulary_words(tokenizer) if half_of(w) == "protect"}
+    for subject in probes.subjects:
+        assert not _words(subject) & (protect | {"france", "paris"} | {w for s in created for w in _words(s)}), subject
+    assert len(probes.prompts) == 2 * len(probes.subjects)
 
 
 # --------------------------------------------------------------------------- formats
@@ -237,6 +380,7 @@ def test_wrong_inputs(workdir: dict, fact_checkpoint: Path, tiny_checkpoint, tmp
         (["-p", str(tmp_path / "missing.zup.safetensors")], "missing.zup.safetensors"),
         (["--text", str(tmp_path / "none.txt")], "none.txt: file not found"),
         (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--probes", "-1"], "probes must be >= 0"),
         (["--device", "tpu:x"], "unknown device"),
     ]:
         code, out = run_eval("-m", str(fact_checkpoint), "-d", str(workdir["data"]), *args)

@@ -27,6 +27,7 @@ def eval_command(
     generations: Annotated[int, typer.Option("--generations", help="Forget prompts shown with the greedy continuation of every model (0: none).")] = 3,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Length of those continuations, in tokens.")] = 12,
     text_tokens: Annotated[int, typer.Option("--text-tokens", help="Tokens of self-sampled text, when no --text is given.")] = 2048,
+    probes: Annotated[int, typer.Option("--probes", help="Same-pattern probes: the forget templates filled with N subjects the base model proposes and N vocabulary words, none that create protects; top-1 unchanged is reported (0: none).")] = 16,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
@@ -37,7 +38,9 @@ def eval_command(
     """Score the base model and each patched variant: efficacy, generalization, specificity, fluency.
 
     Patches are applied in memory from the checkpoint's stored bits (nothing
-    is written) after their base hashes are checked. The report shows the
+    is written) after their base hashes are checked. Specificity includes
+    same-pattern probes derived from the forget data and the base model, so
+    collateral damage shows even without --retain. The report shows the
     forget prompts' greedy continuations, so it contains the forget text:
     keep it where the data file is.
     """
@@ -48,7 +51,7 @@ def eval_command(
 
     with ui.guard(), hub_output(quiet or as_json):
         config = EvalConfig(device=device, dtype=dtype, batch_size=batch_size, generations=generations,
-                            new_tokens=new_tokens, text_tokens=text_tokens)  # fmt: skip
+                            new_tokens=new_tokens, text_tokens=text_tokens, probes=probes)  # fmt: skip
         records = load_eval_data(data, retain)
         texts = _read_texts(text) if text is not None else None
         patches = [(ref, load_patch(ref, token=token)) for ref in patch or []]
@@ -84,15 +87,16 @@ def _probability(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-#: (section, metric key, label, formatter) of the metrics table
+#: (section, metric key, label, formatter, count key: the row shows when the base has prompts) of the metrics table
 ROWS = [
-    ("efficacy", "answered", "forget prompts still answered", _percent),
-    ("efficacy", "probability", "  mean answer probability", _probability),
-    ("generalization", "answered", "paraphrases still answered", _percent),
-    ("generalization", "probability", "  mean answer probability", _probability),
-    ("specificity", "answered", "retain prompts answered", _percent),
-    ("specificity", "kept", "  kept (of those the base answers)", _percent),
-    ("specificity", "unchanged", "unlabelled neighbours unchanged", _percent),
+    ("efficacy", "answered", "forget prompts still answered", _percent, "n"),
+    ("efficacy", "probability", "  mean answer probability", _probability, "n"),
+    ("generalization", "answered", "paraphrases still answered", _percent, "n"),
+    ("generalization", "probability", "  mean answer probability", _probability, "n"),
+    ("specificity", "answered", "retain prompts answered", _percent, "n"),
+    ("specificity", "kept", "  kept (of those the base answers)", _percent, "n"),
+    ("specificity", "unchanged", "unlabelled neighbours unchanged", _percent, "unlabelled_n"),
+    ("specificity", "derived_unchanged", "same-pattern probes unchanged", _percent, "derived_n"),
 ]
 
 
@@ -103,7 +107,8 @@ def print_report(report: dict[str, Any]) -> None:
     data = report["data"]
     out.print(
         f"[bold]{escape(report['model'])}[/]: {data['forget']} forget prompt(s), {data['paraphrases']} paraphrase(s), "
-        f"{data['retain']} retain prompt(s), {data['unlabelled_neighbours']} unlabelled neighbour(s); "
+        f"{data['retain']} retain prompt(s), {data['unlabelled_neighbours']} unlabelled neighbour(s), "
+        f"{data['derived_probes']} same-pattern probe(s); "
         f"perplexity on {data['text_tokens']} tokens of "
         + ("--text" if data["text"] == "text" else "text sampled from the base model"),
         soft_wrap=True,
@@ -113,8 +118,8 @@ def print_report(report: dict[str, Any]) -> None:
     for m in models:
         header = _short(m["name"]) if m["patch"] is None else f"{_short(m['name'])}\n({m['patch']['method']})"
         table.add_column(escape(header), justify="right")
-    for section, key, label, fmt in ROWS:
-        if models[0][section].get("n" if key != "unchanged" else "unlabelled_n"):
+    for section, key, label, fmt, count in ROWS:
+        if models[0][section].get(count):
             table.add_row(label, *(fmt(m[section][key]) for m in models))
     if models[0]["fluency"]["perplexity"] is not None:
         table.add_row("perplexity", *(_perplexity(m["fluency"]) for m in models))

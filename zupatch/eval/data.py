@@ -22,6 +22,10 @@ One file of records, each about one fact to forget, in any of three formats
   and its first answer, the rephrased question, and the unrelated ``loc``
   question with ``loc_ans``.
 
+The forget records are also kept as parsed requests (zsRE questions have no
+``{}`` template, so none): ``zupatch eval`` fills their templates with other
+subjects as same-pattern probes (:mod:`zupatch.engine.probes`).
+
 A separate retain file (``--retain``: ``create``'s format, answers required)
 adds facts that must stay. Problems are reported as ``path:LINE: problem``.
 """
@@ -61,6 +65,7 @@ class EvalData:
     paraphrases: list[Item] = field(default_factory=list)  # generalization
     retain: list[Item] = field(default_factory=list)  # specificity (labelled)
     unlabelled_neighbours: list[str] = field(default_factory=list)  # specificity (unchanged top-1)
+    requests: list[ForgetRequest] = field(default_factory=list)  # the forget records as parsed (probe templates)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -116,6 +121,7 @@ def _add_record(data: EvalData, record: Any, where: str) -> None:
         requests = parse_request_record(_without_neighbours(record), require_target=True)
     except ZupatchError as error:
         raise RequestsFileError(error.message, where) from None
+    data.requests += requests
     for request in requests:
         data.forget.append(Item(request.text, request.target))
         data.paraphrases += [Item(text, request.target) for text in request.paraphrase_texts()]

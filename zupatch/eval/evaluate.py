@@ -9,7 +9,11 @@ stored bits, then restored; nothing is written) it measures:
 - generalization: the same on paraphrases;
 - specificity: on retain and labelled neighbour prompts, the share answered,
   and ``kept``: among those the base answered, the share still answered; on
-  unlabelled neighbours, the share whose top-1 next token is unchanged;
+  unlabelled neighbours, the share whose top-1 next token is unchanged; and
+  the same on *same-pattern probes*: the forget templates filled with other
+  subjects (:mod:`zupatch.engine.probes`), derived once from the base model
+  before any patch is applied, so collateral damage shows without retain data
+  and every patch is compared on identical prompts;
 - fluency: perplexity on ordinary text (``texts``, else a data-free sample of
   the base model's own text with a fixed seed, different from the statistics'
   seed) and greedy generations for the first few forget prompts.
@@ -32,16 +36,17 @@ import torch
 from torch import nn
 
 from zupatch.checkpoint.folder import Checkpoint
+from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
 from zupatch.eval.data import EvalData, Item
-from zupatch.eval.metrics import AnswerScore, next_tokens, score_answers, text_windows, token_perplexity
+from zupatch.eval.metrics import AnswerScore, score_answers, text_windows, token_perplexity
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.module import find_parameter, tensor_of
 from zupatch.patch.ops import run_chain_in_memory, sha256_hex
 
 REPORT_FORMAT = "zupatch-eval"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -58,13 +63,15 @@ class EvalConfig:
     text_tokens: int = 2048  # data-free fluency text: tokens sampled from the base model
     text_seed: int = 1234  # not the statistics' seed, so the edit never saw this text
     max_text_length: int = 512  # tokens per --text line
+    probes: int = 16  # same-pattern probe subjects per source (model-proposed, vocabulary); 0: none
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "new_tokens", "text_tokens", "max_text_length"):
             if getattr(self, name) < 1:
                 raise ZupatchError(f"{name.replace('_', ' ')} must be at least 1")
-        if self.generations < 0:
-            raise ZupatchError("generations must be >= 0")
+        for name in ("generations", "probes"):
+            if getattr(self, name) < 0:
+                raise ZupatchError(f"{name} must be >= 0")
 
 
 @dataclass
@@ -205,12 +212,18 @@ class _Scored:
     paraphrases: list[AnswerScore]
     retain: list[AnswerScore]
     neighbour_tokens: list[int]
+    probe_tokens: list[int]
     perplexity: float | None
     generations: list[str]
 
 
 def _score(
-    model: nn.Module, tokenizer: Any, data: EvalData, windows: list[list[int]], config: EvalConfig
+    model: nn.Module,
+    tokenizer: Any,
+    data: EvalData,
+    probes: Sequence[str],
+    windows: list[list[int]],
+    config: EvalConfig,
 ) -> _Scored:
     from zupatch.engine.targets import greedy_continuations
 
@@ -224,10 +237,8 @@ def _score(
         forget=answers(data.forget),
         paraphrases=answers(data.paraphrases),
         retain=answers(data.retain),
-        neighbour_tokens=(
-            next_tokens(model, tokenizer, data.unlabelled_neighbours, config.batch_size)
-            if data.unlabelled_neighbours else []
-        ),  # fmt: skip
+        neighbour_tokens=next_token_ids(model, tokenizer, data.unlabelled_neighbours, config.batch_size),
+        probe_tokens=next_token_ids(model, tokenizer, probes, config.batch_size),
         perplexity=token_perplexity(model, windows) if windows else None,
         generations=greedy_continuations(model, tokenizer, shown, config.new_tokens) if shown else [],
     )
@@ -250,8 +261,10 @@ def _model_scores(
     known = [i for i, s in enumerate(base.retain) if s.greedy]
     specificity = _answer_metrics(scored.retain)
     specificity["kept"] = _share([scored.retain[i].greedy for i in known])
-    specificity["unlabelled_n"] = len(scored.neighbour_tokens)
-    specificity["unchanged"] = _share([a == b for a, b in zip(scored.neighbour_tokens, base.neighbour_tokens)])
+    neighbours = top1_unchanged(base.neighbour_tokens, scored.neighbour_tokens)
+    specificity["unlabelled_n"], specificity["unchanged"] = neighbours["n"], neighbours["unchanged"]
+    probes = top1_unchanged(base.probe_tokens, scored.probe_tokens)
+    specificity["derived_n"], specificity["derived_unchanged"] = probes["n"], probes["unchanged"]
     fluency: dict[str, Any] = {"perplexity": None if scored.perplexity is None else round(scored.perplexity, 4)}
     fluency["perplexity_change"] = (
         round(scored.perplexity / base.perplexity - 1, 4) if scored.perplexity and base.perplexity else None
@@ -297,7 +310,9 @@ def evaluate(
     """Score the model in ``model_dir`` and, for each ``(label, patch)``, the patched model.
 
     Every patch is checked against the checkpoint's tensor hashes before any
-    model is scored, so a wrong patch fails in seconds.
+    model is scored, so a wrong patch fails in seconds. Same-pattern probes
+    (``config.probes`` subjects per source) are derived from the base model
+    before any patch is applied.
     """
     from zupatch.engine.api import load_model
 
@@ -307,10 +322,20 @@ def evaluate(
     patcher = InMemoryPatcher(model, checkpoint)
     for label, patch in patches:
         patcher.check(patch, label)
+    probes = derive_probes(model, tokenizer, data.requests, proposed=config.probes, vocabulary=config.probes)
+    prompts = probes.prompts
     windows, text_source = fluency_windows(model, tokenizer, texts, config)
     report = EvalReport(
         model=model_label or str(model_dir),
-        data={**data.counts(), "text": text_source, "text_tokens": sum(len(w) for w in windows)},
+        data={
+            **data.counts(),
+            "derived_probes": len(prompts),
+            "derived_templates": len(probes.templates) if prompts else 0,
+            "derived_subjects_proposed": len(probes.proposed),
+            "derived_subjects_vocabulary": len(probes.vocabulary),
+            "text": text_source,
+            "text_tokens": sum(len(w) for w in windows),
+        },
         settings={
             **{k: getattr(config, k) for k in config.__dataclass_fields__},
             "device": str(next(model.parameters()).device),
@@ -319,14 +344,14 @@ def evaluate(
     )
     total = 1 + len(patches)
     started = time.perf_counter()
-    base = _score(model, tokenizer, data, windows, config)
+    base = _score(model, tokenizer, data, prompts, windows, config)
     report.models.append(_model_scores("base", None, base, base, data, time.perf_counter() - started))
     if progress:
         progress("models", 1, total)
     for index, (label, patch) in enumerate(patches, start=2):
         started = time.perf_counter()
         with patcher.patched(patch, label):
-            scored = _score(model, tokenizer, data, windows, config)
+            scored = _score(model, tokenizer, data, prompts, windows, config)
         report.models.append(_model_scores(label, _patch_info(label, patch), scored, base, data, time.perf_counter() - started))
         if progress:
             progress("models", index, total)

@@ -6,6 +6,8 @@ whether the first one is the model's top-1 continuation, whether greedy
 decoding would reproduce the whole answer (every answer token top-1 given the
 ones before), the answer's mean token probability and its probability as a
 whole (the product). Multi-token answers are scored on all their tokens.
+The top-1 next token of unanswered prompts is
+:func:`zupatch.engine.probes.next_token_ids`, re-exported here.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from zupatch.engine.probes import next_token_ids
 from zupatch.engine.stats import special_prefix_ids
 from zupatch.engine.targets import target_separator
+
+#: The top-1 next token after each prompt, encoded as :func:`score_answers` encodes
+#: prompts (one implementation, in the engine, where ``create`` can use it too).
+next_tokens = next_token_ids
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,6 @@ def _padded_batch(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, to
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def next_tokens(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
-    """The top-1 next token after each prompt (encoded as :func:`score_answers` encodes prompts)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    tokens: list[int] = []
-    prefix = special_prefix_ids(tokenizer)
-    for start in range(0, len(prompts), batch_size):
-        rows = [_answer_ids(tokenizer, p, "x", prefix)[0] for p in prompts[start : start + batch_size]]
-        ids, mask = _padded_batch(rows, pad)
-        logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits
-        last = torch.tensor([len(r) - 1 for r in rows])
-        tokens += logits[torch.arange(len(rows)), last.to(logits.device)].argmax(dim=-1).tolist()
-    return tokens
 
 
 @torch.no_grad()
