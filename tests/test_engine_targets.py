@@ -193,3 +193,26 @@ def test_model_is_left_as_it_was(tiny_llama) -> None:
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.slow
+def test_neutral_targets_converge_for_every_fact(fact_model) -> None:
+    """Every one of the 48 trained facts gets a neutral target below the early-stop NLL.
+
+    The weight decay holds δ back; at a constant decay the optimum of NLL + decay
+    can sit above the stop threshold, and whether Adam's last steps dip under it
+    then depends on the machine's float summation order (35 of 48 converged with
+    a constant decay and 60 steps). A request whose NLL stops improving has its
+    decay halved, so the stop threshold is reached on its own merits.
+    """
+    model, tokenizer, facts = fact_model
+    spec = resolve_architecture(model)
+    prefixes = generate_context_prefixes(model, tokenizer)
+    config = OptimisationConfig(clamp_norm_factor=4.0)  # the tiny model needs large moves (test_engine_create.py)
+    result = optimise_representations(
+        model, tokenizer, spec, facts, [tokenizer.eos_token] * len(facts),
+        site="block", layer=2, prefixes=prefixes, config=config,
+    )  # fmt: skip
+    assert all(result.converged), [(i, nll) for i, nll in enumerate(result.final_nll) if nll >= config.converged_nll]
+    assert max(result.final_nll) < config.converged_nll
+    assert max(result.steps) <= config.max_steps

@@ -20,7 +20,7 @@ weight decay ‖δ‖²/‖init‖², with Adam, ‖δ_i‖ clamped to a fractio
 per step); the per-request losses are summed, and Adam is done by hand per
 request, so each δ_i follows exactly the path it would alone and stops on its
 own once its NLL is below ``converged_nll``. Step size is relative to the RMS
-of the initial vector by default (DESIGN §7: block outputs have norms of
+of the initial vector by default (docs/create.md: block outputs have norms of
 hundreds, where lr 0.1 in absolute units does not converge in 25 steps).
 
 Token positions come from the tokenizer's character offsets on the full text
@@ -79,24 +79,35 @@ class ContextConfig:
 class OptimisationConfig:
     """The v* optimisation. ``lr`` is relative to the RMS of the initial vector
     when ``relative_lr`` (a step of ``lr·‖init‖`` at most per step), absolute
-    otherwise (the paper). Stops per request once NLL < ``converged_nll``."""
+    otherwise (the paper). Stops per request once NLL < ``converged_nll``.
 
-    max_steps: int = 60
+    ``patience``: a request whose NLL has not fallen by 10% within that many
+    steps gets its weight decay multiplied by ``decay_fade`` (0 disables).
+    With a constant decay the optimum of NLL + decay can lie above
+    ``converged_nll``; whether Adam's oscillation then dips below the
+    threshold depends on float summation order, i.e. on the machine.
+    """
+
+    max_steps: int = 150
     lr: float = 0.1
     relative_lr: bool = True
     clamp_norm_factor: float = 0.75
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
     converged_nll: float = 0.05
+    patience: int = 3
+    decay_fade: float = 0.5
     max_batch_rows: int = 128  # rows per forward; larger batches are split (same result)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.lr <= 0 or self.clamp_norm_factor <= 0 or self.max_batch_rows < 1:
             raise ZupatchError("invalid optimisation settings: steps >= 0, lr > 0, clamp > 0 required")
+        if self.patience < 0 or not 0 <= self.decay_fade <= 1:
+            raise ZupatchError("invalid optimisation settings: patience >= 0 and 0 <= decay_fade <= 1 required")
 
 
-#: The paper's settings (ROME defaults): 25 steps, absolute lr 0.1.
-PAPER_OPTIMISATION = OptimisationConfig(max_steps=25, lr=0.1, relative_lr=False)
+#: The paper's settings (ROME defaults): 25 steps, absolute lr 0.1, constant weight decay.
+PAPER_OPTIMISATION = OptimisationConfig(max_steps=25, lr=0.1, relative_lr=False, patience=0)
 
 
 @dataclass
@@ -262,12 +273,23 @@ def _contextual(request: ForgetRequest, prefix: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class NeighbourConfig:
-    """Neighbour subjects the model proposes itself (DESIGN §7: their keys protect
-    facts that share the forget prompts' pattern). ``subjects`` = how many at
-    most, 0 disables; see :func:`propose_neighbour_subjects`."""
+    """Other subjects whose keys protect facts that share a forget prompt's pattern.
+
+    ``subjects``: how many the model lists itself after "Examples: <forget
+    subjects>," (:func:`propose_neighbour_subjects`), 0 disables.
+    ``similar``: per request, how many vocabulary words closest to its subject
+    (input-embedding cosine, the protect half of the vocabulary:
+    :func:`zupatch.engine.subjects.similar_subjects`) fill its templates;
+    "France" brings Belgium, Portugal, Greece..., so the edit has to act on
+    what is specific to France rather than on what all countries share.
+    ``similar_in_contexts``: their keys are averaged over the context prefixes
+    like the forget keys (else bare prompts only, cheaper).
+    """
 
     subjects: int = 8
     new_tokens: int = 48
+    similar: int = 64
+    similar_in_contexts: bool = True
 
 
 def greedy_continuations(model: nn.Module, tokenizer: Any, texts: Sequence[str], new_tokens: int) -> list[str]:
@@ -346,6 +368,7 @@ def fact_activations(
     prefixes: Sequence[str],
     key_layer: int,
     block_layer: int | None = None,
+    batch_rows: int = 256,
 ) -> FactActivations:
     """Down-proj inputs at ``key_layer`` (averaged over ``prefixes``) and, optionally,
     outputs of block ``block_layer`` for the bare prompt, at each fact token.
@@ -363,22 +386,25 @@ def fact_activations(
             ends.append(end)
             owners.append(index)
     encoded = encode_prompts(tokenizer, texts, ends)
-    ids, mask = pad_right([e.prompt_ids for e in encoded], pad_token_id(tokenizer), device)
-    rows = torch.arange(len(encoded), device=device)
-    facts = torch.tensor([e.fact_index for e in encoded], device=device)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        captured[name] = tensor[rows, facts].detach().to(torch.float64)
-
+    captured: dict[str, list[torch.Tensor]] = {"keys": [], "block": []}
     key_module = {"keys": down_proj_module(model, spec, key_layer)}
     block_module = {} if block_layer is None else {"block": decoder_layers(model, spec)[block_layer]}
     with _PreparedModel(model), torch.no_grad():
-        with (
-            on_inputs(key_module, keep, stop_at=None if block_module else "keys"),
-            on_outputs(block_module, keep, stop_at="block"),
-        ):
-            run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
+        for start in range(0, len(encoded), batch_rows):  # bounded memory whatever the number of rows
+            chunk = encoded[start : start + batch_rows]
+            ids, mask = pad_right([e.prompt_ids for e in chunk], pad_token_id(tokenizer), device)
+            rows = torch.arange(len(chunk), device=device)
+            facts = torch.tensor([e.fact_index for e in chunk], device=device)
+
+            def keep(name: str, tensor: torch.Tensor) -> None:
+                captured[name].append(tensor[rows, facts].detach().to(torch.float64))
+
+            with (
+                on_inputs(key_module, keep, stop_at=None if block_module else "keys"),
+                on_outputs(block_module, keep, stop_at="block"),
+            ):
+                run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
+    captured = {name: torch.cat(parts) for name, parts in captured.items() if parts}
     owner = torch.tensor(owners, device=device)
     n = len(requests)
     keys = torch.zeros(n, captured["keys"].shape[1], dtype=torch.float64, device=device)
@@ -606,6 +632,9 @@ def optimise_representations(
         final_loss = list(initial_nll)
         converged = [False] * n
         active = list(range(n))
+        decay_scale = [1.0] * n  # faded per request when its NLL stalls
+        best_nll = list(initial_nll)
+        stalled = [0] * n
         for iteration in range(config.max_steps + 1):
             if not active:
                 break
@@ -615,7 +644,7 @@ def optimise_representations(
                     nll, kl_log_probs, _ = run(group, delta)
                     total = 0.0
                     for i in group:
-                        loss = nll[i] + config.weight_decay * delta[i].pow(2).sum() / initial_norm[i] ** 2
+                        loss = nll[i] + decay_scale[i] * config.weight_decay * delta[i].pow(2).sum() / initial_norm[i] ** 2
                         if i in kl_log_probs:
                             current = kl_log_probs[i]
                             kl = (current.exp() * (current - kl_reference[i])).sum()  # KL(now ‖ before)
@@ -623,6 +652,13 @@ def optimise_representations(
                         final_nll[i] = float(nll[i].detach())
                         final_loss[i] = float(loss.detach())
                         converged[i] = final_nll[i] < config.converged_nll
+                        if final_nll[i] < 0.9 * best_nll[i]:
+                            best_nll[i], stalled[i] = final_nll[i], 0
+                        elif config.patience:
+                            stalled[i] += 1
+                            if stalled[i] >= config.patience:
+                                decay_scale[i] *= config.decay_fade
+                                stalled[i] = 0
                         total = total + loss
                     total.backward()
             active = [i for i in active if not converged[i]]
