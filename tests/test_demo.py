@@ -69,7 +69,9 @@ def test_demo_end_to_end(smollm2_checkpoint: Path, tmp_path: Path, monkeypatch: 
     assert patch.stat().st_size == report["patch_bytes"]
     model_bytes = sum(p.stat().st_size for p in smollm2_checkpoint.glob("*.safetensors"))
     assert report["model_bytes"] == model_bytes
-    assert report["patch_bytes"] < 0.01 * model_bytes and report["patch_bytes"] < 0.05 * report["touched_bytes"]
+    # One pass made a 204 KB patch (3.8% of the 5.3 MB it changes); create now refines until the
+    # answer is gone (a second pass here, rank 2 per tensor): 292 KB, 5.5% (docs/maths.md).
+    assert report["patch_bytes"] < 0.01 * model_bytes and report["patch_bytes"] < 0.06 * report["touched_bytes"]
     assert len(report["tensors_changed"]) == 3 < report["tensors_total"]
     steps = {"model", "generate before", "create", "apply", "generate after", "invert", "restore + check", "total"}
     assert set(report["seconds"]) == steps

@@ -117,6 +117,15 @@ def base_probes(folder: Path, requests: list[ForgetRequest]) -> list[str]:
     return derive_probe_prompts(model, AutoTokenizer.from_pretrained(folder), requests)
 
 
+def vocabulary_probe_count(folder: Path, requests: list[ForgetRequest]) -> int:
+    """How many vocabulary subjects the probes hold: 16 asked, fewer on the fact model's
+    46-word vocabulary, where about half of the probe half has a spelling in the protect half."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    count = len(derive_probes(model, AutoTokenizer.from_pretrained(folder), requests).vocabulary)
+    assert 4 <= count <= 16, count
+    return count
+
+
 @torch.no_grad()
 def hand_perplexity(folder: Path, lines: list[str]) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -141,10 +150,11 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
     report = json.loads(out)
     data = load_eval_data(workdir["data"], workdir["retain"])
     probes = base_probes(fact_checkpoint, data.requests)
-    assert len(probes) == 4 * 16  # 4 templates (2 prompts, 2 paraphrases) x 16 vocabulary words
+    words = vocabulary_probe_count(fact_checkpoint, data.requests)
+    assert len(probes) == 4 * words  # 4 templates (2 prompts, 2 paraphrases) x the vocabulary words
     assert report["data"] == {"forget": 2, "paraphrases": 2, "retain": 2 + 10, "unlabelled_neighbours": 1,
-                              "derived_probes": 64, "derived_templates": 4, "derived_subjects_proposed": 0,
-                              "derived_subjects_vocabulary": 16,
+                              "derived_probes": 4 * words, "derived_templates": 4, "derived_subjects_proposed": 0,
+                              "derived_subjects_vocabulary": words,
                               "text": "text", "text_tokens": 7 + 6}  # one token per word
 
     patched = workdir["tmp"] / "patched"
@@ -198,7 +208,8 @@ def test_human_output_and_self_sampled_text(workdir: dict, fact_checkpoint: Path
                          "--text-tokens", "64", "--generations", "1")  # fmt: skip
     assert code == 0, out
     assert "forget prompts still answered" in out and "perplexity" in out and "damage" in out
-    assert "same-pattern probes unchanged" in out and "64 same-pattern probe(s)" in out
+    words = vocabulary_probe_count(fact_checkpoint, load_eval_data(workdir["data"]).requests)
+    assert "same-pattern probes unchanged" in out and f"{4 * words} same-pattern probe(s)" in out
     assert "text sampled from the base model" in out
     assert out.count("The capital of Zorvia") == 1  # one generation row, as asked
 
@@ -236,7 +247,8 @@ def test_probes_show_collateral_damage_without_retain_data(
     assert report["data"]["retain"] == report["data"]["unlabelled_neighbours"] == 0
 
     probes = base_probes(fact_checkpoint, load_requests(forget))
-    assert len(probes) == report["data"]["derived_probes"] == 2 * 16  # 2 templates x 16 vocabulary words
+    words = vocabulary_probe_count(fact_checkpoint, load_requests(forget))
+    assert len(probes) == report["data"]["derived_probes"] == 2 * words  # 2 templates x the vocabulary words
     patched = tmp_path / "patched"
     apply_to_checkpoint(Patch.load(unspecific_patch), fact_checkpoint, patched)
     before, after = hand_next_tokens(fact_checkpoint, probes), hand_next_tokens(patched, probes)
@@ -252,7 +264,7 @@ def test_probes_show_collateral_damage_without_retain_data(
     assert base["specificity"]["n"] == 0 and base["specificity"]["kept"] is None  # nothing else could have
 
     code, out = run_eval(*args)
-    assert code == 0 and "same-pattern probes unchanged" in out and "32 same-pattern probe(s)" in out, out
+    assert code == 0 and "same-pattern probes unchanged" in out and f"{2 * words} same-pattern probe(s)" in out, out
     code, out = run_eval(*args, "--probes", "0", "--json")
     assert code == 0, out
     off = json.loads(out)
@@ -288,7 +300,8 @@ def test_probes_never_use_forget_or_protected_subjects(fact_model) -> None:
     assert protect and excluded_words(forget) & {w.casefold() for w in vocabulary_words(tokenizer)}
     for skip in (None, 0, 3):
         prompts = derive_probe_prompts(model, tokenizer, forget, skip_proposed=skip)
-        assert len(prompts) == len(set(prompts)) == len(templates) * 16, skip
+        words = len(derive_probes(model, tokenizer, forget, skip_proposed=skip).vocabulary)
+        assert 4 <= words <= 16 and len(prompts) == len(set(prompts)) == len(templates) * words, skip
         for prompt in prompts:
             subject = _probe_subject(prompt, templates)
             assert not _words(subject) & forbidden, (skip, subject)

@@ -105,3 +105,55 @@ def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, tmp_path: Pa
     restored = tmp_path / "restored"
     assert runner.invoke(app, ["apply", str(inverse), "-m", str(out), "-o", str(restored)]).exit_code == 0
     assert folder_digest(restored) == folder_digest(smollm2_checkpoint)
+
+
+def test_without_a_retain_file_same_template_facts_stay(smollm2_checkpoint: Path, tmp_path: Path) -> None:
+    """The README's workflow as a new user runs it: only --forget. The three facts are
+    no longer produced, and most facts sharing their templates (other capitals,
+    other chemical symbols, none of them given to create in any form, none used
+    to tune the defaults) still are, judged by greedy generation on the applied
+    checkpoint. Measured 2026-11-30: 19 of 23 (83%). The goal is 90%
+    (docs/benchmarks.md); the bar guards what holds today."""
+    forget_file = DATA / "smollm2_forget.jsonl"
+    forget = load_jsonl(forget_file)
+    forgotten = {(r["prompt"], r["subject"]) for r in forget}
+    templates = {r["prompt"] for r in forget}
+    same = [r for r in load_jsonl(DATA / "smollm2_facts.jsonl")
+            if r["prompt"] in templates and (r["prompt"], r["subject"]) not in forgotten]  # fmt: skip
+    plain = tmp_path / "forget.jsonl"  # no paraphrases: nothing but the facts themselves
+    plain.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "subject", "target")}) + "\n" for r in forget))
+    base_model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+
+    def produced(model, records: list[dict]) -> list[bool]:
+        """Whether greedy generation after the prompt starts with the answer."""
+        out = []
+        for r in records:
+            ids = tokenizer(fill(r), return_tensors="pt")
+            answer = len(tokenizer(" " + r["target"], add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                generated = model.generate(**ids, max_new_tokens=answer + 1, do_sample=False,
+                                           pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+            text = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.append(text.strip().startswith(r["target"]))
+        return out
+
+    assert all(produced(base_model, forget))
+    known = [r for r, ok in zip(same, produced(base_model, same)) if ok]
+    assert len(known) >= 15
+    patch = tmp_path / "forget.zup.safetensors"
+    result = runner.invoke(app, ["create", "-m", str(smollm2_checkpoint), "--forget", str(plain), "-o", str(patch),
+                                 "--tokens", "4096", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    out = tmp_path / "unlearned"
+    assert runner.invoke(app, ["apply", str(patch), "-m", str(smollm2_checkpoint), "-o", str(out)]).exit_code == 0
+    patched = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    still = produced(patched, forget)
+    kept = produced(patched, known)
+    report = {"forget_produced": still, "kept": sum(kept), "known": len(known),
+              "lost": [fill(r) for r, ok in zip(known, kept) if not ok],
+              "verification": summary["diagnostics"]["verification"]}  # fmt: skip
+    print(json.dumps(report))
+    assert not any(still), report
+    assert sum(kept) >= 0.8 * len(known), report

@@ -21,10 +21,10 @@ other subjects come from two sources:
 
 A probe must never be something the edit was told to protect: no subject
 shares a word with a request's subject or answer, with a subject ``create``
-protects by default, or with any protect-half vocabulary word (``create``
-protects the first ``NeighbourConfig().vocabulary`` of them, a number a user
-may raise: leaving out the whole half keeps probes apart whatever the
-setting). No answer is known for a probe, so the figure is whether the
+protects by default, and no subject has a word, in any usual spelling, in the
+protect half of the vocabulary (``create`` protects the words of that half
+nearest each subject, however many ``neighbours.similar`` asks for: leaving
+out the whole half keeps probes apart whatever the setting). No answer is known for a probe, so the figure is whether the
 model's top-1 next token is still the base model's (:func:`next_token_ids`,
 :func:`top1_unchanged`). Everything is deterministic (greedy decoding, hash
 order) and nothing of the requests' text is logged.
@@ -48,7 +48,6 @@ from zupatch.engine.subjects import (
     half_of,
     other_subjects,
     request_templates,
-    vocabulary_words,
 )
 from zupatch.engine.targets import NeighbourConfig, propose_neighbour_subjects
 from zupatch.errors import ZupatchError
@@ -81,6 +80,16 @@ def _words(text: str) -> set[str]:
     return {w.casefold() for w in re.findall(r"\w+", text)}
 
 
+def _protectable(subject: str) -> bool:
+    """Whether ``create`` could protect a subject: one of its words, in any of the
+    spellings a vocabulary holds (as is, lower case, capitalised), is in the
+    protect half (:func:`~zupatch.engine.subjects.similar_subjects` draws from it)."""
+    for word in re.findall(r"\w+", subject):
+        if any(half_of(form) == "protect" for form in {word, word.lower(), word.capitalize()}):
+            return True
+    return False
+
+
 def derive_probes(
     model: nn.Module,
     tokenizer: Any,
@@ -109,7 +118,6 @@ def derive_probes(
     default = NeighbourConfig()
     skip = default.subjects if skip_proposed is None else skip_proposed
     banned = excluded_words(requests)
-    banned |= {w.casefold() for w in vocabulary_words(tokenizer) if half_of(w) == "protect"}
     # create's own list, exactly: never a probe. Its last item may be cut short by the
     # token budget, so a subject it begins is out too.
     protected = propose_neighbour_subjects(model, tokenizer, requests, replace(default, subjects=skip)) if skip else []
@@ -130,13 +138,18 @@ def derive_probes(
             break
         known += new
         for subject in new:
-            if not _words(subject) & banned and not (cut and subject.casefold().startswith(cut)):
+            if (
+                not _words(subject) & banned
+                and not _protectable(subject)
+                and not (cut and subject.casefold().startswith(cut))
+            ):
                 chosen.append(subject)
                 banned.add(subject.casefold())
     from_vocabulary: list[str] = []
     if vocabulary > 0:
-        words = other_subjects(tokenizer, requests, vocabulary + len(banned), "probe")
-        from_vocabulary = [w for w in words if w.casefold() not in banned][:vocabulary]
+        # about half of the probe half has a spelling in the protect half: ask for enough
+        words = other_subjects(tokenizer, requests, 4 * vocabulary + len(banned), "probe")
+        from_vocabulary = [w for w in words if w.casefold() not in banned and not _protectable(w)][:vocabulary]
     return ProbeSet(templates, tuple(chosen[:proposed]), tuple(from_vocabulary))
 
 

@@ -1,21 +1,23 @@
-"""Other subjects for the forget templates, drawn from the model's own vocabulary.
+"""Other subjects for the forget templates, and other phrasings of the requests.
 
 An edit that makes a model forget "The capital of France is → Paris" must act
-on what is specific to France, not on the shared "capital of ..." direction,
-or every other capital goes with it. The engine protects the shared direction
-by adding to the retain statistics the keys of the same templates filled with
-many *other* subjects; ``zupatch eval`` measures collateral damage on the same
-templates filled with yet other subjects. Both need subjects without any data
-from the user, for any model: this module takes them from the tokenizer.
+on what is specific to France, not on what all countries share, or every
+other capital goes with it. The engine protects the shared part by adding to
+the retain statistics the keys of the same templates filled with *similar*
+subjects (:func:`similar_requests`: the vocabulary words nearest the subject
+in the model's input embeddings: Germany, Spain, Belgium...); ``zupatch
+eval`` measures collateral damage on the same templates filled with yet other
+subjects. Both take subjects from the tokenizer, for any model, with no data
+from the user.
 
-:func:`vocabulary_words` lists the capitalised alphabetic whole-word tokens of
-the vocabulary (" Paris", " Johnson", "▁Berlin"...), whether or not the model
-knows any fact about them. Every word falls, by a hash of its text, into one
-of two disjoint halves: ``"protect"`` (keys added by ``create``) and
-``"probe"`` (probes of ``eval`` and of ``create``'s own summary), so a
-measured figure never comes from subjects the edit was told to protect. The
-order within a half is also by hash: deterministic, unrelated to any
-benchmark, and the same on every machine.
+Every whole-word token falls, by a hash of its text, into one of two disjoint
+halves: ``"protect"`` (what ``create`` may protect) and ``"probe"`` (what
+``eval`` and ``create``'s own summary measure on), so a measured figure never
+comes from subjects the edit was told to protect. Orders are by hash too:
+deterministic, unrelated to any benchmark, the same on every machine.
+
+:class:`PhrasingConfig` and :func:`phrasing_variants` give the other
+phrasings whose subject keys join each request's forget key.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from zupatch.engine.requests import SUBJECT_PLACEHOLDER, ForgetRequest
+from zupatch.errors import ZupatchError
 
 Half = Literal["protect", "probe"]
 
@@ -33,6 +37,7 @@ Half = Literal["protect", "probe"]
 #: Llama 3, SmolLM2) and SentencePiece (Llama 2, Gemma, Mistral).
 _WORD_START = ("Ġ", "▁")
 _WORD = re.compile(r"[A-Z][a-z]{3,11}")
+_ANY_WORD = re.compile(r"[A-Za-z][a-z]{2,11}")
 
 
 def _rank(word: str) -> bytes:
@@ -44,31 +49,13 @@ def half_of(word: str) -> Half:
     return "protect" if _rank(word)[0] % 2 == 0 else "probe"
 
 
-def vocabulary_words(tokenizer: Any) -> list[str]:
-    """Capitalised alphabetic whole words (4-12 letters) that are single tokens.
+def _word_tokens(tokenizer: Any, pattern: re.Pattern[str]) -> dict[str, int]:
+    """Whole-word tokens matching ``pattern``, by their text, with their ids.
 
     Subword vocabularies mark a word start ("Ġ", "▁"); when none of the
     vocabulary carries such a marker (a word-level tokenizer), every token is
-    a whole word. Sorted by hash.
+    a whole word.
     """
-    tokens = list(tokenizer.get_vocab())
-    marked = any(t[:1] in _WORD_START for t in tokens)
-    words = set()
-    for token in tokens:
-        if marked:
-            if token[:1] not in _WORD_START:
-                continue
-            token = token[1:]
-        if _WORD.fullmatch(token):
-            words.add(token)
-    return sorted(words, key=_rank)
-
-
-_ANY_WORD = re.compile(r"[A-Za-z][a-z]{2,11}")
-
-
-def _word_tokens(tokenizer: Any) -> dict[str, int]:
-    """Whole-word tokens (any case, 3-12 letters) and their ids; see :func:`vocabulary_words`."""
     vocabulary = tokenizer.get_vocab()
     marked = any(t[:1] in _WORD_START for t in vocabulary)
     words: dict[str, int] = {}
@@ -77,9 +64,14 @@ def _word_tokens(tokenizer: Any) -> dict[str, int]:
             if token[:1] not in _WORD_START:
                 continue
             token = token[1:]
-        if _ANY_WORD.fullmatch(token):
+        if pattern.fullmatch(token):
             words.setdefault(token, token_id)
     return words
+
+
+def vocabulary_words(tokenizer: Any) -> list[str]:
+    """Capitalised alphabetic whole words (4-12 letters) that are single tokens, sorted by hash."""
+    return sorted(_word_tokens(tokenizer, _WORD), key=_rank)
 
 
 def similar_subjects(
@@ -98,7 +90,7 @@ def similar_subjects(
         return [[] for _ in requests]
     import torch
 
-    words = _word_tokens(tokenizer)
+    words = _word_tokens(tokenizer, _ANY_WORD)
     banned = excluded_words(requests)
     stems = {w[:4] for w in banned if len(w) >= 4}
     candidates = [
@@ -171,12 +163,75 @@ def filled_templates(templates: Sequence[str], subjects: Sequence[str]) -> list[
     return [ForgetRequest(template, subject, "") for template in templates for subject in subjects]
 
 
+def similar_requests(
+    model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], count: int
+) -> list[ForgetRequest]:
+    """Each request's templates filled with the ``count`` protect-half words closest to
+    its subject (:func:`similar_subjects`): the facts of the same kind that the
+    edit must leave alone. Distinct texts only; answers unknown."""
+    similar = similar_subjects(model, tokenizer, requests, count, "protect")
+    out: dict[str, ForgetRequest] = {}
+    for request, subjects in zip(requests, similar):
+        for filled in filled_templates(request_templates([request]), subjects):
+            out.setdefault(filled.text, filled)
+    return list(out.values())
+
+
+@dataclass(frozen=True)
+class PhrasingConfig:
+    """Other phrasings of each request whose subject keys join its forget key.
+
+    The key at the subject's last token depends only on the text before it, so
+    a phrasing matters through what precedes the subject. Each request's key
+    becomes the mean of its own (weight 1) and its variants' keys (``weight``
+    each): the request's paraphrases that contain the subject, and the
+    ``derived`` phrasings, ``{}`` being the subject, which the engine adds to
+    every request with a subject (default: the subject mentioned alone, the
+    key that "China's capital is" and "The Mona Lisa is a painting by" share
+    with nothing else), so that a fact asked in other words stays forgotten
+    when the request brings no paraphrases. ``weight = 0`` uses the bare
+    prompt only. docs/create.md has the measured trade-off.
+    """
+
+    weight: float = 0.5
+    derived: tuple[str, ...] = ("{}",)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ZupatchError("phrasings.weight must be >= 0")
+        bad = [d for d in self.derived if d.count(SUBJECT_PLACEHOLDER) != 1]
+        if bad:
+            raise ZupatchError(f"each derived phrasing needs exactly one '{{}}': {bad[0]!r}")
+
+
+def phrasing_variants(
+    requests: Sequence[ForgetRequest], derived: Sequence[str]
+) -> tuple[list[ForgetRequest], list[int]]:
+    """The requests' paraphrases that contain the subject and the ``derived`` phrasings
+    of every request with a subject, as requests, with the index of the request
+    each belongs to. A paraphrase without the subject has no subject token to
+    edit at (its last token is shared with every other subject's phrasing), so
+    it is left out."""
+    variants, owners = [], []
+    for index, request in enumerate(requests):
+        if not request.subject:
+            continue
+        for phrasing in [*request.paraphrases, *derived]:
+            if SUBJECT_PLACEHOLDER in phrasing or request.subject in phrasing:
+                variants.append(ForgetRequest(phrasing, request.subject, request.target))
+                owners.append(index)
+    return variants, owners
+
+
 __all__ = [
+    "PhrasingConfig",
     "excluded_words",
     "filled_templates",
     "half_of",
     "other_subjects",
+    "phrasing_variants",
     "request_templates",
+    "similar_requests",
     "similar_subjects",
     "vocabulary_words",
 ]

@@ -1,0 +1,96 @@
+"""Other subjects (vocabulary halves, similar subjects) and other phrasings of requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.fact_model import SUBJECTS
+from zupatch.engine.create import CreateConfig, RefineConfig
+from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.settings import with_settings
+from zupatch.engine.subjects import (
+    PhrasingConfig,
+    excluded_words,
+    half_of,
+    phrasing_variants,
+    similar_requests,
+    similar_subjects,
+    vocabulary_words,
+)
+from zupatch.errors import ZupatchError
+
+COUNTRIES = {
+    "Germany", "Spain", "Italy", "Belgium", "Russia", "England", "Portugal", "Greece", "Austria", "Switzerland",
+    "Japan", "Sweden", "Ireland", "Scotland", "Poland", "Hungary", "Britain", "Denmark", "Romania", "Canada",
+    "Thailand", "Norway", "Finland", "Netherlands", "Turkey", "Egypt", "India", "China", "Mexico", "Brazil",
+}  # fmt: skip
+
+
+def test_similar_subjects_on_the_fact_model(fact_model) -> None:
+    model, tokenizer, facts = fact_model
+    request = facts[0]
+    (similar,) = similar_subjects(model, tokenizer, [request], 8, "protect")
+    assert 0 < len(similar) <= 8
+    assert all(half_of(w) == "protect" for w in similar)
+    assert request.subject not in similar and request.target not in similar
+    assert set(similar) <= set(tokenizer.get_vocab())
+    assert similar_subjects(model, tokenizer, [request], 0, "protect") == [[]]
+    no_subject = ForgetRequest("The capital of Zorvia", "", "Plim")
+    assert similar_subjects(model, tokenizer, [no_subject], 8, "protect") == [[]]
+
+
+@pytest.mark.slow
+def test_similar_subjects_are_of_the_same_kind_on_smollm2(smollm2_checkpoint) -> None:
+    """"France" brings other countries, from the protect half only, never France itself."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    request = ForgetRequest("The capital of {} is", "France", "Paris")
+    (similar,) = similar_subjects(model, tokenizer, [request], 16, "protect")
+    assert len(similar) == 16
+    assert all(half_of(w) == "protect" for w in similar)
+    assert not {"France", "Paris", "france"} & set(similar)
+    assert len(COUNTRIES & set(similar)) >= 5, similar
+    (probe_side,) = similar_subjects(model, tokenizer, [request], 16, "probe")
+    assert not set(probe_side) & set(similar)
+    filled = similar_requests(model, tokenizer, [request], 16)
+    assert [r.text for r in filled] == [f"The capital of {w} is" for w in similar]
+
+
+def test_vocabulary_halves_are_disjoint_and_stable(fact_model) -> None:
+    _, tokenizer, _ = fact_model
+    words = vocabulary_words(tokenizer)
+    assert set(SUBJECTS) <= set(words)  # a word-level vocabulary: every capitalised word
+    assert words == vocabulary_words(tokenizer)
+    halves = {half_of(w) for w in words}
+    assert halves == {"protect", "probe"}
+    assert excluded_words([ForgetRequest("The capital of {} is", "North Korea", "Pyongyang")]) == {
+        "north", "korea", "pyongyang"}  # fmt: skip
+
+
+def test_phrasing_variants() -> None:
+    requests = [
+        ForgetRequest("The capital of {} is", "France", "Paris", paraphrases=(
+            "The capital city of France is", "The French capital is", "{}'s capital is")),  # fmt: skip
+        ForgetRequest("Water boils at", "", "100 degrees", paraphrases=("At sea level water boils at",)),
+    ]
+    variants, owners = phrasing_variants(requests, ("{}", "of {}"))
+    assert [v.text for v in variants] == [
+        "The capital city of France is", "France's capital is", "France", "of France"]  # fmt: skip
+    assert owners == [0, 0, 0, 0]
+    assert all(v.subject == "France" and v.target == "Paris" for v in variants)
+    assert phrasing_variants(requests, ()) == (variants[:2], [0, 0])
+
+
+def test_phrasing_and_refine_settings() -> None:
+    config = with_settings(CreateConfig(), {"phrasings.weight": 0, "refine.max_passes": 1})
+    assert config.phrasings.weight == 0 and config.refine.max_passes == 1
+    with pytest.raises(ZupatchError, match="phrasings.weight"):
+        PhrasingConfig(weight=-1)
+    with pytest.raises(ZupatchError, match="exactly one"):
+        PhrasingConfig(derived=("no placeholder",))
+    with pytest.raises(ZupatchError, match="max_passes"):
+        RefineConfig(max_passes=0)
+    paper = CreateConfig.paper()
+    assert paper.refine.max_passes == 1 and paper.phrasings.weight == 0 and paper.neighbours.similar == 0
