@@ -20,6 +20,7 @@ from zupatch.cli.main import app
 from zupatch.engine.api import create, create_from_checkpoint
 from zupatch.engine.create import CreateConfig
 from zupatch.engine.precheck import TargetNotGivenError, TargetNotGivenWarning, check_targets, ordinal
+from zupatch.engine.targets import target_nll
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.settings import with_settings
 
@@ -71,6 +72,9 @@ def test_check_ranks_each_target_token(fact_model) -> None:
     assert not checks[48].given and checks[48].ranks[0] > 1 and checks[48].index == 48
     assert checks[49].ranks[0] == 1 and checks[49].ranks[1] > 1
     assert checks[49].reason() == f"token 2 of its 2 target tokens is ranked {ordinal(checks[49].ranks[1])}"
+    requests = [*facts, wrong, two_tokens]  # the NLL is target_nll's, from the same forward pass
+    expected = target_nll(model, tokenizer, requests, [r.target for r in requests])
+    assert [c.nll for c in checks] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]  # fmt: skip
 

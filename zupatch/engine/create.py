@@ -497,9 +497,9 @@ def compute_edit(
             layer_diagnostics.append(diagnostics)
             if progress:
                 progress("layers", j + 1, len(layers))
-        answer_nll_after = target_nll(model, tokenizer, requests, answers)
-        given = [check.given for check in check_targets(model, tokenizer, requests)]
-        pending = torch.tensor([g or nll < config.refine.forgotten_nll for g, nll in zip(given, answer_nll_after)])
+        checks = check_targets(model, tokenizer, requests)  # one forward: greedy answers and their NLL
+        answer_nll_after = [check.nll for check in checks]
+        pending = torch.tensor([c.given or c.nll < config.refine.forgotten_nll for c in checks])
         if not pending.any():
             break
 

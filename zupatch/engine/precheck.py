@@ -41,11 +41,13 @@ class TargetCheck:
 
     ``ranks[j]`` is 1 when token j is the greedy choice after the prompt and
     tokens ``< j`` (ties broken as ``argmax`` breaks them), 12 when 11 tokens
-    come before it.
+    come before it. ``nll`` is the target's mean token NLL (nats), the same
+    figure as :func:`zupatch.engine.targets.target_nll`, from the same logits.
     """
 
     index: int
     ranks: tuple[int, ...]
+    nll: float = float("nan")
 
     @property
     def given(self) -> bool:
@@ -87,13 +89,16 @@ def check_targets(model: nn.Module, tokenizer: Any, requests: Sequence[ForgetReq
         for start in range(0, len(requests), BATCH_REQUESTS):
             batch = requests[start : start + BATCH_REQUESTS]
             checks += [
-                TargetCheck(start + i, ranks) for i, ranks in enumerate(_target_ranks(model, tokenizer, batch))
+                TargetCheck(start + i, ranks, nll)
+                for i, (ranks, nll) in enumerate(_target_ranks(model, tokenizer, batch))
             ]
     return checks
 
 
-def _target_ranks(model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest]) -> list[tuple[int, ...]]:
-    """Teacher-forced rank of every target token, per request (the sibling of ``target_nll``)."""
+def _target_ranks(
+    model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest]
+) -> list[tuple[tuple[int, ...], float]]:
+    """Teacher-forced rank of every target token and the mean token NLL, per request."""
     device = model_device(model)
     encoded = encode_prompts(
         tokenizer, [r.text for r in requests], [r.fact_char_end() for r in requests], [r.target for r in requests]
@@ -106,11 +111,13 @@ def _target_ranks(model: nn.Module, tokenizer: Any, requests: Sequence[ForgetReq
     own = logits.gather(1, targets[:, None])
     before = torch.arange(logits.shape[1], device=device)[None, :] < targets[:, None]
     ranks = 1 + (logits > own).sum(dim=1) + ((logits == own) & before).sum(dim=1)  # argmax keeps the first maximum
+    token_nll = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
     result, start = [], 0
     flat = ranks.tolist()
     for e in encoded:
-        result.append(tuple(int(r) for r in flat[start : start + len(e.target_ids)]))
-        start += len(e.target_ids)
+        end = start + len(e.target_ids)
+        result.append((tuple(int(r) for r in flat[start:end]), float(token_nll[start:end].mean())))
+        start = end
     return result
 
 
