@@ -18,7 +18,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
 
 
 def doc_schema() -> dict:
-    section = DOC.read_text().split("## 7.", 1)[1]
+    section = DOC.read_text().split("## 8.", 1)[1]
     block = re.search(r"```json\n(.*?)```", section, re.S)
     assert block, "docs/format.md section 7 has no JSON block"
     schema = json.loads(block.group(1))

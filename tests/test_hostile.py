@@ -92,10 +92,10 @@ PATCH_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "garbage": (lambda s, d: (d.write_bytes(os.urandom(3000)), d)[1], "not a valid safetensors file"),
     "empty": (lambda s, d: (d.write_bytes(b""), d)[1], "not a valid safetensors file"),
     "truncated": (lambda s, d: (d.write_bytes(s.read_bytes()[:-100]), d)[1], "outside the data"),
-    "header-not-json": (lambda s, d: write_safetensors(d, {}, b"") and (d.write_bytes(struct.pack("<Q", 5) + b"{nope"), d)[1], "header is not JSON"),
+    "header-not-json": (lambda s, d: write_safetensors(d, {}, b"") and (d.write_bytes(struct.pack("<Q", 5) + b"{nope"), d)[1], "header: malformed JSON"),
     "shape-lies": (lambda s, d: mutate_patch(s, d, lambda h, m: h[entry(m)["U"]].update(shape=[3, 3])), "needs"),
     "offsets-overlap": (lambda s, d: mutate_patch(s, d, lambda h, m: h[entry(m)["B"]].update(data_offsets=h[entry(m)["U"]]["data_offsets"])), "tensor"),
-    "metadata-not-json": (lambda s, d: mutate_patch_raw(s, d, "{not json"), "metadata is not valid JSON"),
+    "metadata-not-json": (lambda s, d: mutate_patch_raw(s, d, "{not json"), "metadata: malformed JSON"),
     "not-a-patch": (lambda s, d: mutate_patch_raw(s, d, None), "not a zupatch patch"),
     "wrong-format": (lambda s, d: mutate_patch(s, d, lambda h, m: m.update(format="other")), "metadata.format"),
     "newer-version": (lambda s, d: mutate_patch(s, d, lambda h, m: m.update(format_version=99)), "newer than this zupatch"),
@@ -204,7 +204,7 @@ def test_shard_missing_and_index_malformed(world: dict, tmp_path: Path) -> None:
     expect_error(apply_args(world["patch"], model, tmp_path / "out"), "index.json", "missing from the folder",
                  output=tmp_path / "out")  # fmt: skip
     (model / "model.safetensors.index.json").write_text("{oops")
-    expect_error(apply_args(world["patch"], model, tmp_path / "out"), "index.json", "not valid JSON",
+    expect_error(apply_args(world["patch"], model, tmp_path / "out"), "index.json", "malformed JSON",
                  output=tmp_path / "out")  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from zupatch.checkpoint.folder import Checkpoint
-from zupatch.checkpoint.safetensors_file import TensorInfo
+from zupatch.io.safetensors_file import TensorInfo
 from zupatch.errors import BaseMismatchError, CheckpointError, OutputExistsError, ZupatchError
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch

@@ -7,13 +7,13 @@ each shard's header is parsed on first use, tensor data only when asked for.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from zupatch.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
+from zupatch.io.safetensors_file import SafetensorsFile, TensorInfo
+from zupatch.io import jsondoc
 from zupatch.errors import CheckpointError, ZupatchError
 
 SINGLE_FILE = "model.safetensors"
@@ -52,9 +52,9 @@ class Checkpoint:
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
-                doc = json.loads(index.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError("is not valid JSON", index) from None
+                doc = jsondoc.loads(index.read_bytes())
+            except jsondoc.JSONDocumentError as exc:
+                raise CheckpointError(str(exc), index) from None
             wm = doc.get("weight_map") if isinstance(doc, dict) else None
             if not isinstance(wm, dict) or not wm:
                 raise CheckpointError("has no 'weight_map' object", index)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from zupatch.errors import ZupatchError
+from zupatch.io import jsondoc
 
 SUBJECT_PLACEHOLDER = "{}"
 
@@ -143,14 +144,13 @@ def jsonl_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RequestsFileError(f"malformed JSON: {error.msg} (column {error.colno})", f"{path}:{number}") from None
+            yield number, jsondoc.loads(line)
+        except jsondoc.JSONDocumentError as error:
+            raise RequestsFileError(str(error), f"{path}:{number}") from None
 
 
 def _json_list_records(text: str, path: Path) -> list[tuple[int, Any]]:
     """Decode ``[rec, rec, ...]`` element by element to know each record's line."""
-    decoder = json.JSONDecoder()
     records: list[tuple[int, Any]] = []
 
     def line_at(index: int) -> int:
@@ -166,9 +166,11 @@ def _json_list_records(text: str, path: Path) -> list[tuple[int, Any]]:
         return records
     while True:
         try:
-            record, end = decoder.raw_decode(text, index)
+            record, end = jsondoc.raw_decode(text, index)
         except json.JSONDecodeError as error:
             raise RequestsFileError(f"malformed JSON: {error.msg}", f"{path}:{error.lineno}") from None
+        except jsondoc.JSONDocumentError as error:
+            raise RequestsFileError(str(error), f"{path}:{line_at(index)}") from None
         records.append((line_at(index), record))
         index = skip_space(end)
         if index < len(text) and text[index] == ",":

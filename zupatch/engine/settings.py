@@ -9,13 +9,13 @@ that list the valid ones, values must have the field's type.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from zupatch.errors import ZupatchError
+from zupatch.io import jsondoc
 
 C = TypeVar("C")
 
@@ -104,8 +104,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ZupatchError(f"--set expects KEY=VALUE, got {text!r}")
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+        value = jsondoc.loads(raw)
+    except jsondoc.JSONDocumentError:
         value = raw
     return key.strip(), value
 
@@ -130,9 +130,9 @@ def load_settings_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ZupatchError(f"not valid TOML ({exc})", path) from None
     else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ZupatchError(f"not valid JSON (line {exc.lineno}: {exc.msg})", path) from None
+            data = jsondoc.loads(text)
+        except jsondoc.JSONDocumentError as exc:
+            raise ZupatchError(str(exc), path) from None
     if not isinstance(data, dict):
         raise ZupatchError("a config file must hold an object of settings", path)
     return flatten(data)

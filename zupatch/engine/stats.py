@@ -46,6 +46,7 @@ from torch import nn
 from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module
 from zupatch.engine.hooks import on_inputs, run_until_stopped
 from zupatch.errors import ZupatchError
+from zupatch.io import jsondoc
 
 #: ``progress(phase, done, total)``; library code reports through it and never prints.
 ProgressCallback = Callable[[str, int, int], None]
@@ -189,9 +190,9 @@ class FileCorpus:
                     if not line.strip():
                         continue
                     try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise ZupatchError(f"malformed JSON: {error.msg}", f"{path}:{number}") from None
+                        record = jsondoc.loads(line)
+                    except jsondoc.JSONDocumentError as error:
+                        raise ZupatchError(str(error), f"{path}:{number}") from None
                     text = record.get(self.text_field) if isinstance(record, dict) else None
                     if not isinstance(text, str):
                         raise ZupatchError(f"no string field {self.text_field!r}", f"{path}:{number}")

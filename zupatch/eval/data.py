@@ -32,7 +32,6 @@ adds facts that must stay. Problems are reported as ``path:LINE: problem``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from zupatch.engine.requests import (
     parse_request_record,
 )
 from zupatch.errors import ZupatchError
+from zupatch.io import jsondoc
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,9 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
         raise RequestsFileError(f"cannot read: {error}", path) from None
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RequestsFileError(f"malformed JSON: {error.msg}", f"{path}:{error.lineno}") from None
+            records = jsondoc.loads(text)
+        except jsondoc.JSONDocumentError as error:
+            raise RequestsFileError(str(error), path) from None
         for index, record in enumerate(records):
             yield f"{path}: record {index + 1}", record
         return

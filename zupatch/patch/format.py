@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from zupatch._version import __version__
-from zupatch.checkpoint.safetensors_file import SafetensorsFile
+from zupatch.io import jsondoc
+from zupatch.io.safetensors_file import SafetensorsFile
 from zupatch.errors import PatchFormatError, ZupatchError
 from zupatch.patch import correction as corr
 from zupatch.patch.numerics import FACTOR_DTYPES, FLOAT_DTYPES, DType
@@ -39,6 +40,11 @@ KINDS = ("lowrank", "dense")
 DIRECTIONS = ("forward", "inverse")
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Bounds a reader enforces (docs/format.md, "Limits"); the JSON ones are in zupatch.io.jsondoc.
+MAX_NDIM = 8
+MAX_DIM = 1 << 31  # elements along one axis
+MAX_NUMEL = 1 << 40  # elements of one tensor
+MAX_RANK = 1 << 16  # columns of U (2 per forget request per tensor for ZeroUnlearn)
 
 
 def utc_now() -> str:
@@ -260,7 +266,8 @@ class Patch:
         for i, step in enumerate(self.steps):
             step_keys: dict[tuple[int, str], str] = {}
             for j, e in enumerate(step.entries):
-                parts: dict[str, np.ndarray | None] = {"U": e.U, "B": e.B, "delta": e.delta}
+                delta = None if e.delta is None else e.delta.reshape(e.shape)  # stored in the tensor's own shape
+                parts: dict[str, np.ndarray | None] = {"U": e.U, "B": e.B, "delta": delta}
                 for part in ("fix", "inverse_fix"):
                     sc = getattr(e, part)
                     parts[part] = None if sc is None else np.frombuffer(sc.blob, dtype=np.uint8)
@@ -380,6 +387,9 @@ class _Reader:
         shape = self.get(d, "shape", list, where)
         if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
             raise self.fail(f"{where}.shape", f"expected a list of positive integers, got {shape!r}")
+        if len(shape) > MAX_NDIM or max(shape) > MAX_DIM or int(np.prod(shape, dtype=object)) > MAX_NUMEL:
+            raise self.fail(f"{where}.shape", f"{shape!r} is out of bounds (at most {MAX_NDIM} axes of {MAX_DIM} "
+                                              f"elements and {MAX_NUMEL} elements in all)")  # fmt: skip
         kind = self.get(d, "kind", str, where)
         direction = self.get(d, "direction", str, where)
         if kind not in KINDS:
@@ -396,14 +406,19 @@ class _Reader:
         if kind == "lowrank":
             if len(shape) != 2:
                 raise self.fail(f"{where}.shape", "a lowrank entry needs a 2-D tensor")
+            raw_scale = self.get(d, "scale", str, where)
             try:
-                scale = float.fromhex(self.get(d, "scale", str, where))
+                scale = float.fromhex(raw_scale) if len(raw_scale) <= 64 else float("nan")
             except ValueError:
                 raise self.fail(f"{where}.scale", "not a hexadecimal float") from None
+            except OverflowError:
+                raise self.fail(f"{where}.scale", "must be finite and non-zero") from None
             if not np.isfinite(scale) or scale == 0:
                 raise self.fail(f"{where}.scale", "must be finite and non-zero")
             U = self.array(d.get("U"), f"{where}.U", FACTOR_DTYPES, (rows, None))
             B = self.array(d.get("B"), f"{where}.B", FACTOR_DTYPES, (U.shape[1], cols))
+            if U.shape[1] > MAX_RANK:
+                raise self.fail(f"{where}.U", f"rank {U.shape[1]} is above the limit of {MAX_RANK}")
             if "rank" in d and d["rank"] != U.shape[1]:
                 raise self.fail(f"{where}.rank", f"says {d['rank']}, factors have rank {U.shape[1]}")
             fields.update(scale=scale, U=U, B=B)
@@ -456,9 +471,9 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
     if METADATA_KEY not in st.metadata:
         raise PatchFormatError("not a zupatch patch (no 'zupatch' metadata; is this a model checkpoint?)", path)
     try:
-        meta = json.loads(st.metadata[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise PatchFormatError("patch metadata is not valid JSON", path) from None
+        meta = jsondoc.loads(st.metadata[METADATA_KEY])
+    except jsondoc.JSONDocumentError as exc:
+        raise PatchFormatError(f"patch metadata: {exc}", path) from None
     r = _Reader(path, st)
     if not isinstance(meta, dict):
         raise r.fail("metadata", "expected a JSON object")
@@ -467,6 +482,8 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise r.fail("metadata.format_version", "missing or not an integer")
+    if version < 1:
+        raise r.fail("metadata.format_version", f"{version} is not a format version (versions start at 1)")
     if version > FORMAT_VERSION:
         raise PatchFormatError(
             f"patch format version {version} is newer than this zupatch understands ({FORMAT_VERSION}); upgrade zupatch",

@@ -284,11 +284,22 @@ def invert(patch: Patch) -> Patch:
 
 
 def stack(patches: Sequence[Patch]) -> Patch:
-    """One patch equal to applying ``patches`` in order (their steps, chained)."""
+    """One patch equal to applying ``patches`` in order (their steps, chained).
+
+    Steps keep their own fields, unknown ones included. Unknown top-level
+    fields are kept when every patch that has one gives it the same value;
+    two different values for one field are refused (docs/format.md).
+    """
     if not patches:
         raise ValueError("nothing to stack")
     steps = [s for p in patches for s in p.steps]
-    out = Patch(steps=steps)
+    extra: dict = {}
+    for p in patches:
+        for key, value in p.extra.items():
+            if key in extra and extra[key] != value:
+                raise ZupatchError(f"these patches do not stack: they disagree on the top-level field {key!r}")
+            extra[key] = value
+    out = Patch(steps=steps, extra=extra)
     try:
         validate_chain(out)
     except ValueError as exc:

@@ -9,7 +9,6 @@ byte counts) is reported as one line naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from zupatch.errors import ZupatchError
+from zupatch.io import jsondoc
 
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -91,9 +91,9 @@ class SafetensorsFile:
         except PermissionError:
             raise ZupatchError("permission denied", self.path) from None
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"header is not JSON ({exc.__class__.__name__})") from None
+            header = jsondoc.loads(raw)
+        except jsondoc.JSONDocumentError as exc:
+            raise self._fail(f"header: {exc}") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         data_start = 8 + n
