@@ -68,11 +68,12 @@ def test_apply_invert_roundtrip_on_real_checkpoint(case: tuple, checkpoints: dic
     patched = tmp_path / "out"
     assert folder_digest(base) == before  # input untouched
 
-    # untouched files are hard links; touched shards differ only in the touched tensors
+    # untouched files are copies with the same bytes, never sharing an inode with the input
     touched = {Checkpoint(base).weight_map[n] for n in patch.tensor_names}
     for rel in before:
         if rel not in touched:
-            assert same_inode(base / rel, patched / rel), rel
+            assert not same_inode(base / rel, patched / rel), rel
+            assert (base / rel).read_bytes() == (patched / rel).read_bytes(), rel
     # the patched checkpoint loads with plain transformers and runs
     model = AutoModelForCausalLM.from_pretrained(patched, dtype=dtype)
     with torch.no_grad():

@@ -41,3 +41,7 @@ class BaseMismatchError(ZupatchError):
 
 class OutputExistsError(ZupatchError):
     """Refusing to overwrite an existing output."""
+
+
+class NonFiniteError(ZupatchError):
+    """The patch would write NaN or Inf where the weights were finite."""

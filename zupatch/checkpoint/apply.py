@@ -4,13 +4,17 @@ Only the touched tensors are read. A touched shard keeps its header and byte
 layout (dtype and shape never change): its untouched byte ranges are copied by
 the kernel (``copy_file_range``) in a background thread while the touched
 tensors are computed in row blocks and written into their ranges. Untouched
-files are hard-linked (or copied). Everything goes into a hidden temporary
-folder beside the output, renamed into place only when every hash checked
-out, so an interrupted or failed apply leaves nothing behind.
+files are reflinked or copied (hard links only on request: they would share
+the input's inodes). Everything goes into a hidden temporary folder beside
+the output, renamed into place only when every hash, the inverse proof and
+the non-finite check passed, so an interrupted or failed apply leaves nothing
+under the output's name; a killed run's folder is removed by the next run.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -22,9 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no reflinks, no lock-based clean-up of killed runs
+    fcntl = None  # type: ignore[assignment]
+
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.io.safetensors_file import TensorInfo
 from zupatch.errors import BaseMismatchError, CheckpointError, OutputExistsError, ZupatchError
+from zupatch.io.files import current_umask
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.ops import ChainRunner
@@ -32,6 +42,7 @@ from zupatch.patch.ops import ChainRunner
 # progress(stage, done, total): stage names are "hash", "copy", "compute"
 ProgressFn = Callable[[str, int, int], None]
 COPY_CHUNK = 64 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # reported against the output, not the input
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -90,7 +101,12 @@ def check_fits(patch: Patch, ckpt: Checkpoint) -> None:
 
 
 def checkpoint_state(patch: Patch, ckpt: Checkpoint, progress: ProgressFn = _no_progress) -> CheckpointState:
-    """Hash every touched tensor and place it in the patch's hash chain."""
+    """Hash every touched tensor and place it in the patch's hash chain.
+
+    The layout is validated first (one format, every tensor stored once), so
+    the hashes are those of the weights transformers would load.
+    """
+    ckpt.validate()
     check_fits(patch, ckpt)
     states = []
     names = patch.tensor_names
@@ -126,39 +142,68 @@ class ApplyReport:
     output: Path
     tensors: list[str]
     touched_files: list[str]
-    linked_files: list[str] = field(default_factory=list)
+    linked_files: list[str] = field(default_factory=list)  # hard links (opt-in): share the input's inode
+    cloned_files: list[str] = field(default_factory=list)  # reflinks: share blocks copy-on-write
     copied_files: list[str] = field(default_factory=list)
+    removed_partials: list[str] = field(default_factory=list)  # stale folders of killed runs, removed
     seconds: float = 0.0
 
 
-def _link_or_copy(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link ``src`` (resolved through symlinks) to ``dst``; copy if that fails."""
-    real = src.resolve()
+# --------------------------------------------------------------------------- untouched files
+
+
+FICLONE = 0x40049409  # Linux ioctl: share blocks copy-on-write (btrfs, XFS, bcachefs, ...)
+
+
+def _place_file(src: Path, dst: Path, link: bool) -> str:
+    """Put a copy of ``src`` at ``dst``: "linked", "cloned" or "copied".
+
+    The default never shares an inode with the input (or the Hugging Face
+    cache behind it): a later in-place write into the output, such as
+    ``tokenizer.save_pretrained(out)``, would silently change the input. A
+    reflink shares blocks copy-on-write, so writes stay private; else the
+    kernel copies the bytes. ``link`` opts in to hard links.
+    """
     if link:
         try:
-            os.link(real, dst)
-            return True
+            os.link(src, dst)
+            return "linked"
         except OSError:
             pass
-    shutil.copyfile(real, dst)
-    return False
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        if fcntl is not None:
+            try:
+                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+                return "cloned"
+            except OSError:
+                pass
+        size = os.fstat(fin.fileno()).st_size
+        _copy_ranges(fin.fileno(), fout.fileno(), [(0, size)], threading.Event(), src)
+    return "copied"
 
 
-def _copy_ranges(src: Path, dst_fd: int, ranges: list[tuple[int, int]]) -> None:
-    """Copy byte ranges of ``src`` to the same offsets of ``dst_fd`` (kernel-side when possible)."""
-    with open(src, "rb") as fh:
-        src_fd = fh.fileno()
-        for start, end in ranges:
-            pos = start
-            while pos < end:
-                n = min(COPY_CHUNK, end - pos)
-                try:
-                    done = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
-                except (AttributeError, OSError):
-                    done = os.pwrite(dst_fd, os.pread(src_fd, n, pos), pos)
-                if done <= 0:
-                    raise CheckpointError("file ended early while copying", src)
-                pos += done
+def _copy_ranges(src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], stop: threading.Event, src: Path) -> None:
+    """Copy byte ranges of ``src`` to the same offsets of ``dst_fd`` (kernel-side when possible).
+
+    Stops early when ``stop`` is set, so a failing apply never leaves a
+    thread writing into a descriptor that the caller is about to close (and
+    the process may reuse for another file).
+    """
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            if stop.is_set():
+                return
+            n = min(COPY_CHUNK, end - pos)
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                    raise
+                done = os.pwrite(dst_fd, os.pread(src_fd, n, pos), pos)
+            if done <= 0:
+                raise CheckpointError("file ended early while copying", src)
+            pos += done
 
 
 def _untouched_ranges(size: int, touched: list[TensorInfo]) -> list[tuple[int, int]]:
@@ -172,28 +217,43 @@ def _untouched_ranges(size: int, touched: list[TensorInfo]) -> list[tuple[int, i
     return ranges
 
 
+# --------------------------------------------------------------------------- touched shards
+
+
+@dataclass(frozen=True)
+class ApplyChecks:
+    """What apply proves on every touched tensor besides the hashes (docs/format.md, "Limits")."""
+
+    prove_inverse: bool = True  # the stored inverse must give back the base bits
+    allow_nonfinite: bool = False  # NaN/Inf where the base was finite
+
+
 def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str], dst: Path, progress: ProgressFn,
-                 done_rows: list[int], total_rows: int) -> None:  # fmt: skip
+                 done_rows: list[int], total_rows: int, checks: ApplyChecks) -> None:  # fmt: skip
     """Write one touched shard: untouched bytes copied in the background, touched tensors computed."""
     st = ckpt.file(filename)
     infos = [st.tensors[n] for n in names]
     size = st.path.stat().st_size
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    stop = threading.Event()
+    copier: threading.Thread | None = None
     try:
         os.ftruncate(fd, size)
         errors: list[BaseException] = []
 
         def copy() -> None:
             try:
-                _copy_ranges(st.path, fd, _untouched_ranges(size, infos))
+                with open(st.path, "rb") as fh:
+                    _copy_ranges(fh.fileno(), fd, _untouched_ranges(size, infos), stop, st.path)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
 
-        copier = threading.Thread(target=copy, daemon=True)
+        copier = threading.Thread(target=copy, name="zupatch-copy", daemon=True)
         copier.start()
         with open(st.path, "rb") as src:
             for name, info in zip(names, infos):
-                runner = ChainRunner(patch.chain(name), patch.source)
+                runner = ChainRunner(patch.chain(name), patch.source, prove_inverse=checks.prove_inverse,
+                                     allow_nonfinite=checks.allow_nonfinite)  # fmt: skip
                 dt = runner.dtype
                 row_bytes = runner.cols * dt.itemsize
 
@@ -212,7 +272,12 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
         copier.join()
         if errors:
             raise errors[0]
+    except BaseException:
+        stop.set()
+        raise
     finally:
+        if copier is not None:
+            copier.join()  # never close the descriptor under a thread still writing into it
         os.close(fd)
 
 
@@ -227,66 +292,150 @@ def _require_base_hash(patch: Patch, name: str, digest: str, where: Path) -> Non
     require_base(patch, state, where)
 
 
-def apply_to_checkpoint(
-    patch: Patch,
-    model: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    link: bool = True,
-    progress: ProgressFn = _no_progress,
-) -> ApplyReport:
-    """Write ``output``: the checkpoint folder ``model`` with ``patch`` applied.
+# --------------------------------------------------------------------------- partial folders
 
-    Checks the base hash of every touched tensor on the bytes it streams
-    through, and every result hash; on any failure (or interruption) nothing is
-    left at ``output``. Files are not fsync'ed: the atomic rename protects
-    against an interrupted process, like ``save_pretrained`` and ``cp`` do.
+PARTIAL_INFIX = ".zupatch-partial-"
+LOCK_NAME = ".zupatch-lock"  # held (flock) by the apply writing the partial folder
+STALE_UNLOCKED_SECONDS = 60  # a partial folder without a lock file is left alone this long
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}{PARTIAL_INFIX}"
+
+
+def _lock(folder: Path) -> int | None:
+    """Create and hold the lock file of a partial folder; released when the process dies."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove partial folders left beside ``out`` by killed runs on the same output.
+
+    A folder is stale when nobody holds its lock (a killed process releases
+    it); a folder another apply is writing right now is left alone.
     """
-    started = time.perf_counter()
-    nm.check_ieee_environment()
-    out = Path(output)
+    if fcntl is None:
+        return []
+    parent = out.parent if str(out.parent) else Path(".")
+    removed = []
+    for folder in parent.glob(glob.escape(_partial_prefix(out)) + "*"):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:  # killed before it took the lock, or just after it let go
+            if time.time() - folder.lstat().st_mtime > STALE_UNLOCKED_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # another apply is writing it now
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(folder)
+    return removed
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def check_output(out: Path, model: Path) -> Path:
+    """The output must be a new folder, in an existing folder, outside the model folder."""
     if out.exists() or out.is_symlink():
         raise OutputExistsError("already exists; choose a new output folder", out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ZupatchError("parent folder does not exist", parent)
+    real_out, real_model = parent.resolve() / out.name, model.resolve()
+    if real_out == real_model or real_out.is_relative_to(real_model):
+        raise ZupatchError("the output must be a new folder outside the model folder", out)
+    return parent
+
+
+def apply_to_checkpoint(
+    patch: Patch,
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    link: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressFn = _no_progress,
+) -> ApplyReport:
+    """Write ``output``: the checkpoint folder ``model`` with ``patch`` applied.
+
+    Checks the base hash of every touched tensor on the bytes it streams
+    through, every result hash, and that the patch's stored inverse gives
+    back the base bits; refuses new NaN/Inf values unless ``allow_nonfinite``.
+    On any failure (or interruption) nothing is left at ``output``; the
+    hidden partial folder of a killed run is removed by the next run on the
+    same output. Untouched files are reflinked or copied, hard-linked only
+    with ``link`` (the output then shares inodes with the input). Files are
+    not fsync'ed: the atomic rename protects against an interrupted process,
+    like ``save_pretrained`` and ``cp`` do.
+    """
+    started = time.perf_counter()
+    nm.check_ieee_environment()
+    out = Path(output)
     ckpt = Checkpoint(model)
+    parent = check_output(out, ckpt.path)
     ckpt.validate()  # every shard's header, not only the touched ones: they are all handed on
-    if out.resolve() == ckpt.path.resolve():
-        raise ZupatchError("the output must be a new folder, not the model itself", out)
+    files = ckpt.all_files()  # symlinks resolved and checked
     check_fits(patch, ckpt)
 
     by_file: dict[str, list[str]] = {}
     for name in patch.tensor_names:
         by_file.setdefault(ckpt.weight_map[name], []).append(name)
     report = ApplyReport(output=out, tensors=patch.tensor_names, touched_files=sorted(by_file))
+    report.removed_partials = [str(p) for p in remove_stale_partials(out)]
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zupatch-partial-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=parent))
     except PermissionError:
         raise ZupatchError("cannot write here: permission denied", parent) from None
     except OSError as exc:
         raise ZupatchError(f"cannot write here: {exc.strerror}", parent) from None
+    lock = None
     try:
-        for src in sorted(ckpt.path.rglob("*")):
-            rel = src.relative_to(ckpt.path)
-            if rel.parts[0].startswith(".") or src.is_dir():
-                continue  # .cache/ of huggingface_hub local_dir downloads, .git, editor files
+        lock = _lock(tmp)
+        for rel, real in files.items():
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if str(rel) in by_file:
+            if rel in by_file:
                 continue
-            (report.linked_files if _link_or_copy(src, dst, link) else report.copied_files).append(str(rel))
+            how = _place_file(real, dst, link)
+            {"linked": report.linked_files, "cloned": report.cloned_files, "copied": report.copied_files}[how].append(rel)
         total_rows = sum(patch.chain(n)[0].rows for n in patch.tensor_names)
         done_rows = [0]
+        checks = ApplyChecks(allow_nonfinite=allow_nonfinite)
         for filename, names in by_file.items():
-            _write_shard(patch, ckpt, filename, names, tmp / filename, progress, done_rows, total_rows)
-        os.chmod(tmp, 0o755)
+            _write_shard(patch, ckpt, filename, names, tmp / filename, progress, done_rows, total_rows, checks)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        (tmp / LOCK_NAME).unlink(missing_ok=True)
         try:
             os.rename(tmp, out)
         except OSError:
             raise OutputExistsError("appeared while applying; nothing was written", out) from None
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _DISK_FULL:
+            raise ZupatchError(f"{exc.strerror} while writing the output; nothing was written", out) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     report.seconds = time.perf_counter() - started
     return report
+

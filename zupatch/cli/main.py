@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from zupatch._version import __version__
 from zupatch.cli import create_cli, demo_cli, eval_cli, hub_cli, ui
@@ -81,7 +82,12 @@ def apply(
     model: ModelOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the patched checkpoint.")],
     revision: RevisionOpt = None,
-    copy: Annotated[bool, typer.Option("--copy", help="Copy untouched files instead of hard-linking them.")] = False,
+    link: Annotated[bool, typer.Option(
+        "--link", help="Hard-link untouched files instead of copying them. Risky: the output then shares "
+        "inodes with the input (or the HF cache), so an in-place write into the output changes the input too.")] = False,
+    copy: Annotated[bool, typer.Option("--copy", hidden=True, help="The default now; kept for old scripts.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Apply even if the patch writes NaN/Inf where the weights were finite.")] = False,
     push_to: Annotated[
         str | None, typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo.")
     ] = None,
@@ -94,7 +100,17 @@ def apply(
 
     Checks that the checkpoint is the patch's base (sha256 of every touched
     tensor), reads only the touched tensors, writes into a temporary folder and
-    renames it at the end; every result tensor is hash-checked.
+    renames it at the end. Every result tensor is hash-checked, the patch's
+    stored inverse must give back the base bits (a patch whose undo would fail
+    is refused), and new NaN/Inf values are refused unless --allow-nonfinite.
+
+    Untouched files are reflinked where the filesystem can, else copied: the
+    output never shares an inode with the input or the Hugging Face cache
+    unless --link asks for it. Refused as ambiguous: a folder holding both
+    model.safetensors and model.safetensors.index.json, and a tensor stored in
+    two shards. Links are followed only to files inside the model folder (or a
+    cache snapshot's blobs). A hidden partial folder left by a killed run on
+    the same output is removed.
     """
     from zupatch.checkpoint.apply import apply_to_checkpoint
     from zupatch.checkpoint.resolve import resolve_model
@@ -107,27 +123,38 @@ def apply(
         resolved = resolve_model(model, revision, token=token)
         _warn(base_revision_note(p, resolved), quiet)
         with ui.progress(quiet or as_json) as progress:
-            report = apply_to_checkpoint(p, resolved.path, output, link=not copy, progress=progress)
+            report = apply_to_checkpoint(p, resolved.path, output, link=link and not copy,
+                                         allow_nonfinite=allow_nonfinite, progress=progress)  # fmt: skip
         result = {
             "output": str(report.output),
             "model": resolved.label,
             "tensors": report.tensors,
             "touched_files": report.touched_files,
             "linked_files": len(report.linked_files),
+            "cloned_files": len(report.cloned_files),
             "copied_files": len(report.copied_files),
+            "removed_partial_folders": report.removed_partials,
             "seconds": round(report.seconds, 3),
         }
         if not as_json and not quiet:
             ui.console.print(
                 f"[green]applied[/] {len(report.tensors)} tensor(s) in {len(report.touched_files)} file(s) "
-                f"-> [bold]{report.output}[/] ({report.seconds:.2f} s; "
-                f"{len(report.linked_files)} file(s) linked, {len(report.copied_files)} copied)"
+                f"-> [bold]{escape(str(report.output))}[/] ({report.seconds:.2f} s; {_placed(report)})",
+                soft_wrap=True,
             )
+            for folder in report.removed_partials:
+                ui.console.print(f"removed {escape(folder)} (left by a killed run)", soft_wrap=True)
         if push_to:
             result["pushed"] = hub_cli.push_applied(report.output, push_to, p, patch, resolved, private, token,
                                                     quiet or as_json)  # fmt: skip
         if as_json:
             _emit_json(result)
+
+
+def _placed(report: Any) -> str:
+    """How the untouched files got there, e.g. "12 copied" or "3 linked, 9 copied"."""
+    counts = [("linked", report.linked_files), ("cloned", report.cloned_files), ("copied", report.copied_files)]
+    return ", ".join(f"{len(files)} file(s) {how}" for how, files in counts if files) or "no other files"
 
 
 # --------------------------------------------------------------------------- verify

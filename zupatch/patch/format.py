@@ -28,6 +28,7 @@ import numpy as np
 
 from zupatch._version import __version__
 from zupatch.io import jsondoc
+from zupatch.io.files import current_umask
 from zupatch.io.safetensors_file import SafetensorsFile
 from zupatch.errors import PatchFormatError, ZupatchError
 from zupatch.patch import correction as corr
@@ -303,6 +304,7 @@ class Patch:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                os.fchmod(fh.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; users expect their umask
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

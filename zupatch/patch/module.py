@@ -67,11 +67,15 @@ def find_parameter(model: "torch.nn.Module", name: str) -> "torch.Tensor":
     raise ZupatchError(f"the model has no parameter {name!r}")
 
 
-def apply_to_module(patch: Patch, model: "torch.nn.Module", *, check_base: bool = True) -> None:
+def apply_to_module(
+    patch: Patch, model: "torch.nn.Module", *, check_base: bool = True, allow_nonfinite: bool = False
+) -> None:
     """Apply ``patch`` to ``model``'s weights in place, bit-exactly.
 
     With ``check_base`` the weights must hash to the patch's base; otherwise a
     :class:`BaseMismatchError` names the tensors that differ and nothing changes.
+    Like checkpoint apply, it proves that the patch can be undone and refuses
+    new NaN/Inf values unless ``allow_nonfinite``; on refusal nothing changes.
     """
     nm.check_ieee_environment()
     targets = {name: find_parameter(model, name) for name in patch.tensor_names}
@@ -88,7 +92,9 @@ def apply_to_module(patch: Patch, model: "torch.nn.Module", *, check_base: bool 
         if check_base and sha256_hex(bits) != chain[0].sha256_before:
             mismatched.append(name)
             continue
-        results[name] = run_chain_in_memory(chain, bits, patch.source)
+        results[name] = run_chain_in_memory(
+            chain, bits, patch.source, prove_inverse=True, allow_nonfinite=allow_nonfinite
+        )
     if mismatched:
         raise BaseMismatchError(
             f"the model is not the patch's base ({patch.base_model or 'unknown base'}): "
@@ -102,8 +108,8 @@ def apply_to_module(patch: Patch, model: "torch.nn.Module", *, check_base: bool 
 def applied(patch: Patch, model: "torch.nn.Module", *, check_base: bool = True) -> Iterator["torch.nn.Module"]:
     """``with applied(patch, model): ...`` runs the block on the patched model and
     restores the original weights bit for bit afterwards (via the exact inverse)."""
-    apply_to_module(patch, model, check_base=check_base)
+    apply_to_module(patch, model, check_base=check_base, allow_nonfinite=True)
     try:
         yield model
     finally:
-        apply_to_module(invert(patch), model, check_base=True)
+        apply_to_module(invert(patch), model, check_base=True, allow_nonfinite=True)

@@ -55,6 +55,15 @@ FLOAT_DTYPES: dict[str, DType] = {
     "F64": DType("F64", np.dtype("<u8"), 0x7FF8000000000000),
 }
 
+_EXPONENT_MASK = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+
+
+def nonfinite(bits: np.ndarray, dtype: DType) -> np.ndarray:
+    """Boolean mask of NaN and ±Inf values, read from the bits (all-ones exponent)."""
+    mask = dtype.bits.type(_EXPONENT_MASK[dtype.name])
+    return (bits & mask) == mask
+
+
 # Factor and delta tensors are stored in one of these (read exactly into float64).
 FACTOR_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from zupatch.errors import PatchFormatError, ZupatchError
+from zupatch.errors import NonFiniteError, PatchFormatError, ZupatchError
 from zupatch.patch import fastpath
 from zupatch.patch import numerics as nm
 from zupatch.patch.correction import Correction
@@ -63,11 +63,19 @@ class ChainRunner:
     reads and writes, a compute pool runs the arithmetic, and one hashing
     thread digests the base and every stage in row order. Afterwards
     ``base_hash`` and ``hashes`` hold the sha256 of the base and after each
-    entry; :meth:`check_base` and :meth:`check` compare them with the patch.
+    entry; :meth:`check` compares them with the patch.
+
+    With ``prove_inverse``, every block of every stage is also run back
+    through its entry's inverse (with ``inverse_fix``) and must give the bits
+    it came from: a patch whose undo would fail is refused before its result
+    is used. With ``allow_nonfinite=False``, a NaN or Inf where the stage's
+    input held a finite value is refused (docs/format.md, "Limits").
     """
 
     chain: Sequence[Entry]
     source: str | None = None  # the patch file, named in errors
+    prove_inverse: bool = False
+    allow_nonfinite: bool = True
     # one compute worker beside the I/O thread; more measured no faster on 2 cores
     threads: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) - 1)))
 
@@ -77,18 +85,31 @@ class ChainRunner:
         self.block = rows_per_block(self.cols)
         try:
             self._fixes = [e.fix.decode(e.numel, e.float_dtype) if e.fix else None for e in self.chain]
+            self._inverses = [
+                (e.inverted(), e.inverse_fix.decode(e.numel, e.float_dtype) if e.inverse_fix else None)
+                for e in self.chain
+            ] if self.prove_inverse else []  # fmt: skip
         except ValueError as exc:
             raise PatchFormatError(f"the correction of tensor {first.name!r} is unusable: {exc}", self.source) from None
         self._base_hasher = hashlib.sha256()
         self._hashers = [hashlib.sha256() for _ in self.chain]
+        self._not_undone: set[int] = set()  # entries whose inverse failed on some block
+        self._new_nonfinite = [0] * len(self.chain)
 
     def blocks(self) -> list[tuple[int, int]]:
         return [(r, min(r + self.block, self.rows)) for r in range(0, self.rows, self.block)]
 
     def _compute(self, r0: int, bits: np.ndarray) -> list[np.ndarray]:
         stages = []
-        for entry, fix in zip(self.chain, self._fixes):
-            bits = compute_entry_block(entry, bits, r0, fix)
+        for k, (entry, fix) in enumerate(zip(self.chain, self._fixes)):
+            before, bits = bits, compute_entry_block(entry, bits, r0, fix)
+            if not self.allow_nonfinite:
+                new = nm.nonfinite(bits, self.dtype) & ~nm.nonfinite(before, self.dtype)
+                self._new_nonfinite[k] += int(np.count_nonzero(new))
+            if self.prove_inverse:
+                inverse, inverse_fix = self._inverses[k]
+                if not np.array_equal(compute_entry_block(inverse, bits, r0, inverse_fix), before):
+                    self._not_undone.add(k)
             stages.append(bits)
         return stages
 
@@ -131,7 +152,7 @@ class ChainRunner:
         return [h.hexdigest() for h in self._hashers]
 
     def check(self) -> None:
-        """Raise if any stage's hash differs from what the patch promises."""
+        """Raise if any stage's hash differs from what the patch promises, or a requested proof failed."""
         for k, (entry, got) in enumerate(zip(self.chain, self.hashes)):
             if got != entry.sha256_after:
                 raise PatchFormatError(
@@ -139,11 +160,30 @@ class ChainRunner:
                     "the patch is corrupt or was not made by a conforming implementation",
                     self.source,
                 )
+            if k in self._not_undone:
+                raise PatchFormatError(
+                    f"entry {k} on tensor {entry.name!r} cannot be undone: its inverse (with its inverse_fix) "
+                    "does not give back the bits it started from; refusing a patch whose undo would fail",
+                    self.source,
+                )
+            if self._new_nonfinite[k]:
+                raise NonFiniteError(
+                    f"entry {k} writes {self._new_nonfinite[k]} NaN/Inf value(s) into tensor {entry.name!r} where "
+                    "it held finite values (pass --allow-nonfinite to apply it anyway)",
+                    self.source,
+                )
 
 
-def run_chain_in_memory(chain: Sequence[Entry], bits: np.ndarray, source: str | None = None) -> np.ndarray:
-    """Apply a chain to a whole tensor held in memory; checks every hash."""
-    runner = ChainRunner(chain, source)
+def run_chain_in_memory(
+    chain: Sequence[Entry],
+    bits: np.ndarray,
+    source: str | None = None,
+    *,
+    prove_inverse: bool = False,
+    allow_nonfinite: bool = True,
+) -> np.ndarray:
+    """Apply a chain to a whole tensor held in memory; checks every hash (and the proofs asked for)."""
+    runner = ChainRunner(chain, source, prove_inverse=prove_inverse, allow_nonfinite=allow_nonfinite)
     mat = bits.reshape(runner.rows, runner.cols)
     out = np.empty_like(mat)
     for r0, block in runner.run(lambda a, b: mat[a:b]):
