@@ -293,3 +293,46 @@ def test_patch_files_follow_the_umask(world: dict, tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "q.zup.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_shows_a_large_correction_hidden_behind_a_small_rank(world: dict, tmp_path: Path) -> None:
+    """A rank-2 entry whose forward fix moves one value far: consistent hashes, so it applies; inspect shows it."""
+    from zupatch.patch.ops import compute_entry_block, sha256_hex
+
+    honest = random_patch(world["single"], [DOWN[0]], rank=2)
+    honest.save(tmp_path / "honest.zup.safetensors")
+    e = honest.steps[0].entries[0]
+    base = base_tensors(world["single"], [DOWN[0]])[DOWN[0]][0]
+    raw = compute_entry_block(e, base, 0, None)
+    wanted = compute_entry_block(e, base, 0, e.fix.decode(e.numel, e.float_dtype) if e.fix else None)
+    wanted.flat[5] = 0x42C8  # bf16 100.0, about 5000 times the RMS of this tensor
+    back = compute_entry_block(e.inverted(), wanted, 0, None)
+    hostile = replace(e, sha256_after=sha256_hex(wanted),
+                      fix=StoredCorrection.make(Correction.between(raw, wanted), e.numel),
+                      inverse_fix=StoredCorrection.make(Correction.between(back, base), e.numel))  # fmt: skip
+    Patch(steps=[replace(honest.steps[0], entries=[hostile])]).save(tmp_path / "hostile.zup.safetensors")
+
+    def inspected(name: str, *extra: str) -> dict:
+        code, text = cli("inspect", str(tmp_path / name), "--json", *extra)
+        assert code == 0, text
+        return json.loads(text)["entries"][0]
+
+    plain = inspected("hostile.zup.safetensors")
+    U, B = e.U.astype(np.float64), e.B.astype(np.float64)
+    assert plain["rank"] == 2 and plain["fix_count"] >= 1
+    assert plain["change_norm"] == pytest.approx(np.linalg.norm(U @ B), rel=1e-9)
+    measured = inspected("hostile.zup.safetensors", "--model", str(world["single"]))
+    fair = inspected("honest.zup.safetensors", "--model", str(world["single"]))
+    w = base.view(np.uint16).astype(np.uint32) << 16
+    values = w.view(np.float32).astype(np.float64)
+    rms = np.sqrt(np.mean(values**2))
+    assert measured["fix_max"] == pytest.approx(abs(100.0 - float(np.frombuffer(
+        (np.uint32(raw.flat[5]) << 16).tobytes(), np.float32)[0])) / rms, rel=1e-6)  # fmt: skip
+    assert measured["fix_max"] > 100 and fair["fix_max"] < 0.05 and fair["inverse_fix_max"] < 0.05
+    result = 1.01 * values + U @ B  # the honest entry's change, computed directly (before bf16 rounding)
+    assert fair["relative_change"] == pytest.approx(np.linalg.norm(result - values) / np.linalg.norm(values), rel=0.01)
+    code, text = cli("inspect", str(tmp_path / "hostile.zup.safetensors"), "--model", str(world["single"]))
+    assert code == 0 and max(len(line) for line in text.splitlines()) <= 80, text

@@ -157,6 +157,6 @@ def test_inspect_json_describes_the_patch(checkpoints: dict, tmp_path: Path) -> 
     assert summary["sizes"]["file_bytes"] == (tmp_path / "p.zup.safetensors").stat().st_size
     assert summary["steps"][0]["method"] == "test"
     code, out = zup("inspect", str(tmp_path / "p.zup.safetensors"))
-    assert code == 0 and "lowrank" in out
+    assert code == 0 and "layers.1.mlp.down_proj" in out and "3 ×1.01" in out, out
     loaded = Patch.load(tmp_path / "p.zup.safetensors")
     assert loaded.to_bytes() == patch.to_bytes()

@@ -120,6 +120,41 @@ def checkpoint_state(patch: Patch, ckpt: Checkpoint, progress: ProgressFn = _no_
     return CheckpointState(states)
 
 
+def measure_changes(patch: Patch, ckpt: Checkpoint) -> dict[str, list[dict[str, float]]]:
+    """Per touched tensor, per entry of its chain, what it changes on this checkpoint (its base).
+
+    See :meth:`~zupatch.patch.ops.ChainRunner.change_report`. Streams each
+    tensor through the chain like apply does (inverse proof included),
+    writing nothing; the checkpoint must be the patch's base.
+    """
+    ckpt.validate()
+    check_fits(patch, ckpt)
+    out: dict[str, list[float]] = {}
+    for name in patch.tensor_names:
+        st, info = ckpt.locate(name)
+        runner = ChainRunner(patch.chain(name), patch.source, measure_change=True, prove_inverse=True)
+        row_bytes = runner.cols * runner.dtype.itemsize
+        with open(st.path, "rb") as src:
+            for _ in runner.run(_row_reader(src.fileno(), info, row_bytes, runner.dtype, st.path)):
+                pass
+        _require_base_hash(patch, name, runner.base_hash, ckpt.path)
+        runner.check()
+        out[name] = runner.change_report()
+    return out
+
+
+def _row_reader(fd: int, info: TensorInfo, row_bytes: int, dt: nm.DType, where: Path) -> Callable:
+    """``read(r0, r1)``: rows of one tensor of an open safetensors file, as bits."""
+
+    def read(r0: int, r1: int) -> np.ndarray:
+        data = os.pread(fd, (r1 - r0) * row_bytes, info.start + r0 * row_bytes)
+        if len(data) != (r1 - r0) * row_bytes:
+            raise CheckpointError(f"tensor {info.name!r} is truncated", where)
+        return np.frombuffer(data, dtype=dt.bits).reshape(r1 - r0, -1)
+
+    return read
+
+
 def require_base(patch: Patch, state: CheckpointState, where: Path) -> None:
     """Raise a clear :class:`BaseMismatchError` unless ``state`` is the patch's base."""
     if state.status == "base":
@@ -254,16 +289,8 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
             for name, info in zip(names, infos):
                 runner = ChainRunner(patch.chain(name), patch.source, prove_inverse=checks.prove_inverse,
                                      allow_nonfinite=checks.allow_nonfinite)  # fmt: skip
-                dt = runner.dtype
-                row_bytes = runner.cols * dt.itemsize
-
-                def read(r0: int, r1: int, info: TensorInfo = info, row_bytes: int = row_bytes, dt: nm.DType = dt):
-                    data = os.pread(src.fileno(), (r1 - r0) * row_bytes, info.start + r0 * row_bytes)
-                    if len(data) != (r1 - r0) * row_bytes:
-                        raise CheckpointError(f"tensor {info.name!r} is truncated", st.path)
-                    return np.frombuffer(data, dtype=dt.bits).reshape(r1 - r0, -1)
-
-                for r0, block in runner.run(read):
+                row_bytes = runner.cols * runner.dtype.itemsize
+                for r0, block in runner.run(_row_reader(src.fileno(), info, row_bytes, runner.dtype, st.path)):
                     os.pwrite(fd, block.tobytes(), info.start + r0 * row_bytes)
                     done_rows[0] += block.shape[0]
                     progress("compute", done_rows[0], total_rows)

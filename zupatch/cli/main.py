@@ -265,15 +265,30 @@ def _report_written(output: Path, patch: Any, as_json: bool, quiet: bool, what: 
 def inspect(
     patch: PatchArg,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of a patch repo.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="The patch's base (folder or Hub repo id): also show |W'-W|/|W| per entry.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Summarise a patch: base, method, steps, tensors, ranks, sizes, hashes."""
+    """Summarise a patch: base, method, steps, sizes, hashes, and what each entry can change.
+
+    Per entry: its rank, the norm of its additive change (|UB| or |delta|),
+    and the number of bit corrections of its result and of its inverse. With
+    --model (the base), also the relative change |W'-W|/|W| and the largest
+    value change any one correction makes, as a fraction of the tensor's RMS:
+    a rounding fix is about one ulp (under 1% of the RMS in bf16), so a
+    "rank 2" entry whose corrections move values by a large fraction writes
+    values its arithmetic does not explain.
+    """
+    from zupatch.checkpoint.apply import measure_changes
+    from zupatch.checkpoint.folder import Checkpoint
+    from zupatch.checkpoint.resolve import resolve_model
     from zupatch.hub import hub_output
     from zupatch.patch.summary import summarize
 
     with ui.guard(), hub_output(as_json):
         p = _load_patch(patch, revision)
-        summary = summarize(p, file_bytes=Path(p.source).stat().st_size)
+        changes = measure_changes(p, Checkpoint(resolve_model(model).path)) if model else None
+        summary = summarize(p, file_bytes=Path(p.source).stat().st_size, changes=changes)
         if as_json:
             _emit_json(summary)
         else:

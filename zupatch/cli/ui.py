@@ -117,17 +117,42 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         hp = ", ".join(f"{k}={v}" for k, v in _headline(s["hyperparameters"]))
         steps.add_row(str(i), s["method"], str(s["requests"]), "yes" if s["inverted"] else "", s["created"], hp)
     out.print(steps)
-    entries = Table(title="tensors", title_justify="left", show_edge=False)
-    for col in ("step", "tensor", "dtype shape", "kind", "rank", "scale", "fixes", "stored"):
+    relative = any("relative_change" in e for e in summary["entries"])
+    entries = Table(title="what each entry changes", title_justify="left", show_edge=False)
+    for col in ("#", "tensor", "|ΔW|/|W|" if relative else "|UB|/|Δ|", "rank", "fixes", "stored"):
         entries.add_column(col, overflow="fold")
     for e in summary["entries"]:
-        entries.add_row(
-            str(e["step"]), e["name"], f"{e['dtype']} {'x'.join(map(str, e['shape']))}",
-            e["kind"] + ("" if e["direction"] == "forward" else " (inverse)"),
-            str(e.get("rank", "")), f"{e['scale']:.6g}" if "scale" in e else "",
-            f"{e['fix_count']}/{e['inverse_fix_count']}", human_bytes(e["stored_bytes"]),
-        )  # fmt: skip
+        fixes = f"{e['fix_count']}/{e['inverse_fix_count']}"
+        if relative:
+            fixes += f" ≤{_percent(e['fix_max'])}/{_percent(e['inverse_fix_max'])}"
+        change = _percent(e["relative_change"]) if relative else _number(e["change_norm"])
+        entries.add_row(str(e["step"]), _short(e["name"]), change, _rank(e), fixes, human_bytes(e["stored_bytes"]))
     out.print(entries)
+    out.print("  rank: 'dense' = a full delta, ×s = scale s ≠ 1, 'inv' = an inverse entry")
+    out.print("  fixes: bit corrections of the result / of its inverse" +
+              (";\n  ≤: the largest value change of one fix, in % of the tensor's RMS" if relative else ""))
     out.print("[bold]sha256[/] (base → result)")
+    dtypes = {e["name"]: f"{e['dtype']} {'x'.join(map(str, e['shape']))}" for e in summary["entries"]}
     for t in summary["tensors"]:
-        out.print(f"  {t['name']}\n    {t['sha256_before']}\n  → {t['sha256_after']}", soft_wrap=True)
+        out.print(f"  {t['name']} ({dtypes[t['name']]})\n    {t['sha256_before']}\n  → {t['sha256_after']}",
+                  soft_wrap=True)  # fmt: skip
+
+
+def _short(name: str) -> str:
+    """``model.layers.17.mlp.down_proj.weight`` -> ``layers.17.mlp.down_proj`` (the table fits 80 columns)."""
+    return name.removeprefix("model.").removesuffix(".weight")
+
+
+def _percent(value: float | None) -> str:
+    return "inf" if value is None else f"{100 * value:.3g}%"
+
+
+def _number(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3g}"
+
+
+def _rank(e: dict[str, Any]) -> str:
+    text = str(e["rank"]) if e["kind"] == "lowrank" else "dense"
+    if e["kind"] == "lowrank" and e["scale"] != 1:
+        text += f" ×{e['scale']:.4g}"
+    return text + (" inv" if e["direction"] == "inverse" else "")

@@ -76,6 +76,7 @@ class ChainRunner:
     source: str | None = None  # the patch file, named in errors
     prove_inverse: bool = False
     allow_nonfinite: bool = True
+    measure_change: bool = False  # per entry: relative change and largest fix (float64), see change_report
     # one compute worker beside the I/O thread; more measured no faster on 2 cores
     threads: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) - 1)))
 
@@ -93,24 +94,35 @@ class ChainRunner:
             raise PatchFormatError(f"the correction of tensor {first.name!r} is unusable: {exc}", self.source) from None
         self._base_hasher = hashlib.sha256()
         self._hashers = [hashlib.sha256() for _ in self.chain]
-        self._not_undone: set[int] = set()  # entries whose inverse failed on some block
-        self._new_nonfinite = [0] * len(self.chain)
+        # r0 -> one row per entry: the block's findings (compute threads write disjoint keys)
+        self._found: dict[int, np.ndarray] = {}
 
     def blocks(self) -> list[tuple[int, int]]:
         return [(r, min(r + self.block, self.rows)) for r in range(0, self.rows, self.block)]
 
     def _compute(self, r0: int, bits: np.ndarray) -> list[np.ndarray]:
         stages = []
+        found = np.zeros((len(self.chain), len(_FOUND)))
         for k, (entry, fix) in enumerate(zip(self.chain, self._fixes)):
-            before, bits = bits, compute_entry_block(entry, bits, r0, fix)
+            before = bits
+            bits = compute_entry_block(entry, before, r0, None if self.measure_change else fix)
+            if self.measure_change:
+                bits, found[k, _FOUND["fix_max"]] = _fixed(bits, fix, r0 * entry.cols, self.dtype)
+                with np.errstate(all="ignore"):
+                    old = nm.decode(before, self.dtype)
+                    found[k, _FOUND["change_sq"]] = np.square(nm.decode(bits, self.dtype) - old).sum()
+                    found[k, _FOUND["before_sq"]] = np.square(old).sum()
             if not self.allow_nonfinite:
                 new = nm.nonfinite(bits, self.dtype) & ~nm.nonfinite(before, self.dtype)
-                self._new_nonfinite[k] += int(np.count_nonzero(new))
+                found[k, _FOUND["new_nonfinite"]] = np.count_nonzero(new)
             if self.prove_inverse:
                 inverse, inverse_fix = self._inverses[k]
-                if not np.array_equal(compute_entry_block(inverse, bits, r0, inverse_fix), before):
-                    self._not_undone.add(k)
+                back = compute_entry_block(inverse, bits, r0, None if self.measure_change else inverse_fix)
+                if self.measure_change:
+                    back, found[k, _FOUND["inverse_fix_max"]] = _fixed(back, inverse_fix, r0 * entry.cols, self.dtype)
+                found[k, _FOUND["not_undone"]] = not np.array_equal(back, before)
             stages.append(bits)
+        self._found[r0] = found
         return stages
 
     def _digest(self, base: np.ndarray | None, stages: list[np.ndarray]) -> None:
@@ -143,6 +155,33 @@ class ChainRunner:
             for d in digests:
                 d.result()
 
+    def _total(self, column: str, how: Callable = np.sum) -> np.ndarray:
+        blocks = list(self._found.values()) or [np.zeros((len(self.chain), len(_FOUND)))]
+        return how(np.stack(blocks)[:, :, _FOUND[column]], axis=0)
+
+    def change_report(self) -> list[dict[str, float]]:
+        """Per entry (needs ``measure_change``; the inverse fix also needs ``prove_inverse``).
+
+        ``relative_change``: ``|W' - W|_F / |W|_F``. ``fix_max`` and
+        ``inverse_fix_max``: the largest value change any one correction
+        makes, over the RMS of the tensor before the entry; a rounding fix is
+        about one ulp of a value (~0.4% of it in bf16), a fix far above that
+        writes values the entry's arithmetic does not explain.
+        """
+        change, before = self._total("change_sq"), self._total("before_sq")
+        numel = self.rows * self.cols
+        out = []
+        for k in range(len(self.chain)):
+            rms = np.sqrt(before[k] / numel)
+            with np.errstate(all="ignore"):
+                out.append({
+                    "relative_change": float(np.sqrt(change[k] / before[k])) if before[k] > 0 else
+                    (0.0 if change[k] == 0 else float("inf")),
+                    "fix_max": float(self._total("fix_max", np.max)[k] / rms) if rms > 0 else 0.0,
+                    "inverse_fix_max": float(self._total("inverse_fix_max", np.max)[k] / rms) if rms > 0 else 0.0,
+                })  # fmt: skip
+        return out
+
     @property
     def base_hash(self) -> str:
         return self._base_hasher.hexdigest()
@@ -160,18 +199,34 @@ class ChainRunner:
                     "the patch is corrupt or was not made by a conforming implementation",
                     self.source,
                 )
-            if k in self._not_undone:
+            if self._total("not_undone")[k]:
                 raise PatchFormatError(
                     f"entry {k} on tensor {entry.name!r} cannot be undone: its inverse (with its inverse_fix) "
                     "does not give back the bits it started from; refusing a patch whose undo would fail",
                     self.source,
                 )
-            if self._new_nonfinite[k]:
+            if self._total("new_nonfinite")[k]:
                 raise NonFiniteError(
-                    f"entry {k} writes {self._new_nonfinite[k]} NaN/Inf value(s) into tensor {entry.name!r} where "
+                    f"entry {k} writes {int(self._total('new_nonfinite')[k])} NaN/Inf value(s) into tensor {entry.name!r} where "
                     "it held finite values (pass --allow-nonfinite to apply it anyway)",
                     self.source,
                 )
+
+
+_FOUND = {name: i for i, name in enumerate(
+    ("change_sq", "before_sq", "fix_max", "inverse_fix_max", "new_nonfinite", "not_undone"))}  # fmt: skip
+
+
+def _fixed(bits: np.ndarray, fix: Correction | None, start: int, dtype: nm.DType) -> tuple[np.ndarray, float]:
+    """``bits`` with ``fix`` applied, and the largest absolute value change the fix made there."""
+    if fix is None:
+        return bits, 0.0
+    fixed = bits.copy()
+    fix.apply(fixed, start=start)
+    with np.errstate(all="ignore"):
+        moved = np.abs(nm.decode(fixed, dtype) - nm.decode(bits, dtype))
+    moved = moved[np.isfinite(moved)]
+    return fixed, float(moved.max()) if moved.size else 0.0
 
 
 def run_chain_in_memory(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from zupatch.patch.format import FORMAT_VERSION, Patch
+import numpy as np
+
+from zupatch.patch.format import FORMAT_VERSION, Entry, Patch
 
 
 def human_bytes(n: float) -> str:
@@ -16,8 +18,34 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def summarize(patch: Patch, file_bytes: int | None = None) -> dict[str, Any]:
-    """Everything a person or a script wants to know about a patch, no arrays."""
+def change_norm(e: Entry) -> float:
+    """``|U B|_F`` (lowrank) or ``|delta|_F`` (dense) in float64: the additive part of the change."""
+    if e.kind == "lowrank":
+        assert e.U is not None and e.B is not None
+        U, B = e.U.astype(np.float64), e.B.astype(np.float64)
+        with np.errstate(all="ignore"):
+            return float(np.sqrt(max(np.trace((U.T @ U) @ (B @ B.T)), 0.0)))
+    assert e.delta is not None
+    return float(np.linalg.norm(e.delta.astype(np.float64)))
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no Inf or NaN: such a measure is reported as null."""
+    return x if np.isfinite(x) else None
+
+
+def summarize(patch: Patch, file_bytes: int | None = None,
+              changes: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything a person or a script wants to know about a patch, no arrays.
+
+    Per entry: rank, ``change_norm`` (``|U B|_F`` or ``|delta|_F``) and the
+    count of its bit corrections. With ``changes`` measured on the base
+    (``inspect --model``, see ``measure_changes`` in zupatch.checkpoint.apply):
+    ``relative_change`` ``= |W' - W|_F / |W|_F`` and ``fix_max`` /
+    ``inverse_fix_max``, the largest value change one correction makes, over
+    the tensor's RMS.
+    """
+    position: dict[str, int] = {}
     touched = patch.touched_bytes()
     size = file_bytes if file_bytes is not None else len(patch.to_bytes())
     entries = []
@@ -34,11 +62,15 @@ def summarize(patch: Patch, file_bytes: int | None = None) -> dict[str, Any]:
                 "sha256_after": e.sha256_after,
                 "fix_count": e.fix.count if e.fix else 0,
                 "inverse_fix_count": e.inverse_fix.count if e.inverse_fix else 0,
+                "change_norm": _finite(change_norm(e)),
                 "stored_bytes": e.stored_bytes(),
             }
             if e.kind == "lowrank":
                 d["rank"] = e.rank
                 d["scale"] = e.scale
+            k = position[e.name] = position.get(e.name, -1) + 1
+            if changes is not None:
+                d.update({key: _finite(value) for key, value in changes[e.name][k].items()})
             entries.append(d)
     return {
         "format_version": FORMAT_VERSION,
