@@ -434,6 +434,12 @@ class _Reader:
             sha256_before=hashes[0], sha256_after=hashes[1], fix=fix, inverse_fix=inverse_fix, **fields,
         )  # fmt: skip
 
+    def _method(self, d: dict, where: str) -> str:
+        method = self.get(d, "method", str, where)
+        if not method.strip() or len(method) > 128:
+            raise self.fail(f"{where}.method", "must name the method (1 to 128 characters)")
+        return method
+
     def step(self, d: object, where: str) -> Step:
         if not isinstance(d, dict):
             raise self.fail(where, "expected an object")
@@ -448,7 +454,7 @@ class _Reader:
                  "tool_version", "inverted", "entries"}  # fmt: skip
         return Step(
             entries=entries,
-            method=self.get(d, "method", str, where),
+            method=self._method(d, where),
             hyperparameters=self.get(d, "hyperparameters", dict, where, optional=True) or {},
             base_model=self.get(d, "base_model", str, where, optional=True),
             base_revision=self.get(d, "base_revision", str, where, optional=True),
