@@ -5,7 +5,10 @@ shards) of two sizes, a patch with rank-20 factors on three down projections,
 then measures side by side, interleaved, in one run:
 
 - `cp` of the touched shards (the floor any apply must pay),
-- `zupatch apply` (wall time and peak RSS of the process),
+- `zupatch apply --link` (untouched files hard-linked: the touched-shard work
+  alone, wall time and peak RSS), and the same without the inverse proof (its cost),
+- `cp -r` of the whole folder and the default `zupatch apply` (untouched files
+  reflinked or copied, so the output shares no inode with the input),
 - the naive path: transformers `from_pretrained`, edit, `save_pretrained`.
 
 Usage: python benchmarks/apply.py [--sizes 8,16] [--repeat 3] [--workdir DIR]
@@ -33,6 +36,14 @@ from safetensors.torch import save_file
 HIDDEN, MLP, VOCAB, RANK = 3072, 8192, 32000, 20
 TOUCHED_LAYERS = (2, 3, 4)
 
+
+NO_PROOF = r"""
+import sys
+from zupatch.checkpoint.apply import ApplyChecks, apply_to_checkpoint
+from zupatch.patch.format import Patch
+apply_to_checkpoint(Patch.load(sys.argv[1]), sys.argv[2], sys.argv[3], link=True,
+                    checks=ApplyChecks(prove_inverse=False))
+"""
 
 NAIVE = r"""
 import sys, torch
@@ -144,7 +155,9 @@ def main() -> None:
             write_checkpoint(ckpt, layers)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         info = make_patch(ckpt, work / f"p{layers}.zup.safetensors", work / f"f{layers}.safetensors")
-        results: dict[str, list[dict]] = {"copy": [], "zupatch": [], "naive": []}
+        kinds = ("copy", "link", "link-no-proof", "copy-all", "zupatch", "naive")
+        results: dict[str, list[dict]] = {k: [] for k in kinds}
+        patch_file = str(work / f"p{layers}.zup.safetensors")
         for _ in range(args.repeat):
             for kind in results:
                 if kind == "naive" and args.skip_naive:
@@ -154,8 +167,14 @@ def main() -> None:
                 if kind == "copy":
                     out.mkdir()
                     cmd = ["cp", *[str(ckpt / s) for s in info["touched_shards"]], str(out)]
+                elif kind == "copy-all":
+                    cmd = ["cp", "-r", str(ckpt), str(out)]
+                elif kind == "link":
+                    cmd = [*zupatch, "apply", patch_file, "-m", str(ckpt), "-o", str(out), "-q", "--link"]
+                elif kind == "link-no-proof":
+                    cmd = [sys.executable, "-c", NO_PROOF, patch_file, str(ckpt), str(out)]
                 elif kind == "zupatch":
-                    cmd = [*zupatch, "apply", str(work / f"p{layers}.zup.safetensors"), "-m", str(ckpt), "-o", str(out), "-q"]
+                    cmd = [*zupatch, "apply", patch_file, "-m", str(ckpt), "-o", str(out), "-q"]
                 else:
                     cmd = [sys.executable, "-c", NAIVE, str(ckpt), str(out), str(work / f"f{layers}.safetensors")]
                 results[kind].append(measure(cmd))
@@ -163,16 +182,19 @@ def main() -> None:
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_rss_mb")} for k, v in results.items() if v}
         rows.append((layers, size, info, med))
     print(f"\nmachine: {os.cpu_count()} cores; rank {RANK}; touched: 3 x {HIDDEN}x{MLP} bf16; median of {args.repeat}")
-    print(f"{'ckpt':>8} {'size GB':>8} {'copy s':>7} {'apply s':>8} {'apply/copy':>10} {'apply RSS MB':>12} "
-          f"{'naive s':>8} {'naive RSS MB':>12} {'naive/apply time':>16} {'naive/apply RSS':>15} {'patch %':>8} {'fixed %':>8}")  # fmt: skip
+    nan = {"seconds": float("nan"), "peak_rss_mb": float("nan")}
     for layers, size, info, med in rows:
-        naive = med.get("naive", {"seconds": float("nan"), "peak_rss_mb": float("nan")})
-        z = med["zupatch"]
-        print(f"{layers:>6}L {size / 1e9:>8.2f} {med['copy']['seconds']:>7.2f} {z['seconds']:>8.2f} "
-              f"{z['seconds'] / med['copy']['seconds']:>10.2f} {z['peak_rss_mb']:>12.0f} {naive['seconds']:>8.2f} "
-              f"{naive['peak_rss_mb']:>12.0f} {naive['seconds'] / z['seconds']:>16.1f} "
-              f"{naive['peak_rss_mb'] / z['peak_rss_mb']:>15.1f} {100 * info['patch_bytes'] / info['touched_bytes']:>8.2f} "
-              f"{100 * info['corrected_fraction']:>8.2f}")  # fmt: skip
+        s = {k: med.get(k, nan)["seconds"] for k in results}
+        print(f"{layers} layers, {size / 1e9:.2f} GB; patch {100 * info['patch_bytes'] / info['touched_bytes']:.2f}% "
+              f"of the touched bytes, inverse fix on {100 * info['corrected_fraction']:.2f}% of their elements")
+        print(f"  touched shards: cp {s['copy']:.2f} s | apply --link {s['link']:.2f} s "
+              f"(ratio {s['link'] / s['copy']:.2f}) | without the inverse proof {s['link-no-proof']:.2f} s "
+              f"(ratio {s['link-no-proof'] / s['copy']:.2f})")
+        print(f"  whole folder:   cp -r {s['copy-all']:.2f} s | apply (default, copies) {s['zupatch']:.2f} s "
+              f"(ratio {s['zupatch'] / s['copy-all']:.2f}); peak RSS {med['zupatch']['peak_rss_mb']:.0f} MB")
+        print(f"  naive: {s['naive']:.2f} s, {med.get('naive', nan)['peak_rss_mb']:.0f} MB "
+              f"({s['naive'] / s['zupatch']:.1f}x the time of apply, "
+              f"{med.get('naive', nan)['peak_rss_mb'] / med['zupatch']['peak_rss_mb']:.1f}x its memory)")  # fmt: skip
     print(f"\nworkdir: {work} (delete it when done)")
 
 
