@@ -425,3 +425,45 @@ def test_real_process_env_only(hub: LoopbackHub, world: dict, base_rev: str, tmp
     proc = run("inspect", "alice/elsewhere", HF_HUB_OFFLINE="1")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE=1" in proc.stderr
     assert len(hub.requests) == served
+
+
+def test_a_hub_reference_downloads_only_the_patch_it_reads(hub: LoopbackHub, world: dict, base_rev: str,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    """The repo's files are listed first, then the one patch file is fetched: not every *.zup.safetensors in it."""
+    patch_file = pushed(hub, world, base_rev, tmp_path)
+    # distinct contents: a blob already in the cache would not be fetched again, whatever its name
+    other, old, a = (make_patch(world, base_rev, tmp_path / f"{i}.zup.safetensors", seed=i).read_bytes()
+                     for i in (1, 2, 3))  # fmt: skip
+    junk = patch_file.read_bytes() + b"never read"
+    hub.commit(PATCH_REPO, {"other.zup.safetensors": other, "v1/old.zup.safetensors": old,
+                            "v2/deep/older.zup.safetensors": junk})  # fmt: skip
+
+    def fetched() -> list[str]:
+        return sorted(r.path.split("/resolve/", 1)[1].split("/", 1)[1]
+                      for r in hub.requests_matching("GET", rf"^/{PATCH_REPO}/resolve/"))  # fmt: skip
+
+    code, out = zup("apply", PATCH_REPO, "--model", str(world["base"]), "-o", str(tmp_path / "out"))
+    assert code == 0, out
+    assert fetched() == ["patch.zup.safetensors"]
+    cache = Path(os.environ["HF_HOME"]) / "hub" / "models--alice--forget-facts"
+    assert [p.name for p in (cache / "snapshots").rglob("*.zup.safetensors")] == ["patch.zup.safetensors"]
+
+    hub.requests.clear()
+    assert zup("inspect", f"{PATCH_REPO}:v1/old.zup.safetensors")[0] == 0  # a file in a subfolder, by name
+    assert fetched() == ["v1/old.zup.safetensors"]
+
+    # without patch.zup.safetensors and with several top-level patches: which one is for the user to say
+    hub.commit(PATCH_REPO, {"a.zup.safetensors": a}, delete=["patch.zup.safetensors"])
+    hub.requests.clear()
+    line = one_error(*zup("inspect", PATCH_REPO), PATCH_REPO, "several patch files", "a.zup.safetensors",
+                     "other.zup.safetensors", f"{PATCH_REPO}:FILE")  # fmt: skip
+    assert "old.zup" not in line  # only the top level counts
+    assert fetched() == []  # nothing downloaded to say so
+    # a single top-level patch (subfolders hold others) is the one
+    hub.commit(PATCH_REPO, {}, delete=["a.zup.safetensors"])
+    hub.requests.clear()
+    assert zup("inspect", PATCH_REPO)[0] == 0
+    assert fetched() == ["other.zup.safetensors"]
+    # only subfolders: the error names one to pick
+    hub.commit(PATCH_REPO, {}, delete=["other.zup.safetensors"])
+    one_error(*zup("inspect", PATCH_REPO), PATCH_REPO, "no patch file", f"{PATCH_REPO}:v1/old.zup.safetensors")
