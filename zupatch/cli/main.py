@@ -83,7 +83,9 @@ def apply(
     revision: RevisionOpt = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy untouched files instead of hard-linking them.")] = False,
     push_to: Annotated[
-        str | None, typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo.")
+        str | None,
+        typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo (if that fails or is "
+                     "interrupted, the output folder stays and the message says what reached the Hub)."),
     ] = None,
     private: hub_cli.PrivateOpt = False,
     token: hub_cli.TokenOpt = None,

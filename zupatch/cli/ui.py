@@ -40,8 +40,8 @@ def guard() -> Iterator[None]:
             console.print_exception()
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # user text is not markup
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: nothing was written")
+    except KeyboardInterrupt as exc:  # its message, when it has one, says what was left (apply --push-to)
+        console.print(f"[red]interrupted[/]: {escape(str(exc)) or 'nothing was written'}", soft_wrap=True)
         raise typer.Exit(130) from None
     except (OSError, MemoryError) as exc:  # disk full, permission races, ...
         if state.debug:
