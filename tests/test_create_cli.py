@@ -127,7 +127,12 @@ def test_bad_models_layers_settings_and_devices(world: dict, tmp_path: Path) -> 
 
 def test_empty_target_and_empty_corpus(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "p.zup.safetensors"
-    expect_error(create_args(world, out, "--target", ""), "", "target", output=out)
+    line = expect_error(create_args(world, out, "--target", ""), "--target", "is empty", output=out)
+    assert "EOS" in line and "has no EOS" not in line  # the tokenizer has one: the empty text was the problem
+    line = expect_error(create_args(world, out, "--set", 'neutral_target=""'), "settings", "neutral_target is empty",
+                        output=out)  # fmt: skip
+    expect_error(create_args(world, out, "--set", "neutral_target=5"), "settings", "neutral_target must be text",
+                 output=out)  # fmt: skip
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("")
     expect_error(create_args(world, out, "--corpus", str(corpus)), "corpus.txt", "has no text", output=out)
