@@ -156,3 +156,22 @@ def test_python_api_leaves_the_model_unchanged(world: dict) -> None:
     with applied(patch, model):  # the patch's base is the model as it was
         changed = {n for n, p in model.named_parameters() if not np.array_equal(bits_of(p)[0], before[n])}
     assert changed == set(patch.tensor_names)
+
+
+def test_a_neutral_target_that_is_not_text(world: dict, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 in --target arrive as a lone surrogate: one line naming the option, before any work."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.zup.safetensors"
+    expect_error(create_args(world, out, "--target", "I don\udcff know"), "--target",
+                 "lone UTF-16 surrogate (U+DCFF at character 6)", output=out)  # fmt: skip
+    expect_error(create_args(world, out, "--set", "neutral_target=\ud800"), "settings", "neutral_target has a lone",
+                 output=out)  # fmt: skip
+    # the real command line: raw bytes in argv
+    args = [a.encode() for a in create_args(world, out, "--target", "")]
+    args[-1] = b"I don\xff know"
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"zupatch", *args], capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --target: has a lone UTF-16 surrogate") and not out.exists(), err

@@ -60,7 +60,7 @@ from zupatch.engine.architectures import (
 from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
-from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.requests import ForgetRequest, text_problem
 from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
 from zupatch.engine.stats import (
@@ -134,7 +134,7 @@ def neutral_target_problem(target: Any) -> str | None:
     if not target:
         return ("is empty: give the text the model should say instead (e.g. \"I don't know.\"), "
                 "or leave it out to use the EOS token")  # fmt: skip
-    return None
+    return text_problem(target)
 
 
 @dataclass
