@@ -262,7 +262,17 @@ hub_cli.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (the ``zupatch`` command starts here through :mod:`zupatch.__main__`)."""
     # A polite kill (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before typer's own handling (building the command tree)
+        ui.console.print("[red]interrupted[/]: nothing was written")
+        raise SystemExit(130) from None
+    except SystemExit as exc:
+        # Ctrl-C in a command before its ui.guard() (its imports: torch for create, eval...): typer
+        # turns it into exit code 130 without a word, so say it here; guard() reports the others.
+        if exc.code == 130 and not ui.state.interrupt_reported:
+            ui.console.print("[red]interrupted[/]: nothing was written")
+        raise
