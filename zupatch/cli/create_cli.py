@@ -77,6 +77,8 @@ def create(
 ) -> None:  # fmt: skip
     """Compute a ZeroUnlearn patch that makes a model forget the requested facts.
 
+    Refuses a request longer than the model's context (max_position_embeddings,
+    counting the context prefix the edit adds) before loading the model.
     Loads the model, checks that it gives each target now (a warning per
     request whose target it does not give: nothing to forget; --strict makes
     that an error), gathers key statistics (cached), optimises target vectors,
