@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -471,6 +472,13 @@ def test_a_hub_reference_downloads_only_the_patch_it_reads(hub: LoopbackHub, wor
     # only subfolders: the error names one to pick
     hub.commit(PATCH_REPO, {}, delete=["other.zup.safetensors"])
     one_error(*zup("inspect", PATCH_REPO), PATCH_REPO, "no patch file", f"{PATCH_REPO}:v1/old.zup.safetensors")
+    # network down: a named file is read from the cache (main as last seen), one never downloaded fails at once
+    with hub.down():
+        assert zup("inspect", f"{PATCH_REPO}:other.zup.safetensors")[0] == 0
+        started = time.monotonic()
+        one_error(*zup("inspect", f"{PATCH_REPO}:v2/deep/older.zup.safetensors"), "cannot reach the Hub",
+                  "not in the local Hugging Face cache")  # fmt: skip
+        assert time.monotonic() - started < 5
 
 
 @contextlib.contextmanager

@@ -124,7 +124,13 @@ def locate_patch(ref: str, revision: str | None = None, *, token: str | None = N
         raise ZupatchError(f"two revisions given ({hub.revision!r} in the reference, {revision!r} as an option)", ref)
     rev = hub.revision or revision
     where = f"{hub.repo_id}@{rev}" if rev else hub.repo_id
-    filename = hub.filename or _choose_patch_file(hub.repo_id, rev, token, where)
+    names, cached = _repo_file_names(hub.repo_id, rev, token)
+    filename = hub.filename or _choose_patch_file(hub.repo_id, names, where)
+    if filename not in names:
+        if cached:  # offline, or the Hub unreachable: that file was never downloaded
+            raise _not_cached(hub.repo_id, rev, filename, token)
+        raise ZupatchError(f"file not found in the repository{f' at revision {rev!r}' if rev else ''}",
+                           f"{hub.repo_id}:{filename}")  # fmt: skip
     from huggingface_hub import hf_hub_download
 
     with hub_output(quiet=True):
@@ -142,14 +148,11 @@ def locate_patch(ref: str, revision: str | None = None, *, token: str | None = N
 _LISTED = 4
 
 
-def _choose_patch_file(repo_id: str, revision: str | None, token: str | None, where: str) -> str:
-    """The file a reference without ``:FILE`` means, from the repo's file list (nothing is downloaded).
+def _choose_patch_file(repo_id: str, names: list[str], where: str) -> str:
+    """The file a reference without ``:FILE`` means, among the repo's files ``names``.
 
-    ``patch.zup.safetensors`` when the repo has it, else its one top-level
-    ``*.zup.safetensors``. Offline, or when the Hub cannot be reached, the
-    list is that of the cached snapshot (the files downloaded before).
+    ``patch.zup.safetensors`` when the repo has it, else its one top-level ``*.zup.safetensors``.
     """
-    names = _repo_file_names(repo_id, revision, token, where)
     top = sorted(n for n in names if "/" not in n and n.endswith(PATCH_SUFFIX))
     if PATCH_FILENAME in top:
         return PATCH_FILENAME
@@ -168,14 +171,20 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
-def _repo_file_names(repo_id: str, revision: str | None, token: str | None, where: str) -> list[str]:
-    """Every file path of the repo at ``revision``: one listing request, else the cached snapshot's files."""
+def _repo_file_names(repo_id: str, revision: str | None, token: str | None) -> tuple[list[str], bool]:
+    """Every file path of the repo at ``revision``, and whether the list is the cache's.
+
+    One listing request (nothing is downloaded). Offline, when the Hub cannot
+    be reached or fails (5xx), the files of the cached snapshot instead: those
+    downloaded before. Asking first also makes a file that is not cached fail
+    at once while the network is down, where a download would retry for ~20 s.
+    """
     from huggingface_hub import errors as hf
     from huggingface_hub import repo_info
 
     with hub_output(quiet=True):
         try:
-            return [s.rfilename for s in repo_info(repo_id, revision=revision, token=token).siblings or ()]
+            return [s.rfilename for s in repo_info(repo_id, revision=revision, token=token).siblings or ()], False
         except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
             status = getattr(getattr(exc, "response", None), "status_code", None)
             unreachable = isinstance(exc, (hf.OfflineModeIsEnabled, ConnectionError, TimeoutError)) or any(
@@ -184,11 +193,20 @@ def _repo_file_names(repo_id: str, revision: str | None, token: str | None, wher
             if not unreachable and not (isinstance(exc, hf.HfHubHTTPError) and status is not None and status >= 500):
                 raise hub_error(exc, repo_id, revision, token=token) from None
             cached = _cached_snapshot(repo_id, revision)
-            if cached is None:  # worded like a cache miss of hf_hub_download: offline, or the Hub unreachable
-                missing = hf.LocalEntryNotFoundError(f"{repo_id} is not cached")
-                missing.__cause__ = exc
-                raise hub_error(missing, repo_id, revision, token=token) from None
-            return [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()]
+            if cached is None:
+                raise _not_cached(repo_id, revision, None, token, exc) from None
+            return [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()], True
+
+
+def _not_cached(repo_id: str, revision: str | None, filename: str | None, token: str | None,
+                cause: Exception | None = None) -> ZupatchError:  # fmt: skip
+    """The one-line error for something the Hub cannot give now and the cache does not hold."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    missing = hf.LocalEntryNotFoundError(f"{repo_id} is not cached")
+    missing.__cause__ = cause or (hf.OfflineModeIsEnabled("HF_HUB_OFFLINE") if constants.HF_HUB_OFFLINE else None)
+    return hub_error(missing, repo_id, revision, filename, token=token)
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -198,6 +216,8 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
     storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
     commit = revision or "main"
+    if commit.startswith("/") or ".." in commit.split("/"):
+        return None
     if not _COMMIT.match(commit):
         ref = storage / "refs" / commit
         if not ref.is_file():
