@@ -127,7 +127,12 @@ def test_bad_models_layers_settings_and_devices(world: dict, tmp_path: Path) -> 
 
 def test_empty_target_and_empty_corpus(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "p.zup.safetensors"
-    expect_error(create_args(world, out, "--target", ""), "", "target", output=out)
+    line = expect_error(create_args(world, out, "--target", ""), "--target", "is empty", output=out)
+    assert "EOS" in line and "has no EOS" not in line  # the tokenizer has one: the empty text was the problem
+    line = expect_error(create_args(world, out, "--set", 'neutral_target=""'), "settings", "neutral_target is empty",
+                        output=out)  # fmt: skip
+    expect_error(create_args(world, out, "--set", "neutral_target=5"), "settings", "neutral_target must be text",
+                 output=out)  # fmt: skip
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("")
     expect_error(create_args(world, out, "--corpus", str(corpus)), "corpus.txt", "has no text", output=out)
@@ -151,3 +156,49 @@ def test_python_api_leaves_the_model_unchanged(world: dict) -> None:
     with applied(patch, model):  # the patch's base is the model as it was
         changed = {n for n, p in model.named_parameters() if not np.array_equal(bits_of(p)[0], before[n])}
     assert changed == set(patch.tensor_names)
+
+
+def test_a_neutral_target_that_is_not_text(world: dict, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 in --target arrive as a lone surrogate: one line naming the option, before any work."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.zup.safetensors"
+    expect_error(create_args(world, out, "--target", "I don\udcff know"), "--target",
+                 "lone UTF-16 surrogate (U+DCFF at character 6)", output=out)  # fmt: skip
+    expect_error(create_args(world, out, "--set", "neutral_target=\ud800"), "settings", "neutral_target has a lone",
+                 output=out)  # fmt: skip
+    # the real command line: raw bytes in argv
+    args = [a.encode() for a in create_args(world, out, "--target", "")]
+    args[-1] = b"I don\xff know"
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"zupatch", *args], capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --target: has a lone UTF-16 surrogate") and not out.exists(), err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_loading(world: dict, tmp_path: Path) -> None:
+    """The tiny model's context is 256 tokens (max_position_embeddings), one per byte: say so, naming FILE:LINE."""
+    out = tmp_path / "p.zup.safetensors"
+    forget = tmp_path / "forget.jsonl"
+    long = "The capital of {} is, as everybody knows " + "and " * 60  # 285 bytes with the subject
+    forget.write_text(json.dumps({"prompt": "Gold has the symbol", "target": "Au"}) + "\n"
+                      + json.dumps({"prompt": long, "subject": "France", "target": "Paris"}) + "\n")  # fmt: skip
+    line = expect_error(create_args({**world, "forget": forget}, out), f"{forget}:2", "prompt and target are 290 "
+                        "tokens", inputs=[forget, world["model"]], output=out)  # fmt: skip
+    assert "more than its context of 256 tokens (max_position_embeddings)" in line
+    assert "context prefix the edit adds (up to" in line
+    # a prompt that fits alone but not with the context prefix the edit puts before it
+    forget.write_text(json.dumps({"prompt": "x" * 245, "target": "y"}) + "\n")
+    expect_error(create_args({**world, "forget": forget}, out), f"{forget}:1", "the model would read", output=out)
+    assert runner.invoke(app, create_args({**world, "forget": forget}, out, "--set", "contexts.starts=[]",
+                                          "-q")).exit_code == 0  # without prefixes it fits  # fmt: skip
+    # paraphrases count too, and the library call says the same before loading the model (which would fail here)
+    from zupatch.engine.api import create_from_checkpoint
+    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.requests import ForgetRequest
+    from zupatch.errors import ZupatchError
+
+    request = ForgetRequest("The capital of {} is", "France", "Paris", paraphrases=("In {} " + "the " * 70,))
+    with pytest.raises(ZupatchError, match=r"request 1: paraphrase 1 and target are \d+ tokens"):
+        create_from_checkpoint(world["model"], [request], CreateConfig(device="cuda:7"))

@@ -123,3 +123,18 @@ def test_demo_needs_prompt_and_target_together(tmp_path: Path) -> None:
     expect_error(["demo", "--subject", "Germany", "-o", str(out)], "--prompt", "--target go together", output=out)
     expect_error(["demo", "--prompt", "The capital of {} is", "--target", "Berlin", "-o", str(out)], "{}",
                  "subject", output=out)  # fmt: skip
+
+
+def test_demo_refuses_a_lone_surrogate_in_the_fact(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates: one line, not a traceback."""
+    out = tmp_path / "demo"
+    fact = ["--prompt", "The capital of {} is", "--subject", "Germany", "--target", "Berlin"]
+    for option in ("--prompt", "--subject", "--target"):
+        args = list(fact)
+        args[args.index(option) + 1] += "\udcff"
+        line = expect_error(["demo", "--model", str(tmp_path / "unused"), "-o", str(out), *args], option,
+                            "lone UTF-16 surrogate (U+DCFF", output=out)  # fmt: skip
+        assert "not UTF-8" in line
+    expect_error(["demo", "--model", str(tmp_path / "unused"), "-o", str(out), "--paraphrase", "\ud800 capital"],
+                 "--paraphrase", "surrogate (U+D800 at character 1)", output=out)  # fmt: skip
+    assert not leftovers(tmp_path)

@@ -119,3 +119,15 @@ def test_salted_digest_hides_the_request() -> None:
     assert digest == request_digest(ForgetRequest("The capital of {} is", "France", "Paris"), salt)
     assert digest != request_digest(request, new_salt())
     assert digest != request_digest(ForgetRequest("The capital of {} is", "France", "Lyon"), salt)
+
+
+@pytest.mark.parametrize("field", ["prompt", "subject", "target", "paraphrases", "neighbours"])
+def test_a_lone_surrogate_is_refused_before_it_is_hashed(field: str) -> None:
+    """Text from the command line (or built in code) with a lone surrogate cannot be encoded: a clear error."""
+    fields = {"prompt": "The capital of {} is", "subject": "France", "target": "Paris", "paraphrases": ("{} is in",),
+              "neighbours": ("The capital of Spain is",)}  # fmt: skip
+    bad = "x\udcff"
+    fields[field] = (bad,) if field in ("paraphrases", "neighbours") else fields[field].replace("a", bad, 1)
+    with pytest.raises(ZupatchError, match=r"has a lone UTF-16 surrogate \(U\+DCFF at character \d+\)") as error:
+        ForgetRequest(**fields)
+    assert str(error.value).startswith({"paraphrases": "paraphrase 1", "neighbours": "neighbour 1"}.get(field, field))

@@ -8,11 +8,16 @@ output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -425,3 +430,106 @@ def test_real_process_env_only(hub: LoopbackHub, world: dict, base_rev: str, tmp
     proc = run("inspect", "alice/elsewhere", HF_HUB_OFFLINE="1")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE=1" in proc.stderr
     assert len(hub.requests) == served
+
+
+def test_a_hub_reference_downloads_only_the_patch_it_reads(hub: LoopbackHub, world: dict, base_rev: str,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    """The repo's files are listed first, then the one patch file is fetched: not every *.zup.safetensors in it."""
+    patch_file = pushed(hub, world, base_rev, tmp_path)
+    # distinct contents: a blob already in the cache would not be fetched again, whatever its name
+    other, old, a = (make_patch(world, base_rev, tmp_path / f"{i}.zup.safetensors", seed=i).read_bytes()
+                     for i in (1, 2, 3))  # fmt: skip
+    junk = patch_file.read_bytes() + b"never read"
+    hub.commit(PATCH_REPO, {"other.zup.safetensors": other, "v1/old.zup.safetensors": old,
+                            "v2/deep/older.zup.safetensors": junk})  # fmt: skip
+
+    def fetched() -> list[str]:
+        return sorted(r.path.split("/resolve/", 1)[1].split("/", 1)[1]
+                      for r in hub.requests_matching("GET", rf"^/{PATCH_REPO}/resolve/"))  # fmt: skip
+
+    code, out = zup("apply", PATCH_REPO, "--model", str(world["base"]), "-o", str(tmp_path / "out"))
+    assert code == 0, out
+    assert fetched() == ["patch.zup.safetensors"]
+    cache = Path(os.environ["HF_HOME"]) / "hub" / "models--alice--forget-facts"
+    assert [p.name for p in (cache / "snapshots").rglob("*.zup.safetensors")] == ["patch.zup.safetensors"]
+
+    hub.requests.clear()
+    assert zup("inspect", f"{PATCH_REPO}:v1/old.zup.safetensors")[0] == 0  # a file in a subfolder, by name
+    assert fetched() == ["v1/old.zup.safetensors"]
+
+    # without patch.zup.safetensors and with several top-level patches: which one is for the user to say
+    hub.commit(PATCH_REPO, {"a.zup.safetensors": a}, delete=["patch.zup.safetensors"])
+    hub.requests.clear()
+    line = one_error(*zup("inspect", PATCH_REPO), PATCH_REPO, "several patch files", "a.zup.safetensors",
+                     "other.zup.safetensors", f"{PATCH_REPO}:FILE")  # fmt: skip
+    assert "old.zup" not in line  # only the top level counts
+    assert fetched() == []  # nothing downloaded to say so
+    # a single top-level patch (subfolders hold others) is the one
+    hub.commit(PATCH_REPO, {}, delete=["a.zup.safetensors"])
+    hub.requests.clear()
+    assert zup("inspect", PATCH_REPO)[0] == 0
+    assert fetched() == ["other.zup.safetensors"]
+    # only subfolders: the error names one to pick
+    hub.commit(PATCH_REPO, {}, delete=["other.zup.safetensors"])
+    one_error(*zup("inspect", PATCH_REPO), PATCH_REPO, "no patch file", f"{PATCH_REPO}:v1/old.zup.safetensors")
+    # network down: a named file is read from the cache (main as last seen), one never downloaded fails at once
+    with hub.down():
+        assert zup("inspect", f"{PATCH_REPO}:other.zup.safetensors")[0] == 0
+        started = time.monotonic()
+        one_error(*zup("inspect", f"{PATCH_REPO}:v2/deep/older.zup.safetensors"), "cannot reach the Hub",
+                  "not in the local Hugging Face cache")  # fmt: skip
+        assert time.monotonic() - started < 5
+
+
+@contextlib.contextmanager
+def held(hub: LoopbackHub, method: str, path_regex: str) -> Iterator[threading.Event]:
+    """The first request matching ``method path_regex`` waits inside the server until the block ends;
+    the yielded event is set once it arrived (the client is then blocked on its answer)."""
+    arrived, release, original = threading.Event(), threading.Event(), hub._handle
+
+    def handle(m: str, raw_path: str, headers: Any, body: bytes) -> Any:
+        if m == method and re.search(path_regex, raw_path) and not arrived.is_set():
+            arrived.set()
+            release.wait(30)
+        return original(m, raw_path, headers, body)
+
+    hub._handle = handle  # type: ignore[method-assign]
+    try:
+        yield arrived
+    finally:
+        release.set()
+        del hub._handle
+
+
+@pytest.mark.parametrize("stage, path, says", [
+    ("upload", r"/api/models/alice/tiny-unlearned/preupload/", "no commit was made to alice/tiny-unlearned (main)"),
+    ("commit", r"/api/models/alice/tiny-unlearned/commit/", "was sent but not confirmed"),
+])  # fmt: skip
+def test_interrupted_push_to_says_the_output_was_written(stage: str, path: str, says: str, hub: LoopbackHub,
+                                                         world: dict, base_rev: str, tmp_path: Path) -> None:  # fmt: skip
+    """Ctrl-C while `apply --push-to` uploads: the output folder stays and the message says so, and what the Hub got."""
+    import signal
+    import subprocess
+    import sys
+
+    patch_file = make_patch(world, base_rev, tmp_path / "forget.zup.safetensors")
+    out_dir = tmp_path / "out"
+    # the held request is answered after the client is gone: the server's broken pipe is expected, not news
+    hub._server.handle_error = lambda request, client_address: None  # type: ignore[union-attr,method-assign]
+    args = ["apply", str(patch_file), "--model", str(world["base"]), "-o", str(out_dir), "--push-to",
+            "alice/tiny-unlearned"]  # fmt: skip
+    with held(hub, "POST", path) as arrived:
+        proc = subprocess.Popen([sys.executable, "-m", "zupatch", *args], env={**os.environ, "HF_TOKEN": TOKEN},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert arrived.wait(60), proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("applied ") and "Traceback" not in err, err
+    assert lines[1].startswith("interrupted: ") and "nothing was written" not in err, err
+    assert f"the patched checkpoint was written to {out_dir}, but the push to alice/tiny-unlearned did not complete" \
+        in lines[1] and says in lines[1], err  # fmt: skip
+    assert folder_digest(out_dir) != folder_digest(world["base"])  # the output is there, patched
+    if stage == "upload":
+        assert [c.author for c in hub.commits("alice/tiny-unlearned")] == ["system"]  # no commit of ours

@@ -120,6 +120,13 @@ class DemoConfig:
         optional: without one the prompt's last token is the fact token) and
         has no paraphrase rows unless ``paraphrases`` are given.
         """
+        from zupatch.engine.requests import text_problem
+
+        for option, value in [("--prompt", prompt), ("--subject", subject), ("--target", target),
+                              *(("--paraphrase", p) for p in paraphrases)]:  # fmt: skip
+            problem = text_problem(value) if value is not None else None
+            if problem:  # before anything tokenizes or hashes it
+                raise ZupatchError(problem, option)
         if prompt is None and subject is None and target is None:
             return replace(self, paraphrases=tuple(paraphrases)) if paraphrases else self
         if prompt is None or target is None:

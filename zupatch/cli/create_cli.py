@@ -47,7 +47,7 @@ def create(
     forget: Annotated[Path, typer.Option("--forget", "-f", help="Forget requests: JSONL (prompt, subject, target) or CounterFact JSON.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patch (.zup.safetensors).")],
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
-    target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead (default: the EOS token).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead, non-empty text (default: the EOS token).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).")] = None,
     method: Annotated[str | None, typer.Option("--method", help=METHOD_HELP)] = None,
     preset: Annotated[str, typer.Option("--preset", help="measured (defaults that measured best) or paper (the paper's recipe).")] = "measured",
@@ -77,6 +77,8 @@ def create(
 ) -> None:  # fmt: skip
     """Compute a ZeroUnlearn patch that makes a model forget the requested facts.
 
+    Refuses a request longer than the model's context (max_position_embeddings,
+    counting the context prefix the edit adds) before loading the model.
     Loads the model, checks that it gives each target now (a warning per
     request whose target it does not give: nothing to forget; --strict makes
     that an error), gathers key statistics (cached), optimises target vectors,
@@ -87,7 +89,7 @@ def create(
     """
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
-    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.create import CreateConfig, neutral_target_problem
     from zupatch.engine.precheck import not_given_message
     from zupatch.engine.requests import load_requests, load_requests_with_lines
     from zupatch.engine.settings import load_settings_file, parse_assignment, with_settings
@@ -95,6 +97,9 @@ def create(
 
     with ui.guard():
         _check_output(output, force)
+        problem = neutral_target_problem(target)
+        if problem:
+            raise ZupatchError(problem, "--target")
         located = load_requests_with_lines(forget)
         requests = [request for _, request in located]
         names = [_request_name(forget, line, request, verbose) for line, request in located]

@@ -88,7 +88,21 @@ def check_push_target(repo: str, token: str | None) -> None:
 
 def push_applied(output, repo: str, patch, patch_ref: str, resolved, private: bool, token: str | None,
                  quiet: bool) -> dict:  # fmt: skip  # noqa: ANN001
-    """``apply --push-to``: publish the patched checkpoint with a card naming its base and patch."""
+    """``apply --push-to``: publish the patched checkpoint with a card naming its base and patch.
+
+    Interrupted, it raises ``KeyboardInterrupt`` saying that ``output`` was
+    written, that the push did not complete, and what reached the Hub.
+    """
+    try:
+        return _push_applied(output, repo, patch, patch_ref, resolved, private, token, quiet)
+    except KeyboardInterrupt as exc:
+        hub_state = str(exc) or f"nothing was uploaded to {repo}"
+        raise KeyboardInterrupt(f"the patched checkpoint was written to {output}, but the push to {repo} did not "
+                                f"complete: {hub_state}") from None  # fmt: skip
+
+
+def _push_applied(output, repo: str, patch, patch_ref: str, resolved, private: bool, token: str | None,
+                  quiet: bool) -> dict:  # fmt: skip  # noqa: ANN001
     import hashlib
 
     from zupatch.errors import ZupatchError
@@ -108,7 +122,9 @@ def push_applied(output, repo: str, patch, patch_ref: str, resolved, private: bo
     try:
         result = push_checkpoint(output, repo, readme=readme, private=private, token=token)
     except ZupatchError as exc:
-        raise ZupatchError(f"applied to {output}, but publishing failed: {exc}") from None
+        raise ZupatchError(
+            f"the patched checkpoint was written to {output}, but the push to {repo} failed: {exc.message}"
+        ) from None
     if not quiet:
         report_push(result, "patched checkpoint")
     return result.to_dict()

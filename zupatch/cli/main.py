@@ -89,7 +89,9 @@ def apply(
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Apply even if the patch writes NaN/Inf where the weights were finite.")] = False,
     push_to: Annotated[
-        str | None, typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo.")
+        str | None,
+        typer.Option("--push-to", help="Also publish the patched checkpoint to this Hub repo (if that fails or is "
+                     "interrupted, the output folder stays and the message says what reached the Hub)."),
     ] = None,
     private: hub_cli.PrivateOpt = False,
     token: hub_cli.TokenOpt = None,
@@ -302,7 +304,17 @@ hub_cli.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (the ``zupatch`` command starts here through :mod:`zupatch.__main__`)."""
     # A polite kill (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before typer's own handling (building the command tree)
+        ui.console.print("[red]interrupted[/]: nothing was written")
+        raise SystemExit(130) from None
+    except SystemExit as exc:
+        # Ctrl-C in a command before its ui.guard() (its imports: torch for create, eval...): typer
+        # turns it into exit code 130 without a word, so say it here; guard() reports the others.
+        if exc.code == 130 and not ui.state.interrupt_reported:
+            ui.console.print("[red]interrupted[/]: nothing was written")
+        raise

@@ -23,6 +23,7 @@ console = Console(stderr=True, highlight=False)
 @dataclass
 class _State:
     debug: bool = False
+    interrupt_reported: bool = False  # guard() said "interrupted: ..." already
 
 
 state = _State()
@@ -40,8 +41,9 @@ def guard() -> Iterator[None]:
             console.print_exception()
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # user text is not markup
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: nothing was written")
+    except KeyboardInterrupt as exc:  # its message, when it has one, says what was left (apply --push-to)
+        state.interrupt_reported = True
+        console.print(f"[red]interrupted[/]: {escape(str(exc)) or 'nothing was written'}", soft_wrap=True)
         raise typer.Exit(130) from None
     except (OSError, MemoryError) as exc:  # disk full, permission races, ...
         if state.debug:

@@ -38,8 +38,11 @@ from zupatch.engine.create import CreateConfig, EditResult, compute_edit
 from zupatch.engine.precheck import (
     TargetCheck,
     TargetNotGivenWarning,
+    check_lengths,
     check_targets,
+    context_length,
     not_given_message,
+    prefix_budget,
     request_label,
     strict_error,
 )
@@ -142,6 +145,27 @@ def patch_from_edit(
     )
 
 
+def check_request_lengths(
+    tokenizer: Any,
+    model_config: Any,
+    requests: Sequence[ForgetRequest],
+    config: CreateConfig,
+    *,
+    request_names: Sequence[str] | None = None,
+    retain_requests: Sequence[ForgetRequest] = (),
+) -> None:
+    """Refuse requests (forget and retain) longer than the model's context (one line naming the request).
+
+    Needs only the tokenizer and the model's config, so it runs before the model is loaded.
+    """
+    context = context_length(model_config)
+    prefix = 0 if config.is_baseline else prefix_budget(tokenizer, config.contexts)
+    neutral = None if config.is_baseline else config.neutral_target
+    check_lengths(tokenizer, requests, context, prefix_tokens=prefix, neutral_target=neutral, names=request_names)
+    check_lengths(tokenizer, retain_requests, context, prefix_tokens=prefix,
+                  names=[f"retain request {i + 1}" for i in range(len(retain_requests))])  # fmt: skip
+
+
 def check_requests(
     model: nn.Module,
     tokenizer: Any,
@@ -232,6 +256,8 @@ def create(
     """
     config = config or CreateConfig()
     started = time.perf_counter()
+    check_request_lengths(tokenizer, getattr(model, "config", None), requests, config, request_names=request_names,
+                          retain_requests=compute_options.get("retain_requests", ()))  # fmt: skip
     params = dict(model.named_parameters())
     names = _target_layers(model, config)
     checks = check_requests(model, tokenizer, requests, strict=strict, request_names=request_names)
@@ -258,24 +284,39 @@ def create(
     return CreateReport(patch=patch, edit=edit, seconds={"total": time.perf_counter() - started}, target_checks=checks)
 
 
-def load_model(folder: Path, dtype: torch.dtype | str = "auto", device: str = "auto") -> tuple[nn.Module, Any]:
-    """Model and tokenizer of a checkpoint folder, with one-line errors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer_and_config(folder: Path) -> tuple[Any, Any]:
+    """Tokenizer and model config of a checkpoint folder (no weights read), with one-line errors."""
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from zupatch.engine.create import resolve_device, resolve_dtype
 
     hf_logging.disable_progress_bar()  # zupatch draws its own progress; library code stays quiet
 
     if not (folder / "config.json").is_file():
         raise ZupatchError("has no config.json: not a Hugging Face model folder", folder)
     Checkpoint(folder)  # clear errors for missing or broken weights before transformers tries
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target) if isinstance(dtype, str) else dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
         raise ZupatchError(f"cannot load the tokenizer ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
+    try:
+        model_config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001
+        raise ZupatchError(f"cannot load the model ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
+    return tokenizer, model_config
+
+
+def load_model(
+    folder: Path, dtype: torch.dtype | str = "auto", device: str = "auto", *, tokenizer: Any = None
+) -> tuple[nn.Module, Any]:
+    """Model and tokenizer of a checkpoint folder, with one-line errors (``tokenizer``: one already loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    from zupatch.engine.create import resolve_device, resolve_dtype
+
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer_and_config(folder)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001
@@ -316,11 +357,16 @@ def create_from_checkpoint(
     (``targets_not_given``, 1-based) say which it does not; ``strict=True``
     raises :class:`~zupatch.engine.precheck.TargetNotGivenError` instead,
     naming requests by ``request_names`` (the CLI passes ``FILE:LINE``).
+    Before the model is even loaded, a request longer than the model's context
+    is refused (:func:`check_request_lengths`).
     """
     config = config or CreateConfig()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tokenizer = load_model(folder, config.dtype, config.device)
+    tokenizer, model_config = load_tokenizer_and_config(folder)
+    check_request_lengths(tokenizer, model_config, requests, config, request_names=request_names,
+                          retain_requests=compute_options.get("retain_requests", ()))  # fmt: skip
+    model, tokenizer = load_model(folder, config.dtype, config.device, tokenizer=tokenizer)
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
     _target_layers(model, config)  # a wrong --layers is reported as such, before the check

@@ -60,7 +60,7 @@ from zupatch.engine.architectures import (
 from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
-from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.requests import ForgetRequest, text_problem
 from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
 from zupatch.engine.stats import (
@@ -120,6 +120,23 @@ class RefineConfig:
 MEASURED_CLOSED_FORM = ClosedFormParams(lambda_retain=5000.0, lambda_forget=20.0, projection="off")
 
 
+def neutral_target_problem(target: Any) -> str | None:
+    """Why ``target`` cannot be a neutral target (what the model should say instead), or None.
+
+    None means the tokenizer's EOS token; otherwise it is text the model is
+    taught to say, so it needs at least one character: an empty target has no
+    token to aim at.
+    """
+    if target is None:
+        return None
+    if not isinstance(target, str):
+        return f"must be text, got {target!r}"
+    if not target:
+        return ("is empty: give the text the model should say instead (e.g. \"I don't know.\"), "
+                "or leave it out to use the EOS token")  # fmt: skip
+    return text_problem(target)
+
+
 @dataclass
 class CreateConfig:
     """Everything :func:`compute_edit` needs besides model, tokenizer and requests.
@@ -160,6 +177,9 @@ class CreateConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ZupatchError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        problem = neutral_target_problem(self.neutral_target)
+        if problem:
+            raise ZupatchError(f"neutral_target {problem}")
         if self.gd_solver not in ("exact", "adam"):
             raise ZupatchError(f"unknown GD solver {self.gd_solver!r}; choose exact or adam")
         if self.retain_key_weight < 0:

@@ -1,5 +1,9 @@
 """Before an edit: does the model give the targets it is asked to forget?
 
+First, :func:`check_lengths`: every request must fit the model's context
+(``max_position_embeddings``) with the context prefix the edit puts before
+it; a longer one is refused, naming the request, before the model is loaded.
+
 A forget request whose target the model does not produce now has nothing to
 forget: the edit would spend capacity (and risk collateral damage) on an
 answer that is not there, and a later evaluation would report it "forgotten"
@@ -17,7 +21,9 @@ tokens the edit would act on. Messages name requests by a caller's label
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +32,7 @@ from torch import nn
 
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.stats import model_device, pad_right, pad_token_id
-from zupatch.engine.targets import _logits_at, _PreparedModel, encode_prompts
+from zupatch.engine.targets import ContextConfig, _logits_at, _PreparedModel, encode_prompts
 from zupatch.errors import ZupatchError
 
 #: How many requests one forward pass holds (bounds memory on long request files).
@@ -76,6 +82,104 @@ def ordinal(n: int) -> str:
     """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st..."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+#: Config fields holding a model's context length (positions it was trained on), in the order tried.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config: Any) -> tuple[int, str] | None:
+    """The model's context length and the config field it comes from, or None when the config states none."""
+    if config is None:
+        return None
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    for name in CONTEXT_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def prefix_budget(tokenizer: Any, contexts: ContextConfig) -> int:
+    """At most how many tokens of context prefix the edit puts before a prompt (0 without prefixes).
+
+    A prefix is a start word, ``prefix_tokens`` generated tokens and ". ";
+    two tokens of slack cover the text being tokenized again.
+    """
+    if not contexts.starts:
+        return 0
+    starts = tokenizer(list(contexts.starts), add_special_tokens=False)["input_ids"]
+    return max(len(ids) for ids in starts) + contexts.prefix_tokens + 2
+
+
+def check_lengths(
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    context: tuple[int, str] | None,
+    *,
+    prefix_tokens: int = 0,
+    neutral_target: str | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Refuse a request that does not fit the model's context, naming it and the lengths (one line).
+
+    What the edit reads for a request is a context prefix (up to
+    ``prefix_tokens``), the prompt (or a paraphrase, or a neighbour prompt)
+    and the target (the answer, or the neutral target when longer). Past the
+    context the model runs on positions it never saw: slow, and the edit would
+    be computed on meaningless activations. Only tokenizes; call it before
+    loading the model. ``context`` is :func:`context_length`'s answer (None:
+    nothing to check).
+    """
+    if context is None or not requests:
+        return
+    with _quiet_length_warning():  # transformers' "longer than the maximum" would be a second line
+        _check_lengths(tokenizer, requests, context, prefix_tokens, neutral_target, names)
+
+
+@contextmanager
+def _quiet_length_warning() -> Iterator[None]:
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_lengths(
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    context: tuple[int, str],
+    prefix_tokens: int,
+    neutral_target: str | None,
+    names: Sequence[str] | None,
+) -> None:
+    limit, field = context
+    neutral = len(tokenizer(neutral_target, add_special_tokens=False)["input_ids"]) if neutral_target else 1
+    texts, ends, targets, owners = [], [], [], []
+    for i, r in enumerate(requests):
+        variants = [("prompt", r.text, r.fact_char_end(), r.target)]
+        variants += [(f"paraphrase {j + 1}", text, len(text), r.target) for j, text in enumerate(r.paraphrase_texts())]
+        variants += [(f"neighbour {j + 1}", text, len(text), None) for j, text in enumerate(r.neighbours)]
+        for what, text, end, target in variants:
+            texts.append(text)
+            ends.append(end)
+            targets.append(target or None)
+            owners.append((i, what))
+    for (i, what), target, encoded in zip(owners, targets, encode_prompts(tokenizer, texts, ends, targets)):
+        answer = max(len(encoded.target_ids), neutral) - 1 if target else 0  # its last token is never read
+        needed = prefix_tokens + len(encoded.prompt_ids) + answer
+        if needed > limit:
+            tokens = len(encoded.prompt_ids) + len(encoded.target_ids)
+            both = f"{what} and target are" if encoded.target_ids else f"{what} is"
+            prefix = f" with the context prefix the edit adds (up to {prefix_tokens} tokens)" if prefix_tokens else ""
+            raise ZupatchError(
+                f"{both} {tokens} tokens; the model would read {needed}{prefix}, more than its context of "
+                f"{limit} tokens ({field}): shorten it",
+                request_label(i, names),
+            )
 
 
 @torch.no_grad()

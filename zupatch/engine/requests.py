@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
 
 SUBJECT_PLACEHOLDER = "{}"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RequestsFileError(ZupatchError):
@@ -55,6 +57,13 @@ class ForgetRequest:
     neighbours: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        texts = {"prompt": self.prompt, "subject": self.subject, "target": self.target}
+        texts.update({f"paraphrase {i + 1}": p for i, p in enumerate(self.paraphrases)})
+        texts.update({f"neighbour {i + 1}": p for i, p in enumerate(self.neighbours)})
+        for name, value in texts.items():
+            problem = text_problem(value)
+            if problem:
+                raise ZupatchError(f"{name} {problem}")
         problem = _request_problem(self.prompt, self.subject)
         if problem:
             raise ZupatchError(problem)
@@ -81,6 +90,24 @@ class ForgetRequest:
 
     def paraphrase_texts(self) -> list[str]:
         return [fill_prompt(p, self.subject) for p in self.paraphrases]
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` is not text that can be encoded (hashed, tokenized), or None.
+
+    A lone UTF-16 surrogate cannot be encoded as UTF-8. On the command line it
+    comes from bytes that are not UTF-8 (Python keeps them as U+DC80-U+DCFF),
+    e.g. text typed in another encoding; JSON files refuse it when read
+    (:mod:`zupatch.io.jsondoc`).
+    """
+    if not isinstance(value, str) or value.isascii():
+        return None
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    char = ord(found.group())
+    hint = ", e.g. bytes that are not UTF-8 (another encoding)" if 0xDC80 <= char <= 0xDCFF else ""
+    return f"has a lone UTF-16 surrogate (U+{char:04X} at character {found.start() + 1}), which is not text{hint}"
 
 
 def fill_prompt(prompt: str, subject: str) -> str:

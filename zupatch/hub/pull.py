@@ -8,10 +8,12 @@ Hub reference::
     NAMESPACE/NAME@REVISION[:FILE]      at a branch, tag or commit
 
 Without ``:FILE`` the repo's patch file is ``patch.zup.safetensors`` when it
-exists, otherwise its single ``*.zup.safetensors`` at the top level. Files
-come through ``snapshot_download``, i.e. the Hugging Face cache: they are
-downloaded once, reused afterwards, and used without a network when
-``HF_HUB_OFFLINE=1`` is set (a file that is not cached is then a clear error).
+exists, otherwise its single ``*.zup.safetensors`` at the top level. The
+repo's file list is read first and only that one file is downloaded (never
+the other patches a repo may hold, in subfolders or not). Files come through
+the Hugging Face cache: they are downloaded once, reused afterwards, and used
+without a network when ``HF_HUB_OFFLINE=1`` is set or the Hub cannot be
+reached (a file that is not cached is then a clear error).
 """
 
 from __future__ import annotations
@@ -121,33 +123,117 @@ def locate_patch(ref: str, revision: str | None = None, *, token: str | None = N
     if hub.revision and revision and hub.revision != revision:
         raise ZupatchError(f"two revisions given ({hub.revision!r} in the reference, {revision!r} as an option)", ref)
     rev = hub.revision or revision
-    patterns = [hub.filename] if hub.filename else [f"*{PATCH_SUFFIX}"]
-    from huggingface_hub import snapshot_download
+    where = f"{hub.repo_id}@{rev}" if rev else hub.repo_id
+    names, cached = _repo_file_names(hub.repo_id, rev, token)
+    filename = hub.filename or _choose_patch_file(hub.repo_id, names, where)
+    if filename not in names:
+        if cached:  # offline, or the Hub unreachable: that file was never downloaded
+            raise _not_cached(hub.repo_id, rev, filename, token)
+        raise ZupatchError(f"file not found in the repository{f' at revision {rev!r}' if rev else ''}",
+                           f"{hub.repo_id}:{filename}")  # fmt: skip
+    from huggingface_hub import hf_hub_download
 
     with hub_output(quiet=True):
         try:
-            folder = Path(snapshot_download(hub.repo_id, revision=rev, allow_patterns=patterns, token=token))
+            found = Path(hf_hub_download(hub.repo_id, filename, revision=rev, token=token))
         except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-            raise hub_error(exc, hub.repo_id, rev, hub.filename, token=token) from None
-    commit = folder.name if _COMMIT.match(folder.name) else None
-    where = f"{hub.repo_id}@{rev}" if rev else hub.repo_id
-    if hub.filename:
-        found = folder / hub.filename
-        if not found.is_file():
-            raise ZupatchError(f"file not found in the repository{f' at revision {rev!r}' if rev else ''}",
-                               f"{hub.repo_id}:{hub.filename}")  # fmt: skip
-        return ResolvedPatch(found, hub.repo_id, hub.filename, commit)
-    names = sorted(p.name for p in folder.glob(f"*{PATCH_SUFFIX}") if p.is_file())
-    if PATCH_FILENAME in names:
-        name = PATCH_FILENAME
-    elif len(names) == 1:
-        name = names[0]
-    elif not names:
-        raise ZupatchError(f"the repository has no patch file (*{PATCH_SUFFIX}) at its top level", where)
-    else:
-        raise ZupatchError(f"the repository has several patch files ({', '.join(names)}): name one as "
-                           f"{hub.repo_id}:FILE", where)  # fmt: skip
-    return ResolvedPatch(folder / name, hub.repo_id, name, commit)
+            raise hub_error(exc, hub.repo_id, rev, filename, token=token) from None
+    if not found.is_file():
+        raise ZupatchError(f"file not found in the repository{f' at revision {rev!r}' if rev else ''}",
+                           f"{hub.repo_id}:{filename}")  # fmt: skip
+    return ResolvedPatch(found, hub.repo_id, filename, _snapshot_commit(found))
+
+
+#: How many file names an error lists before "and N more".
+_LISTED = 4
+
+
+def _choose_patch_file(repo_id: str, names: list[str], where: str) -> str:
+    """The file a reference without ``:FILE`` means, among the repo's files ``names``.
+
+    ``patch.zup.safetensors`` when the repo has it, else its one top-level ``*.zup.safetensors``.
+    """
+    top = sorted(n for n in names if "/" not in n and n.endswith(PATCH_SUFFIX))
+    if PATCH_FILENAME in top:
+        return PATCH_FILENAME
+    if len(top) == 1:
+        return top[0]
+    if top:
+        raise ZupatchError(f"the repository has several patch files ({_listed(top)}): name one as "
+                           f"{repo_id}:FILE, e.g. {repo_id}:{top[0]}", where)  # fmt: skip
+    nested = sorted(n for n in names if n.endswith(PATCH_SUFFIX))
+    hint = f" (it has {len(nested)} in subfolders: name one as {repo_id}:{nested[0]})" if nested else ""
+    raise ZupatchError(f"the repository has no patch file (*{PATCH_SUFFIX}) at its top level{hint}", where)
+
+
+def _listed(names: list[str]) -> str:
+    more = len(names) - _LISTED
+    return ", ".join(names[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _repo_file_names(repo_id: str, revision: str | None, token: str | None) -> tuple[list[str], bool]:
+    """Every file path of the repo at ``revision``, and whether the list is the cache's.
+
+    One listing request (nothing is downloaded). Offline, when the Hub cannot
+    be reached or fails (5xx), the files of the cached snapshot instead: those
+    downloaded before. Asking first also makes a file that is not cached fail
+    at once while the network is down, where a download would retry for ~20 s.
+    """
+    from huggingface_hub import errors as hf
+    from huggingface_hub import repo_info
+
+    with hub_output(quiet=True):
+        try:
+            return [s.rfilename for s in repo_info(repo_id, revision=revision, token=token).siblings or ()], False
+        except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            unreachable = isinstance(exc, (hf.OfflineModeIsEnabled, ConnectionError, TimeoutError)) or any(
+                k in exc.__class__.__name__ for k in ("Connect", "Timeout", "Network")
+            )
+            if not unreachable and not (isinstance(exc, hf.HfHubHTTPError) and status is not None and status >= 500):
+                raise hub_error(exc, repo_id, revision, token=token) from None
+            cached = _cached_snapshot(repo_id, revision)
+            if cached is None:
+                raise _not_cached(repo_id, revision, None, token, exc) from None
+            return [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()], True
+
+
+def _not_cached(repo_id: str, revision: str | None, filename: str | None, token: str | None,
+                cause: Exception | None = None) -> ZupatchError:  # fmt: skip
+    """The one-line error for something the Hub cannot give now and the cache does not hold."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    missing = hf.LocalEntryNotFoundError(f"{repo_id} is not cached")
+    missing.__cause__ = cause or (hf.OfflineModeIsEnabled("HF_HUB_OFFLINE") if constants.HF_HUB_OFFLINE else None)
+    return hub_error(missing, repo_id, revision, filename, token=token)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or commit), if there is one."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    commit = revision or "main"
+    if commit.startswith("/") or ".." in commit.split("/"):
+        return None
+    if not _COMMIT.match(commit):
+        ref = storage / "refs" / commit
+        if not ref.is_file():
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+    folder = storage / "snapshots" / commit
+    return folder if _COMMIT.match(commit) and folder.is_dir() else None
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit of a file in the cache (``.../snapshots/<commit>/FILE``, FILE may hold folders)."""
+    parts = path.parts
+    if "snapshots" not in parts:
+        return None
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    return parts[i + 1] if i + 1 < len(parts) and _COMMIT.match(parts[i + 1]) else None
 
 
 def loaded_from(ref: str, patch: "Patch") -> ResolvedPatch:
@@ -160,13 +246,7 @@ def loaded_from(ref: str, patch: "Patch") -> ResolvedPatch:
     hub = None if Path(ref).expanduser().exists() else parse_hub_ref(ref)
     if hub is None:
         return ResolvedPatch(path=path)
-    parts = path.parts
-    commit = None
-    if "snapshots" in parts:
-        i = len(parts) - 1 - parts[::-1].index("snapshots")
-        if i + 1 < len(parts) and _COMMIT.match(parts[i + 1]):
-            commit = parts[i + 1]
-    return ResolvedPatch(path, hub.repo_id, hub.filename or path.name, commit)
+    return ResolvedPatch(path, hub.repo_id, hub.filename or path.name, _snapshot_commit(path))
 
 
 def resolve_patch(ref: str, revision: str | None = None, *, token: str | None = None) -> Path:

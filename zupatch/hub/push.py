@@ -116,6 +116,28 @@ def _begin(api: Any, repo_id: str, *, private: bool, revision: str | None, creat
     return url, info.private, info.sha
 
 
+def _hub_state(stage: str, repo_id: str, target: str) -> str:
+    """What an interrupted push left on the Hub, by the stage it reached (see :func:`_upload_and_commit`)."""
+    if stage == "commit":
+        return f"the commit to {repo_id} ({target}) was sent but not confirmed: check on the Hub whether it landed"
+    if stage == "upload":
+        return f"no commit was made to {repo_id} ({target}); file contents uploaded so far belong to no revision"
+    return f"nothing was uploaded to {repo_id}"
+
+
+def _upload_and_commit(api: Any, repo_id: str, ops: list, stage: list[str], **commit: Any) -> Any:
+    """Upload the files' contents, then make the one commit that shows them; ``stage[0]`` says which is running.
+
+    Until the commit request is sent, nothing is visible on any branch, so an
+    interruption can say what reached the Hub.
+    """
+    stage[0] = "upload"
+    api.preupload_lfs_files(repo_id, additions=ops, revision=commit["revision"], create_pr=commit["create_pr"],
+                            free_memory=False)  # fmt: skip
+    stage[0] = "commit"
+    return api.create_commit(repo_id, ops, **commit)
+
+
 def push_patch(
     patch_ref: str,
     repo_id: str,
@@ -137,6 +159,10 @@ def push_patch(
     ``create_pr``. When the branch already holds the same bytes, no commit is
     made and ``unchanged`` is true. ``base_model`` names the base on the card
     when the patch records a local path rather than a Hub repo id.
+
+    Interrupted (Ctrl-C), it raises ``KeyboardInterrupt`` whose message says
+    what reached the Hub: nothing, uploads that belong to no revision, or a
+    commit sent but not confirmed.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -154,6 +180,7 @@ def push_patch(
     data_sha = hashlib.sha256(data).hexdigest()
     api = HfApi(token=tok)
     target = revision or "main"
+    stage = ["begin"]
     try:
         url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
         base = card_base_model(patch, base_model)
@@ -178,10 +205,12 @@ def push_patch(
             f"{requests} request{'s' if requests != 1 else ''}, layer{'s' if len(layers) != 1 else ''} "
             f"{', '.join(map(str, layers)) or 'n/a'})"
         )
-        commit = api.create_commit(
-            repo_id, ops, commit_message=message, revision=target, create_pr=create_pr,
+        commit = _upload_and_commit(
+            api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
             parent_commit=None if create_pr else head,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
     except ZupatchError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
@@ -209,6 +238,8 @@ def push_checkpoint(
     Hidden files and the folder's own ``README.md`` (usually the base's card)
     are left out. Files already on the branch with the same content are
     skipped by the client; when nothing changed, no commit is made.
+    Interrupted, it raises ``KeyboardInterrupt`` saying what reached the Hub
+    (as :func:`push_patch` does).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -225,14 +256,17 @@ def push_checkpoint(
         files.append((rel.as_posix(), path))
     api = HfApi(token=tok)
     target = revision or "main"
+    stage = ["begin"]
     try:
         url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
         ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=readme.encode()))
-        commit = api.create_commit(
-            repo_id, ops, commit_message=commit_message or "zupatch: upload patched checkpoint",
+        commit = _upload_and_commit(
+            api, repo_id, ops, stage, commit_message=commit_message or "zupatch: upload patched checkpoint",
             revision=target, create_pr=create_pr, parent_commit=None if create_pr else head,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
     except ZupatchError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
