@@ -17,3 +17,18 @@ def test_every_command_and_option_is_documented() -> None:
     for command in ("apply", "verify", "invert", "stack", "inspect", "push"):
         assert f"## `zupatch {command}`" in text
     assert "`--output`, `-o`" in text and "`--json`" in text
+
+
+def test_version_and_short_help() -> None:
+    """`zupatch --version` prints the version (it used to say "Missing command"); -h is --help."""
+    from typer.testing import CliRunner
+
+    from zupatch._version import __version__
+    from zupatch.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"zupatch {__version__}"
+    for args in (["-h"], ["apply", "-h"], ["create", "-h"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage: zupatch" in result.output, args

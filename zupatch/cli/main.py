@@ -26,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # Exit codes of `zupatch verify` (documented in docs/cli.md).
@@ -45,15 +46,20 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or su
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output patch file.")]
 
 
+def _print_version(value: bool) -> None:
+    """Runs while the options are parsed, before click asks for a command."""
+    if value:
+        typer.echo(f"zupatch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True)] = False,
+    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     """zupatch: knowledge unlearning shipped as small, exact, invertible patches."""
-    if version:
-        typer.echo(f"zupatch {__version__}")
-        raise typer.Exit()
     ui.state.debug = debug
 
 
