@@ -190,14 +190,15 @@ class ApplyReport:
 FICLONE = 0x40049409  # Linux ioctl: share blocks copy-on-write (btrfs, XFS, bcachefs, ...)
 
 
-def _place_file(src: Path, dst: Path, link: bool) -> str:
+def _place_file(src: Path, dst: Path, link: bool, copied: Callable[[int], None] = lambda n: None) -> str:
     """Put a copy of ``src`` at ``dst``: "linked", "cloned" or "copied".
 
     The default never shares an inode with the input (or the Hugging Face
     cache behind it): a later in-place write into the output, such as
     ``tokenizer.save_pretrained(out)``, would silently change the input. A
     reflink shares blocks copy-on-write, so writes stay private; else the
-    kernel copies the bytes. ``link`` opts in to hard links.
+    kernel copies the bytes, reporting each chunk to ``copied``. ``link``
+    opts in to hard links.
     """
     if link:
         try:
@@ -213,11 +214,12 @@ def _place_file(src: Path, dst: Path, link: bool) -> str:
             except OSError:
                 pass
         size = os.fstat(fin.fileno()).st_size
-        _copy_ranges(fin.fileno(), fout.fileno(), [(0, size)], threading.Event(), src)
+        _copy_ranges(fin.fileno(), fout.fileno(), [(0, size)], threading.Event(), src, copied)
     return "copied"
 
 
-def _copy_ranges(src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], stop: threading.Event, src: Path) -> None:
+def _copy_ranges(src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], stop: threading.Event, src: Path,
+                 copied: Callable[[int], None] = lambda n: None) -> None:  # fmt: skip
     """Copy byte ranges of ``src`` to the same offsets of ``dst_fd`` (kernel-side when possible).
 
     Stops early when ``stop`` is set, so a failing apply never leaves a
@@ -239,6 +241,7 @@ def _copy_ranges(src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], stop: 
             if done <= 0:
                 raise CheckpointError("file ended early while copying", src)
             pos += done
+            copied(done)
 
 
 def _untouched_ranges(size: int, touched: list[TensorInfo]) -> list[tuple[int, int]]:
@@ -436,12 +439,17 @@ def apply_to_checkpoint(
     lock = None
     try:
         lock = _lock(tmp)
-        for rel, real in files.items():
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if rel in by_file:
-                continue
-            how = _place_file(real, dst, link)
+        to_copy = {rel: real for rel, real in files.items() if rel not in by_file}
+        total_bytes, done_bytes = sum(real.stat().st_size for real in to_copy.values()), [0]
+
+        def copied(n: int) -> None:
+            done_bytes[0] += n
+            progress("copy", done_bytes[0] >> 20, total_bytes >> 20)
+
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        for rel, real in to_copy.items():
+            how = _place_file(real, tmp / rel, link, copied)
             {"linked": report.linked_files, "cloned": report.cloned_files, "copied": report.copied_files}[how].append(rel)
         total_rows = sum(patch.chain(n)[0].rows for n in patch.tensor_names)
         done_rows = [0]

@@ -11,7 +11,14 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from zupatch.errors import ZupatchError
@@ -53,7 +60,8 @@ def guard() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-STAGES = {"hash": "checking base hashes", "copy": "copying", "compute": "computing patched tensors"}
+STAGES = {"hash": "checking base hashes", "copy": "copying untouched files (MB)",
+          "compute": "computing patched tensors (rows)"}  # fmt: skip
 
 
 @contextmanager
@@ -64,6 +72,7 @@ def progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         return
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console, transient=True,
     )  # fmt: skip
     tasks: dict[str, Any] = {}
