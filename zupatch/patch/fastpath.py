@@ -215,11 +215,21 @@ def _product(U64: np.ndarray, B64: np.ndarray, out: np.ndarray) -> None:
             np.matmul(u, B64[:, c0 : c0 + ct], out=out[r0 : r0 + rt, c0 : c0 + ct])
 
 
+def block_product(U: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``U @ B`` in float64 by BLAS: computed once, it serves both directions of an entry."""
+    out = np.empty((U.shape[0], B.shape[1]), dtype=np.float64)
+    _product(np.ascontiguousarray(U, dtype=np.float64), np.ascontiguousarray(B, dtype=np.float64), out)
+    return out
+
+
 def _values(w_bits: np.ndarray, dtype: nm.DType, scale: float, U64: np.ndarray, B64: np.ndarray,
-            direction: str) -> np.ndarray:
+            direction: str, product: np.ndarray | None = None) -> np.ndarray:
     """``v_f``: the canonical final operations applied to the BLAS product."""
-    v = np.empty(w_bits.shape, dtype=np.float64)
-    _product(U64, B64, v)
+    if product is None:
+        v = np.empty(w_bits.shape, dtype=np.float64)
+        _product(U64, B64, v)
+    else:
+        v = product.copy()
     w = nm.decode(w_bits, dtype)
     s = np.float64(scale)
     if direction == "forward":
@@ -288,8 +298,12 @@ def _wide(v: np.ndarray, e_eff: float) -> tuple[np.ndarray, np.ndarray]:
 
 @_quiet
 def lowrank_rounded_stats(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: np.ndarray, B: np.ndarray,
-                          direction: str) -> tuple[np.ndarray, int]:
-    """:func:`lowrank_rounded` and the number of elements recomputed canonically."""
+                          direction: str, product: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """:func:`lowrank_rounded` and the number of elements recomputed canonically.
+
+    ``product``: ``block_product(U, B)`` when the caller already has it (any
+    BLAS order is fine: the bound covers every summation order).
+    """
     if direction not in ("forward", "inverse"):
         raise ValueError(f"direction must be 'forward' or 'inverse', not {direction!r}")
     w_bits = np.ascontiguousarray(w_bits, dtype=dtype.bits)
@@ -308,7 +322,7 @@ def lowrank_rounded_stats(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: 
     e_eff = None if dtype.name == "F64" or n == 0 else _error_bound(U, B, scale, direction)
     if e_eff is None:
         return canonical_rounded(w_bits, dtype, scale, U, B, direction), n
-    v = _values(w_bits, dtype, scale, U64, B64, direction)
+    v = _values(w_bits, dtype, scale, U64, B64, direction, product)
     res = _wide(v, e_eff) if dtype.name == "F32" else _narrow(v, dtype, e_eff)
     if res is None:
         return canonical_rounded(w_bits, dtype, scale, U, B, direction), n
@@ -320,7 +334,7 @@ def lowrank_rounded_stats(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: 
 
 
 def lowrank_rounded(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: np.ndarray, B: np.ndarray,
-                    direction: str) -> np.ndarray:
+                    direction: str, product: np.ndarray | None = None) -> np.ndarray:
     """Bits equal to ``round_to(lowrank_forward(decode(w_bits), scale, U, B), dtype)``
     (``lowrank_inverse`` for ``direction="inverse"``) for every input, computed
     with one BLAS product plus a proof per element (module docstring).
@@ -328,7 +342,7 @@ def lowrank_rounded(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: np.nda
     ``w_bits``: (rows, cols) bit array of ``dtype``; ``U``: (rows, r) and
     ``B``: (r, cols), float32 or float64.
     """
-    return lowrank_rounded_stats(w_bits, dtype, scale, U, B, direction)[0]
+    return lowrank_rounded_stats(w_bits, dtype, scale, U, B, direction, product)[0]
 
 
 def lowrank_unsafe_count(w_bits: np.ndarray, dtype: nm.DType, scale: float, U: np.ndarray, B: np.ndarray,

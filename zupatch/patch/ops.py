@@ -37,14 +37,18 @@ def sha256_hex(bits: np.ndarray) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def compute_entry_block(entry: Entry, bits: np.ndarray, r0: int, fix: Correction | None) -> np.ndarray:
-    """Canonical result of ``entry`` on rows ``[r0, r0 + len(bits))`` (bits in, bits out)."""
+def compute_entry_block(entry: Entry, bits: np.ndarray, r0: int, fix: Correction | None,
+                        product: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Canonical result of ``entry`` on rows ``[r0, r0 + len(bits))`` (bits in, bits out).
+
+    ``product``: the block's ``U @ B`` (lowrank), when already computed for the other direction.
+    """
     dt = entry.float_dtype
     r1 = r0 + bits.shape[0]
     if entry.kind == "lowrank":
         assert entry.U is not None and entry.B is not None
         # BLAS product plus a per-element error bound; provably the canonical bits (see fastpath)
-        out = fastpath.lowrank_rounded(bits, dt, entry.scale, entry.U[r0:r1], entry.B, entry.direction)
+        out = fastpath.lowrank_rounded(bits, dt, entry.scale, entry.U[r0:r1], entry.B, entry.direction, product)
     else:
         assert entry.delta is not None
         fn = nm.dense_forward if entry.direction == "forward" else nm.dense_inverse
@@ -105,7 +109,10 @@ class ChainRunner:
         found = np.zeros((len(self.chain), len(_FOUND)))
         for k, (entry, fix) in enumerate(zip(self.chain, self._fixes)):
             before = bits
-            bits = compute_entry_block(entry, before, r0, None if self.measure_change else fix)
+            product = None
+            if self.prove_inverse and entry.kind == "lowrank" and entry.U is not None and entry.B is not None:
+                product = fastpath.block_product(entry.U[r0 : r0 + bits.shape[0]], entry.B)  # shared by both ways
+            bits = compute_entry_block(entry, before, r0, None if self.measure_change else fix, product)
             if self.measure_change:
                 bits, found[k, _FOUND["fix_max"]] = _fixed(bits, fix, r0 * entry.cols, self.dtype)
                 with np.errstate(all="ignore"):
@@ -117,7 +124,7 @@ class ChainRunner:
                 found[k, _FOUND["new_nonfinite"]] = np.count_nonzero(new)
             if self.prove_inverse:
                 inverse, inverse_fix = self._inverses[k]
-                back = compute_entry_block(inverse, bits, r0, None if self.measure_change else inverse_fix)
+                back = compute_entry_block(inverse, bits, r0, None if self.measure_change else inverse_fix, product)
                 if self.measure_change:
                     back, found[k, _FOUND["inverse_fix_max"]] = _fixed(back, inverse_fix, r0 * entry.cols, self.dtype)
                 found[k, _FOUND["not_undone"]] = not np.array_equal(back, before)
