@@ -59,7 +59,10 @@ def parse_attack(text: str) -> Any:
         raise ZupatchError(f"unknown attack {text!r}; choose from {', '.join(ATTACKS)} or all (NAME[:PARAM])")
     if sep and not param.strip():
         raise ZupatchError(f"attack {text!r}: empty parameter after ':'")
-    return attack.settings.parse(param.strip() if sep else None)
+    try:
+        return attack.settings.parse(param.strip() if sep else None)
+    except ZupatchError as error:
+        raise ZupatchError(f"attack {text!r}: {error.message}") from None
 
 
 def parse_attacks(texts: Iterable[str]) -> list[Any]:

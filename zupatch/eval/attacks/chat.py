@@ -47,7 +47,7 @@ class ChatSettings:
     @classmethod
     def parse(cls, param: str | None) -> ChatSettings:
         if param is not None:
-            raise ZupatchError(f"chat takes no parameter, got {param!r}")
+            raise ZupatchError("chat takes no parameter")
         return cls()
 
     @property

@@ -13,7 +13,9 @@ layer this is the model's own prediction.
 The first layer is the lowest layer any evaluated patch edits (0 when no
 patch is given), the same for the base and every patch, so the figures are
 comparable; ``details`` names the range. The model is not changed:
-specificity and fluency are those of the unattacked model.
+specificity and fluency are those of the unattacked model. A model whose
+final norm is unknown (an unlisted architecture named with --layers-path)
+is reported as skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class LensSettings:
     @classmethod
     def parse(cls, param: str | None) -> LensSettings:
         if param is not None:
-            raise ZupatchError(f"lens takes no parameter, got {param!r}")
+            raise ZupatchError("lens takes no parameter")
         return cls()
 
     @property
@@ -60,7 +62,7 @@ def lens_top1(subject: Subject, items: Sequence[Item], first_layer: int) -> list
     layers = decoder_layers(model, spec)
     norm, head = _module(model, spec.final_norm_path), model.get_output_embeddings()
     if norm is None or head is None:
-        raise ZupatchError("lens: this model's final norm or LM head is unknown")
+        raise ZupatchError("the logit lens needs the model's final norm and LM head")
     pairs = first_answer_tokens(subject.tokenizer, [i.prompt for i in items], [i.answer for i in items])
     targets = [token for _, token in pairs]
     offset = 0
@@ -90,6 +92,9 @@ def lens_top1(subject: Subject, items: Sequence[Item], first_layer: int) -> list
 
 
 def run(settings: LensSettings, subject: Subject, base: Outcome | None) -> Outcome:
+    spec = resolve_architecture(subject.model)
+    if _module(subject.model, spec.final_norm_path) is None or subject.model.get_output_embeddings() is None:
+        return Outcome(skipped="the model's final norm or LM head is unknown (not a listed architecture)")
     total = len(decoder_layers(subject.model, resolve_architecture(subject.model)))
     first = min(subject.first_edited_layer, total - 1)
     figures: dict[str, Any] = {}

@@ -51,7 +51,7 @@ class QuantSettings:
             return cls()
         chosen = param.strip().upper()
         if chosen not in QUANT_TYPES:
-            raise ZupatchError(f"quant: unknown GGUF type {param!r}; choose one of {', '.join(QUANT_TYPES)}")
+            raise ZupatchError(f"unknown GGUF type {param!r}; choose one of {', '.join(QUANT_TYPES)}")
         return cls(chosen)
 
     @property

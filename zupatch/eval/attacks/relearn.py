@@ -76,9 +76,9 @@ class RelearnSettings:
         try:
             steps = int(param)
         except ValueError:
-            raise ZupatchError(f"relearn: STEPS must be a whole number >= 1, got {param!r}") from None
+            raise ZupatchError("STEPS must be a whole number >= 1") from None
         if steps < 1:
-            raise ZupatchError(f"relearn: STEPS must be a whole number >= 1, got {param!r}")
+            raise ZupatchError("STEPS must be a whole number >= 1")
         return cls(steps=steps)
 
     @property

@@ -38,9 +38,9 @@ class TopKSettings:
         try:
             k = int(param)
         except ValueError:
-            raise ZupatchError(f"topk: K must be a whole number >= 1, got {param!r}") from None
+            raise ZupatchError("K must be a whole number >= 1") from None
         if k < 1:
-            raise ZupatchError(f"topk: K must be a whole number >= 1, got {param!r}")
+            raise ZupatchError("K must be a whole number >= 1")
         return cls(k)
 
     @property
