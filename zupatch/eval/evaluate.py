@@ -44,17 +44,15 @@ from torch import nn
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
-from zupatch.hub.card import layers_of
+from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
 from zupatch.eval.attacks import Outcome, Subject, attack_of, parse_attacks
 from zupatch.eval.data import EvalData, Item
 from zupatch.eval.metrics import AnswerScore, score_answers, text_windows, token_perplexity
+from zupatch.hub.card import layers_of
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.module import find_parameter, tensor_of
 from zupatch.patch.ops import run_chain_in_memory, sha256_hex
-
-REPORT_FORMAT = "zupatch-eval"
-REPORT_VERSION = 3
 
 ProgressFn = Callable[[str, int, int], None]
 
