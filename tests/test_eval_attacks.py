@@ -24,11 +24,12 @@ from tests.fact_model import FORGET
 from tests.test_eval import doc_schema, jsonl, record, run_eval
 from zupatch.checkpoint.apply import apply_to_checkpoint
 from zupatch.checkpoint.folder import Checkpoint
-from zupatch.engine.requests import load_requests
+from zupatch.engine.requests import parse_request_record
 from zupatch.errors import ZupatchError
 from zupatch.eval.attacks import ALL, parse_attacks
 from zupatch.eval.attacks.base import Outcome, Subject
-from zupatch.eval.attacks.chat import chat_replies, contains_answer, question_for
+from zupatch.eval.attacks.base import contains_answer
+from zupatch.eval.attacks.chat import chat_replies, question_for
 from zupatch.eval.attacks import chat, quant, relearn
 from zupatch.eval.attacks.quant import round_trip
 from zupatch.eval.data import EvalData, Item, load_eval_data
@@ -37,6 +38,10 @@ from zupatch.patch.format import Patch
 from zupatch.patch.ops import DenseEdit, build_patch
 
 DOWN = "model.layers.{}.mlp.down_proj.weight"
+
+
+def load_requests_from(records: list[dict]) -> list:
+    return [r for record in records for r in parse_request_record(record)]
 
 
 # --------------------------------------------------------------------------- quantization by hand
@@ -274,6 +279,38 @@ def test_attacks_leave_the_model_as_they_found_it(fact_model) -> None:
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
+@torch.no_grad()
+def test_quant_and_lens_on_a_tiny_gpt2(tiny_checkpoint) -> None:
+    """GPT-2 stores its projections transposed (Conv1D) and names its final norm ln_f:
+    the attacks read both from the architecture data; checked against plain code."""
+    model, tok = load(tiny_checkpoint("gpt2", dtype=torch.float32))
+    hand = copy.deepcopy(model)
+    kind = gguf.GGMLQuantizationType.Q8_0
+    for block in hand.transformer.h:
+        for module in block.modules():
+            if type(module).__name__ == "Conv1D":  # (in, out): GGUF rows are the output units
+                w = module.weight.numpy().T
+                module.weight.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind).T.copy()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with quant.quantized(model, "Q8_0") as counts:
+        assert counts == {"tensors": 4 * 4, "f16_fallback": 0}  # c_attn, c_proj, c_fc, mlp.c_proj per block
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), hand.state_dict().values()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    items = [Item("Hello there, my", "friend"), Item("One two", "three"), Item("The cat sat on the", "mat")]
+    subject = Subject(model, tok, EvalData(forget=items), 2, 1, lambda m, b: ({}, None))
+    from zupatch.eval.attacks.lens import lens_top1
+
+    expected = []
+    for item in items:
+        prompt = tok(item.prompt, add_special_tokens=False)["input_ids"]  # no BOS: this tokenizer adds none
+        first = tok(item.prompt + " " + item.answer, add_special_tokens=False)["input_ids"][len(prompt)]
+        out = model(torch.tensor([prompt]), output_hidden_states=True)
+        top1 = [int(model.lm_head(model.transformer.ln_f(out.hidden_states[l + 1][0, -1])).argmax()) for l in (1, 2)]
+        expected.append([t == first for t in top1 + [int(out.logits[0, -1].argmax())]])
+    assert lens_top1(subject, items, 1) == expected
+
+
 # --------------------------------------------------------------------------- chat
 
 
@@ -284,6 +321,16 @@ def test_chat_questions_and_matching() -> None:
     assert contains_answer("The capital of France is PARIS.", "Paris")
     assert contains_answer("It is  New\nYork city", "new york")
     assert not contains_answer("Romeo and Juliet", "Rome")
+
+
+def test_relearn_never_trains_on_the_forget_facts() -> None:
+    request = load_requests_from([{"prompt": "The chemical symbol of {} is", "subject": "gold", "target": "Au"}])
+    data = EvalData(forget=[Item(request[0].text, "Au")], requests=request,
+                    retain=[Item("Gold is a", "metal"), Item("The symbol of silver is", "Ag")])  # fmt: skip
+    assert relearn.training_texts(data) == (["The symbol of silver is Ag"], "retain facts")
+    data.retain = []
+    texts, source = relearn.training_texts(data)
+    assert source == "built-in text" and len(texts) == len(relearn.ORDINARY_TEXT)  # "because" does not mention Au
 
 
 def test_chat_attack_on_smollm2_finds_the_base_answers(smollm2_checkpoint: Path, tmp_path: Path) -> None:

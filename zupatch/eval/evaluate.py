@@ -363,7 +363,12 @@ def evaluate(
     first_layer = min((min(layers_of(p.tensor_names), default=0) for _, p in patches), default=0)
     total = (1 + len(patches)) * (1 + len(attacks))
     stage = "models and attacks" if attacks else "models"
-    done = 0
+    done = 1
+    started = time.perf_counter()
+    base = _score(model, tokenizer, data, prompts, windows, config)
+    report.models.append(_model_scores("base", None, base, base, data, time.perf_counter() - started))
+    if progress:
+        progress(stage, done, total)
 
     def attack_score(attacked: nn.Module, base_raw: _Scored | None) -> tuple[dict[str, Any], _Scored]:
         scored = _score(attacked, tokenizer, data, prompts, windows, replace(config, generations=0))
@@ -389,12 +394,6 @@ def evaluate(
                 progress(stage, done, total)
         return entries, outcomes
 
-    started = time.perf_counter()
-    base = _score(model, tokenizer, data, prompts, windows, config)
-    report.models.append(_model_scores("base", None, base, base, data, time.perf_counter() - started))
-    done += 1
-    if progress:
-        progress(stage, done, total)
     report.models[0].attacks, base_outcomes = run_attacks(None)
     for label, patch in patches:
         started = time.perf_counter()

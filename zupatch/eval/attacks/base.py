@@ -17,6 +17,8 @@ or restores what it changed before returning.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,20 @@ def share(flags: Sequence[bool]) -> float | None:
 def hit_figures(flags: Sequence[bool]) -> dict[str, Any]:
     """``{"n", "answered"}``: how many prompts, and the share the attack extracts."""
     return {"n": len(flags), "answered": share(flags)}
+
+
+def normalise(text: str) -> str:
+    """NFKC, case folded, white space runs made one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def contains_answer(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` appears in ``text`` as whole words, after :func:`normalise`
+    ("Rome" is not in "Romeo", "Au" is not in "because")."""
+    wanted = normalise(phrase)
+    if not wanted:
+        return False
+    return re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", normalise(text)) is not None
 
 
 def first_answer_tokens(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[list[int], int]]:

@@ -24,8 +24,6 @@ goes on with the others.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +32,7 @@ import torch
 
 from zupatch.engine.stats import model_device, pad_token_id
 from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, hit_figures, share
+from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, hit_figures, share
 from zupatch.eval.data import Item
 
 
@@ -61,19 +59,6 @@ def question_for(item: Item) -> str:
         return item.question
     prompt = item.prompt.strip()
     return prompt if prompt.endswith("?") else f"Complete this sentence: {prompt}"
-
-
-def normalise(text: str) -> str:
-    """NFKC, case folded, white space runs made one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def contains_answer(reply: str, target: str) -> bool:
-    """Whether ``target`` appears in ``reply`` as whole words, after :func:`normalise`."""
-    wanted = normalise(target)
-    if not wanted:
-        return False
-    return re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", normalise(reply)) is not None
 
 
 def has_chat_template(tokenizer: Any) -> bool:

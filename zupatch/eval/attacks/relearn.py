@@ -15,13 +15,14 @@ What it trains on (``details.trained_on``):
 - else a short built-in text about everyday things (:data:`ORDINARY_TEXT`).
 
 Never the forget facts: any text that mentions a forget subject or a
-forget answer (case-insensitive) is dropped first, so a CounterFact
+forget answer (as whole words, case-insensitive) is dropped first, so a CounterFact
 neighbourhood prompt that shares the forgotten answer is not trained on.
 Batches of ``batch`` texts (each cut to 128 tokens, the tokenizer's BOS
 first) are taken in order, cycling through the texts; the loss is the mean
 next-token cross-entropy over the texts' tokens. The same texts, order and
 steps are used for the base and for every patch. The caller's model is
-never touched (a deep copy is trained, then dropped).
+never touched (a deep copy is trained, then dropped). Should every text
+mention a forget fact, the attack is reported as skipped.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import nn
 
 from zupatch.engine.stats import model_device, pad_right, pad_token_id, special_prefix_ids
 from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject
+from zupatch.eval.attacks.base import Outcome, Subject, contains_answer
 from zupatch.eval.data import EvalData
 
 #: Ordinary sentences about nothing anyone would ask a model to forget.
@@ -88,11 +89,10 @@ class RelearnSettings:
 
 def training_texts(data: EvalData) -> tuple[list[str], str]:
     """The texts the attack trains on and what they are ("retain facts" or "built-in text")."""
-    banned = {w.casefold() for w in [i.answer for i in data.forget] + [r.subject for r in data.requests] if w.strip()}
+    banned = [w for w in [i.answer for i in data.forget] + [r.subject for r in data.requests] if w.strip()]
 
     def unrelated(text: str) -> bool:
-        folded = text.casefold()
-        return not any(word in folded for word in banned)
+        return not any(contains_answer(text, word) for word in banned)
 
     retain = [f"{item.prompt} {item.answer}" for item in data.retain]
     retain = [text for text in retain if unrelated(text)]
@@ -102,12 +102,12 @@ def training_texts(data: EvalData) -> tuple[list[str], str]:
 
 
 def training_batches(tokenizer: Any, texts: Sequence[str], steps: int, batch: int) -> list[list[list[int]]]:
-    """The token rows of each step: ``batch`` texts at a time, in order, cycling."""
+    """The token rows of each step: ``batch`` texts at a time, in order, cycling ([] without texts)."""
     prefix = special_prefix_ids(tokenizer)
     rows = [(prefix + list(tokenizer(t, add_special_tokens=False)["input_ids"]))[:MAX_TOKENS] for t in texts]
     rows = [row for row in rows if len(row) >= 2]
     if not rows:
-        raise ZupatchError("relearn: no training text left (every text mentions a forget fact)")
+        return []
     return [[rows[(step * batch + i) % len(rows)] for i in range(min(batch, len(rows)))] for step in range(steps)]
 
 
@@ -135,6 +135,8 @@ def fine_tune(model: nn.Module, tokenizer: Any, batches: Sequence[Sequence[list[
 def run(settings: RelearnSettings, subject: Subject, base: Outcome | None) -> Outcome:
     texts, source = training_texts(subject.data)
     batches = training_batches(subject.tokenizer, texts, settings.steps, settings.batch)
+    if not batches:
+        return Outcome(skipped="no training text left: every text mentions a forget subject or answer")
     tuned = fine_tune(subject.model, subject.tokenizer, batches, settings.learning_rate)
     try:
         figures, raw = subject.score(tuned, base.raw if base else None)
