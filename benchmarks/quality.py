@@ -208,8 +208,9 @@ def print_attack_table(report: dict, names: list[str]) -> None:
                 continue
             spec, fluency = entry["specificity"] or {}, entry["fluency"] or {}
             change = fluency.get("perplexity_change")
-            cells = [attack["name"], name, _pct(entry["efficacy"]["answered"]), _pct(entry["generalization"]["answered"]),
-                     _pct(spec.get("kept")), _pct(spec.get("derived_unchanged")),
+            cells = [attack["name"], name, _pct(entry["efficacy"]["answered"]),
+                     _pct(entry["generalization"]["answered"]), _pct(spec.get("kept")),
+                     _pct(spec.get("derived_unchanged")),
                      "–" if change is None else f"{100 * change:+.1f}%"]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
 

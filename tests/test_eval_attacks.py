@@ -70,7 +70,8 @@ def test_q8_0_round_trip_is_the_hand_implementation() -> None:
     assert np.array_equal(round_trip(x, "Q8_0"), expected)
     assert 0 < np.abs(expected - x).max() <= np.abs(x).max() / 127  # it did round, by at most half a step... of 2 d
     assert not np.array_equal(round_trip(x, "Q4_0"), expected)  # a coarser type rounds differently
-    odd = rng.normal(0, 1, (3, 33)).astype(np.float32)  # rows not a multiple of the block: float16, as llama.cpp stores them
+    # rows not a multiple of the block: through float16, as llama.cpp's converter stores them
+    odd = rng.normal(0, 1, (3, 33)).astype(np.float32)
     assert np.array_equal(round_trip(odd, "Q8_0"), odd.astype(np.float16).astype(np.float32))
 
 
@@ -101,7 +102,8 @@ def attack_workdir(tmp_path: Path, fact_checkpoint: Path, _trained_fact_model) -
 
 
 def load(folder: Path) -> tuple[torch.nn.Module, object]:
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def encode(tok, item: Item) -> tuple[list[int], list[int]]:
@@ -181,7 +183,8 @@ def hand_lens(model, tok, items: list[Item], first: int) -> list[bool]:
         prompt, answer = encode(tok, item)
         out = model(torch.tensor([prompt]), output_hidden_states=True)
         layers = len(model.model.layers)
-        top1 = [int(model.lm_head(model.model.norm(out.hidden_states[l + 1][0, -1])).argmax()) for l in range(first, layers - 1)]
+        top1 = [int(model.lm_head(model.model.norm(out.hidden_states[layer + 1][0, -1])).argmax())
+                for layer in range(first, layers - 1)]  # fmt: skip
         top1.append(int(out.logits[0, -1].argmax()))
         hits.append(answer[0] in top1)
     return hits
@@ -216,14 +219,16 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
     data = load_eval_data(w["data"], w["retain"])
     lines = [t for t in w["text"].read_text().splitlines() if t.strip()]
     texts = [f"{i.prompt} {i.answer}" for i in data.retain]
-    texts = [t for t in texts if not any(w in t for w in ("Zorvia", "Pexa", "Quost", "Zelish"))]  # never the forget facts
+    forgotten = ("Zorvia", "Pexa", "Quost", "Zelish")  # subjects and answers of the forget facts
+    texts = [t for t in texts if not any(w in t for w in forgotten)]
     assert len(texts) == len(data.retain) - 1  # "The currency of Pexa kron" is not trained on
 
     models = {folder: load(folder) for folder in (fact_checkpoint, w["patched"])}
     base_model, tok = models[fact_checkpoint]
     quant_base, relearn_base = copy.deepcopy(base_model), hand_relearn(base_model, tok, texts, 6, 2e-5)
     hand_quantize(quant_base, "Q4_0")
-    base_kept = {"quant": hand_answers(quant_base, tok, data.retain), "relearn": hand_answers(relearn_base, tok, data.retain)}
+    base_kept = {"quant": hand_answers(quant_base, tok, data.retain),
+                 "relearn": hand_answers(relearn_base, tok, data.retain)}  # fmt: skip
     for (folder, (model, tok)), scores in zip(models.items(), report["models"]):
         quant_q, topk, lens, relearned_e, chat_e = scores["attacks"]
         assert quant_q["name"] == "quant:Q4_0" and quant_q["skipped"] is None
@@ -321,6 +326,20 @@ def test_chat_questions_and_matching() -> None:
     assert contains_answer("The capital of France is PARIS.", "Paris")
     assert contains_answer("It is  New\nYork city", "new york")
     assert not contains_answer("Romeo and Juliet", "Rome")
+
+
+def test_chat_is_skipped_without_a_usable_template(fact_model) -> None:
+    from tests.tiny_models import tiny_tokenizer
+
+    model, _, _ = fact_model
+    data = EvalData(forget=[Item("The capital of Zorvia", "Plim")])
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ raise_exception('a system message is required') }}"
+    outcome = chat.run(chat.ChatSettings(), Subject(model, tok, data, 4, 0, lambda m, b: ({}, None)), None)
+    assert outcome.skipped == "the chat template fails on a user message (TemplateError)" and not outcome.figures
+    tok.chat_template = None
+    outcome = chat.run(chat.ChatSettings(), Subject(model, tok, data, 4, 0, lambda m, b: ({}, None)), None)
+    assert outcome.skipped == "the tokenizer has no chat template"
 
 
 def test_relearn_never_trains_on_the_forget_facts() -> None:

@@ -213,7 +213,9 @@ def read_eval_report(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise ZupatchError("file not found", path) from None
     except json.JSONDecodeError as error:
-        raise ZupatchError(f"not JSON ({error.msg}, line {error.lineno}): pass the output of zupatch eval --json", path) from None
+        raise ZupatchError(
+            f"not JSON ({error.msg}, line {error.lineno}): pass the output of zupatch eval --json", path
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ZupatchError(f"cannot read: {error}", path) from None
     if not isinstance(report, dict):

@@ -42,7 +42,8 @@ ATTACKS: Mapping[str, Attack] = MappingProxyType({
     "chat": Attack("chat", chat.ChatSettings, chat.run,
                    "the facts asked as questions through the chat template, greedy answer"),
     "topk": Attack("topk", topk.TopKSettings, topk.run, "the answer's first token among the top K (default 5)"),
-    "lens": Attack("lens", lens.LensSettings, lens.run, "logit lens: the answer top-1 at any layer from the first edited one"),
+    "lens": Attack("lens", lens.LensSettings, lens.run,
+                   "logit lens: the answer top-1 at any layer from the first edited one"),
     "relearn": Attack("relearn", relearn.RelearnSettings, relearn.run,
                       "STEPS Adam steps (default 20, lr 2e-5) on unrelated text, then every figure"),
 })  # fmt: skip

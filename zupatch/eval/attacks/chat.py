@@ -17,9 +17,9 @@ counts a hit when the answer contains the target.
   asked the same way: ``answered``, and ``kept``, the share the model still
   answers among those the base answers in chat. Without retain facts: None.
 
-Without a chat template (a base model, the test models) the attack does
-not apply: it is reported as skipped, with the reason, and ``--attack all``
-goes on with the others.
+Without a chat template (a base model, the test models), or with one that
+fails on a lone user message, the attack does not apply: it is reported as
+skipped, with the reason, and ``--attack all`` goes on with the others.
 """
 
 from __future__ import annotations
@@ -90,9 +90,21 @@ def _hits(subject: Subject, items: Sequence[Item], settings: ChatSettings) -> li
     return [contains_answer(reply, item.answer) for reply, item in zip(replies, items)]
 
 
+def _template_problem(tokenizer: Any) -> str | None:
+    """Why the chat template cannot be used (None when a user question renders)."""
+    if not has_chat_template(tokenizer):
+        return "the tokenizer has no chat template"
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 - templates raise whatever Jinja or the template author raises
+        return f"the chat template fails on a user message ({type(error).__name__})"
+    return None
+
+
 def run(settings: ChatSettings, subject: Subject, base: Outcome | None) -> Outcome:
-    if not has_chat_template(subject.tokenizer):
-        return Outcome(skipped="the tokenizer has no chat template")
+    problem = _template_problem(subject.tokenizer)
+    if problem:
+        return Outcome(skipped=problem)
     data = subject.data
     retain = _hits(subject, data.retain, settings)
     known = [i for i, hit in enumerate(base.raw if base else retain) if hit]

@@ -111,7 +111,9 @@ def training_batches(tokenizer: Any, texts: Sequence[str], steps: int, batch: in
     return [[rows[(step * batch + i) % len(rows)] for i in range(min(batch, len(rows)))] for step in range(steps)]
 
 
-def fine_tune(model: nn.Module, tokenizer: Any, batches: Sequence[Sequence[list[int]]], learning_rate: float) -> nn.Module:
+def fine_tune(
+    model: nn.Module, tokenizer: Any, batches: Sequence[Sequence[list[int]]], learning_rate: float
+) -> nn.Module:
     """A float32 copy of ``model`` after one Adam step per batch (mean token cross-entropy)."""
     work = copy.deepcopy(model).float()
     work.eval()  # no dropout: the same steps give the same weights
