@@ -247,6 +247,9 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
             assert entry["fluency"]["perplexity_change"] == pytest.approx(
                 entry["fluency"]["perplexity"] / report["models"][0]["fluency"]["perplexity"] - 1, abs=2e-4
             )
+        unattacked = scores["fluency"]["perplexity"]
+        for entry in (quant_q, relearned_e):  # the attacks moved the model by more than the tolerances above
+            assert abs(entry["fluency"]["perplexity"] / unattacked - 1) > 1e-3, entry["name"]
         assert relearned_e["details"] == {"steps": 6, "learning_rate": 2e-5, "batch": 8, "trained_on": "retain facts",
                                       "texts": len(texts)}  # fmt: skip
         for section, items in (("efficacy", data.forget), ("generalization", data.paraphrases)):
@@ -302,17 +305,29 @@ def test_quant_and_lens_on_a_tiny_gpt2(tiny_checkpoint) -> None:
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), hand.state_dict().values()))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    items = [Item("Hello there, my", "friend"), Item("One two", "three"), Item("The cat sat on the", "mat")]
-    subject = Subject(model, tok, EvalData(forget=items), 2, 1, lambda m, b: ({}, None))
     from zupatch.eval.attacks.lens import lens_top1
 
-    expected = []
-    for item in items:
-        prompt = tok(item.prompt, add_special_tokens=False)["input_ids"]  # no BOS: this tokenizer adds none
-        first = tok(item.prompt + " " + item.answer, add_special_tokens=False)["input_ids"][len(prompt)]
-        out = model(torch.tensor([prompt]), output_hidden_states=True)
-        top1 = [int(model.lm_head(model.transformer.ln_f(out.hidden_states[l + 1][0, -1])).argmax()) for l in (1, 2)]
-        expected.append([t == first for t in top1 + [int(out.logits[0, -1].argmax())]])
+    def lens(prompt: str) -> list[int]:
+        """Top-1 token after layers 1, 2 (ln_f + LM head on the hidden state) and 3 (the logits), by hand."""
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]  # no BOS: this tokenizer adds none
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+        top1 = [int(model.lm_head(model.transformer.ln_f(out.hidden_states[layer + 1][0, -1])).argmax())
+                for layer in (1, 2)]  # fmt: skip
+        return top1 + [int(out.logits[0, -1].argmax())]
+
+    # answers whose first token is what the lens reads at layer 1, 2 or 3, so hits happen
+    # (a prompt ending in a space: no separator, the answer's first byte is its first token)
+    items, expected = [], []
+    for index, prompt in enumerate(["Hello there, my ", "One two ", "The cat sat on the ", "Numbers: 1 2 "]):
+        layers = lens(prompt)
+        token = layers[index % 3]
+        answer = tok.decode([token]) + "x"
+        if tok(prompt + answer, add_special_tokens=False)["input_ids"][len(tok(prompt)["input_ids"])] != token:
+            continue  # a byte that does not decode on its own
+        items.append(Item(prompt, answer))
+        expected.append([t == token for t in layers])
+    assert len(items) >= 2 and all(any(e) for e in expected)
+    subject = Subject(model, tok, EvalData(forget=items), 2, 1, lambda m, b: ({}, None))
     assert lens_top1(subject, items, 1) == expected
 
 
