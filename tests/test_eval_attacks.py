@@ -343,6 +343,17 @@ def test_chat_questions_and_matching() -> None:
     assert not contains_answer("Romeo and Juliet", "Rome")
 
 
+def test_the_question_field() -> None:
+    (request,) = parse_request_record({"prompt": "The capital of {} is", "subject": "France", "target": "Paris",
+                                       "question": " What is the capital of {}? "})  # fmt: skip
+    assert request.question_text == "What is the capital of France?"
+    assert parse_request_record({"prompt": "p", "target": "t"})[0].question_text == ""
+    for bad, message in [({"question": 3}, "field 'question' must be a string"),
+                         ({"question": "Where is {}?"}, "the question has '{}' but no subject")]:  # fmt: skip
+        with pytest.raises(ZupatchError, match=message):
+            parse_request_record({"prompt": "Gold has the symbol", "target": "Au", **bad})
+
+
 def test_chat_is_skipped_without_a_usable_template(fact_model) -> None:
     from tests.tiny_models import tiny_tokenizer
 
