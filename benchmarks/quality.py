@@ -27,8 +27,15 @@ scores them on the held-out facts and on the base model's own sampled text.
 Prints a Markdown table (docs/benchmarks.md keeps the figures) and writes the
 raw reports to ``--out``.
 
+``--attacks quant:Q8_0,chat,...`` (or ``all``) adds ``--attack`` to the first
+eval (so relearn trains on the 40 tuning facts and chat also asks them) and
+prints a second table: for every run and attack, forget prompts and
+paraphrases answered, tuning facts kept, probes unchanged and the perplexity
+change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
+
 Usage: python benchmarks/quality.py [--runs zerounlearn,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
+       [--attacks all]
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the raw results (JSON) here")
     parser.add_argument("--set", action="append", default=[], metavar="RUN:KEY=VALUE",
                         help="extra create setting for one run, e.g. ga:baseline.learning_rate=1e-4")
+    parser.add_argument("--attacks", default="", metavar="NAME[:PARAM],...",
+                        help="eval attacks, comma-separated, or all (default: none)")
     args = parser.parse_args()
     runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in runs if r not in RUNS]
@@ -118,7 +127,8 @@ def main() -> None:
 
     patches = [a for name in runs for a in ("-p", created[name]["patch"])]
     common = ["-m", str(model), "-d", str(FORGET), "--device", args.device, "--json", "-q", *patches]
-    tuned = run_json(zupatch("eval", *common, "--retain", str(TUNING), "--text", str(TEXT)))
+    attacks = [a for name in args.attacks.split(",") if name.strip() for a in ("--attack", name.strip())]
+    tuned = run_json(zupatch("eval", *common, "--retain", str(TUNING), "--text", str(TEXT), *attacks))
     held = run_json(zupatch("eval", *common, "--retain", str(HELD_OUT), "--generations", "0", "--probes", "0"))
     same = _same_template_kept(held, runs)
 
@@ -141,6 +151,8 @@ def main() -> None:
             "patch_bytes": created.get(name, {}).get("bytes"),
         })  # fmt: skip
     print_table(rows, tuned, held)
+    if tuned.get("attacks"):
+        print_attack_table(tuned, ["base", *runs])
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "created": created, "eval": tuned, "eval_held_out": held},
                                        indent=2, ensure_ascii=False))  # fmt: skip
@@ -182,6 +194,25 @@ def print_table(rows: list[dict], tuned: dict, held: dict) -> None:
                  _pct(r["held_out_kept"]), _pct(r["held_out_same_template_kept"]), _pct(r["probes_unchanged"]),
                  f"{r['perplexity']:.2f}{change}", *extra]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
+
+
+def print_attack_table(report: dict, names: list[str]) -> None:
+    """One row per (attack, run): what the attack extracts and what the run keeps after it."""
+    print("\n| attack | run | forget answered | paraphrases answered | tuning kept | probes unchanged | perplexity |")
+    print("|---|---|---|---|---|---|---|")
+    for index, attack in enumerate(report["attacks"]):
+        for name, model in zip(names, report["models"]):
+            entry = model["attacks"][index]
+            if entry["skipped"]:
+                print(f"| {attack['name']} | {name} | skipped: {entry['skipped']} | | | | |")
+                continue
+            spec, fluency = entry["specificity"] or {}, entry["fluency"] or {}
+            change = fluency.get("perplexity_change")
+            cells = [attack["name"], name, _pct(entry["efficacy"]["answered"]),
+                     _pct(entry["generalization"]["answered"]), _pct(spec.get("kept")),
+                     _pct(spec.get("derived_unchanged")),
+                     "–" if change is None else f"{100 * change:+.1f}%"]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

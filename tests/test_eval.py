@@ -243,7 +243,7 @@ def test_probes_show_collateral_damage_without_retain_data(
     assert code == 0, out
     report = json.loads(out)
     jsonschema.validate(report, doc_schema())
-    assert report["version"] == 2 and report["settings"]["probes"] == 16
+    assert report["version"] == 3 and report["settings"]["probes"] == 16
     assert report["data"]["retain"] == report["data"]["unlabelled_neighbours"] == 0
 
     probes = base_probes(fact_checkpoint, load_requests(forget))

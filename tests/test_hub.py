@@ -533,3 +533,57 @@ def test_interrupted_push_to_says_the_output_was_written(stage: str, path: str, 
     assert folder_digest(out_dir) != folder_digest(world["base"])  # the output is there, patched
     if stage == "upload":
         assert [c.author for c in hub.commits("alice/tiny-unlearned")] == ["system"]  # no commit of ours
+
+# --------------------------------------------------------------------------- the eval report on the card
+
+
+def test_push_with_eval_report_shows_the_attacks_on_the_card(hub: LoopbackHub, world: dict, base_rev: str,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """A real ``eval --json`` report of the pushed patch (tiny model, with its chat template):
+    the card gets its figures without and after each attack, never its prompts or continuations."""
+    patch_file = make_patch(world, base_rev, tmp_path / "forget.zup.safetensors")
+    data = tmp_path / "forget.jsonl"
+    data.write_text(json.dumps({"prompt": SECRET_PROMPT, "target": "Lutz", "paraphrases": ["Zubrowka's capital:"]}) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text("An ordinary line of text for perplexity.\n")
+    code, out = zup("eval", "-m", str(world["base"]), "-d", str(data), "-p", str(patch_file), "--text", str(text),
+                    "--probes", "0", "-a", "quant:Q8_0", "-a", "topk", "-a", "chat", "-a", "relearn:2", "--json")  # fmt: skip
+    assert code == 0, out
+    report_file = tmp_path / "report.json"
+    report_file.write_text(out)
+    report = json.loads(out)
+    assert SECRET_PROMPT in out  # the report holds the forget text (its generations)...
+
+    code, out = zup("push", str(patch_file), "--repo", PATCH_REPO, "--token", TOKEN, "--eval-report", str(report_file))
+    assert code == 0, out
+    card = hub.files(PATCH_REPO)["README.md"].decode()
+    for secret in (SECRET_PROMPT, "Zubrowka", "Lutz", str(world["base"])):  # ...the card never does
+        assert secret not in card
+    section = card[card.index("## Robustness") : card.index("## How to apply")]
+    base, patched = report["models"]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"none", "quant:Q8_0", "topk:5", "chat", "relearn:2"}
+    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    for name, b, p in [("none", base, patched), *((a["name"], base["attacks"][i], patched["attacks"][i])
+                                                   for i, a in enumerate(report["attacks"]))]:  # fmt: skip
+        assert f"| {pct(b['efficacy']['answered'])} → {pct(p['efficacy']['answered'])} |" in rows[name], rows[name]
+        assert f"| {pct(b['generalization']['answered'])} → {pct(p['generalization']['answered'])} |" in rows[name]
+    assert f"{base['attacks'][0]['fluency']['perplexity']:.2f} → {patched['attacks'][0]['fluency']['perplexity']:.2f}" in rows["quant:Q8_0"]
+    assert "2 Adam steps, learning rate 2e-05, on built-in text" in section
+    # the same patch and report again: the same card, no commit
+    commits = len(hub.commits(PATCH_REPO))
+    code, out = zup("push", str(patch_file), "--repo", PATCH_REPO, "--token", TOKEN, "--eval-report", str(report_file))
+    assert code == 0 and "unchanged" in out and len(hub.commits(PATCH_REPO)) == commits, out
+
+    other = make_patch(world, base_rev, tmp_path / "other.zup.safetensors", seed=3)
+    code, out = zup("push", str(other), "--repo", PATCH_REPO, "--token", TOKEN, "--eval-report", str(report_file))
+    one_error(code, out, "report.json", "no figures for this patch")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**report, "version": 2}))
+    one_error(*zup("push", str(patch_file), "--repo", PATCH_REPO, "--token", TOKEN, "--eval-report", str(old)),
+              "old.json", "report version 2")  # fmt: skip
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not json")
+    one_error(*zup("push", str(patch_file), "--repo", PATCH_REPO, "--token", TOKEN, "--eval-report", str(text_file)),
+              "notes.txt", "not JSON")  # fmt: skip
+    assert len(hub.commits(PATCH_REPO)) == commits

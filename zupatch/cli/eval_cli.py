@@ -28,6 +28,7 @@ def eval_command(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Length of those continuations, in tokens.")] = 12,
     text_tokens: Annotated[int, typer.Option("--text-tokens", help="Tokens of self-sampled text, when no --text is given.")] = 2048,
     probes: Annotated[int, typer.Option("--probes", help="Same-pattern probes: the forget templates filled with N subjects the base model proposes and N vocabulary words, none that create protects; top-1 unchanged is reported (0: none).")] = 16,
+    attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Also score every model after an attack (repeatable): quant:TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0), chat, topk:K, lens, relearn:STEPS, or all (docs/eval.md).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
@@ -40,7 +41,9 @@ def eval_command(
     Patches are applied in memory from the checkpoint's stored bits (nothing
     is written) after their base hashes are checked. Specificity includes
     same-pattern probes derived from the forget data and the base model, so
-    collateral damage shows even without --retain. The report shows the
+    collateral damage shows even without --retain. --attack also scores every
+    model after quantization, chat questions, top-K sampling, the logit lens
+    or a short fine-tune, to see whether the forgetting holds. The report shows the
     forget prompts' greedy continuations, so it contains the forget text:
     keep it where the data file is.
     """
@@ -51,7 +54,8 @@ def eval_command(
 
     with ui.guard(), hub_output(quiet or as_json):
         config = EvalConfig(device=device, dtype=dtype, batch_size=batch_size, generations=generations,
-                            new_tokens=new_tokens, text_tokens=text_tokens, probes=probes)  # fmt: skip
+                            new_tokens=new_tokens, text_tokens=text_tokens, probes=probes,
+                            attacks=tuple(attack or ()))  # fmt: skip
         records = load_eval_data(data, retain)
         texts = _read_texts(text) if text is not None else None
         patches = [(ref, load_patch(ref, token=token)) for ref in patch or []]
@@ -126,6 +130,8 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_row("patch size", *("" if m["patch"] is None else ui.human_bytes(m["patch"]["bytes"]) for m in models))
     table.add_row("seconds", *(f"{m['seconds']:.1f}" for m in models))
     out.print(table)
+    if report.get("attacks"):
+        print_attacks(out, report)
     if models[0]["generations"]:
         shown = Table(title="greedy continuations of forget prompts", title_justify="left", show_edge=False)
         shown.add_column("prompt")
@@ -134,6 +140,43 @@ def print_report(report: dict[str, Any]) -> None:
         for i, item in enumerate(models[0]["generations"]):
             shown.add_row(escape(item["prompt"]), *(_continuation(m["generations"][i]["continuation"]) for m in models))
         out.print(shown)
+
+
+#: (section, metric key, label, count key) of an attack's rows; shown when the base has a figure
+ATTACK_ROWS = [
+    ("efficacy", "answered", "forget prompts answered", "n"),
+    ("generalization", "answered", "paraphrases answered", "n"),
+    ("specificity", "kept", "retain kept", "n"),
+    ("specificity", "derived_unchanged", "probes unchanged", "derived_n"),
+]
+
+
+def print_attacks(out: Console, report: dict[str, Any]) -> None:
+    """One table: for each attack, what it extracts from each model and what the model keeps after it."""
+    models = report["models"]
+    table = Table(title="after each attack (docs/eval.md)", title_justify="left", show_edge=False)
+    table.add_column("attack / metric")
+    for m in models:
+        table.add_column(escape(_short(m["name"])), justify="right")
+    skipped = []
+    for index, attack in enumerate(report["attacks"]):
+        entries = [m["attacks"][index] for m in models]
+        if entries[0]["skipped"]:
+            skipped.append(f"{attack['name']}: skipped, {entries[0]['skipped']}")
+            continue
+        first = True
+        for section, key, label, count in ATTACK_ROWS:
+            figures = entries[0][section]
+            if not figures or not figures.get(count) or figures.get(key) is None:
+                continue
+            name = f"{attack['name']}: {label}" if first else f"  {label}"
+            table.add_row(escape(name), *(_percent((e[section] or {}).get(key)) for e in entries))
+            first = False
+        if entries[0]["fluency"] and entries[0]["fluency"]["perplexity"] is not None:
+            table.add_row("  perplexity", *(_perplexity(e["fluency"]) for e in entries))
+    out.print(table)
+    for line in skipped:
+        out.print(f"[dim]{escape(line)}[/]")
 
 
 def _short(name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -35,6 +36,11 @@ def push(
         str, typer.Option("--filename", help="Name of the patch file in the repository.")
     ] = "patch.zup.safetensors",
     message: Annotated[str | None, typer.Option("--message", help="Commit message.")] = None,
+    eval_report: Annotated[
+        Path | None,
+        typer.Option("--eval-report", help="A `zupatch eval --json` report of this patch: the card shows its "
+                     "figures, without and after each --attack.", show_default=False),
+    ] = None,  # fmt: skip
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")] = False,
 ) -> None:
@@ -44,13 +50,15 @@ def push(
     saying what the patch does (method, layers, number of requests, never their
     text), the exact command to apply it, its size and the base revision it
     expects. Users then run: zupatch apply NAMESPACE/NAME --model BASE -o OUT.
+    With --eval-report, the card also shows how robust the forgetting is
+    (the report's figures for this patch, without and after each attack).
     """
     from zupatch.hub import hub_output, push_patch
 
     with ui.guard(), hub_output(quiet or as_json):
         result = push_patch(
             patch, repo, private=private, revision=revision, create_pr=create_pr, token=token,
-            filename=filename, base_model=base_model, commit_message=message,
+            filename=filename, base_model=base_model, commit_message=message, eval_report=eval_report,
         )  # fmt: skip
         if as_json:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")

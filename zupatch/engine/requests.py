@@ -8,7 +8,9 @@ A requests file is JSONL, one request per line::
 literally (no ``{}``), or have no subject at all; then the prompt's last token
 is the fact token. Optional ``paraphrases`` (prompts, ``{}`` allowed) and
 ``neighbours`` (prompts about other subjects whose answers must stay) are kept
-for evaluation and retain keys.
+for evaluation and retain keys; an optional ``question`` (``{}`` allowed) is
+how a chat user would ask for the fact, used only by ``zupatch eval --attack
+chat`` (``create`` ignores it).
 
 CounterFact / MultiCounterFact records are accepted too, as JSONL or as one
 JSON list: ``requested_rewrite`` gives prompt and subject, ``target_true.str``
@@ -55,6 +57,7 @@ class ForgetRequest:
     target: str
     paraphrases: tuple[str, ...] = ()
     neighbours: tuple[str, ...] = ()
+    question: str = ""  # the fact asked as a chat question ({} = subject); "" = none given
 
     def __post_init__(self) -> None:
         texts = {"prompt": self.prompt, "subject": self.subject, "target": self.target}
@@ -90,6 +93,11 @@ class ForgetRequest:
 
     def paraphrase_texts(self) -> list[str]:
         return [fill_prompt(p, self.subject) for p in self.paraphrases]
+
+    @property
+    def question_text(self) -> str:
+        """The ``question`` with the subject filled in ("" when none was given)."""
+        return fill_prompt(self.question, self.subject) if self.question else ""
 
 
 def text_problem(value: str) -> str | None:
@@ -251,13 +259,19 @@ def _request_from_fields(fields: dict, require_target: bool, where: str, target_
         if isinstance(value, str) or not all(isinstance(p, str) for p in value):
             raise RequestsFileError(f"field '{name}' must be a list of strings", where)
         optional[name] = tuple(value)
+    question = fields.get("question")
+    question = "" if question is None else question
+    if not isinstance(question, str):
+        raise RequestsFileError("field 'question' must be a string", where)
+    if SUBJECT_PLACEHOLDER in question and not subject:
+        raise RequestsFileError("the question has '{}' but no subject is given", where)
     problem = _request_problem(prompt, subject)
     if problem:
         raise RequestsFileError(problem, where)
     for paraphrase in optional["paraphrases"]:
         if SUBJECT_PLACEHOLDER in paraphrase and not subject:
             raise RequestsFileError("a paraphrase has '{}' but no subject is given", where)
-    return ForgetRequest(prompt=prompt, subject=subject, target=target, **optional)
+    return ForgetRequest(prompt=prompt, subject=subject, target=target, question=question.strip(), **optional)
 
 
 # --------------------------------------------------------------------------- audit

@@ -6,6 +6,7 @@ One file of records, each about one fact to forget, in any of three formats
 - zupatch JSONL (the ``--forget`` format of ``create``)::
 
     {"prompt": "The capital of {} is", "subject": "France", "target": "Paris",
+     "question": "What is the capital of {}?",
      "paraphrases": ["France's capital city is"],
      "neighbors": [{"prompt": "The capital of Germany is", "target": "Berlin"},
                    "The capital of Spain is"]}
@@ -51,10 +52,15 @@ from zupatch.io import jsondoc
 
 @dataclass(frozen=True)
 class Item:
-    """A prompt and the answer it should (or should no longer) get."""
+    """A prompt and the answer it should (or should no longer) get.
+
+    ``question`` is the fact as a chat question when the record gives one
+    (the optional ``question`` field), for ``--attack chat``; "" otherwise.
+    """
 
     prompt: str
     answer: str
+    question: str = ""
 
 
 @dataclass
@@ -123,7 +129,7 @@ def _add_record(data: EvalData, record: Any, where: str) -> None:
         raise RequestsFileError(error.message, where) from None
     data.requests += requests
     for request in requests:
-        data.forget.append(Item(request.text, request.target))
+        data.forget.append(Item(request.text, request.target, request.question_text))
         data.paraphrases += [Item(text, request.target) for text in request.paraphrase_texts()]
     if "requested_rewrite" in record:  # CounterFact: neighbourhood prompts share the true answer
         prompts = _strings(record.get("neighborhood_prompts", ()), "neighborhood_prompts", where)

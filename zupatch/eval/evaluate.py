@@ -16,7 +16,12 @@ stored bits, then restored; nothing is written) it measures:
   and every patch is compared on identical prompts;
 - fluency: perplexity on ordinary text (``texts``, else a data-free sample of
   the base model's own text with a fixed seed, different from the statistics'
-  seed) and greedy generations for the first few forget prompts.
+  seed) and greedy generations for the first few forget prompts;
+- attacks (``config.attacks``, :mod:`zupatch.eval.attacks`): each one is
+  applied to the base and to every patched variant and scored with the same
+  measures (quantization, chat questions, top-K candidates, logit lens, a
+  short fine-tune), so the report shows whether the forgetting survives what
+  users do to a published model, and what the patch costs after it.
 
 The report (:meth:`EvalReport.to_dict`) is the documented ``--json`` format
 (docs/eval.md); its ``version`` changes if a field changes meaning.
@@ -24,10 +29,11 @@ The report (:meth:`EvalReport.to_dict`) is the documented ``--json`` format
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +44,15 @@ from torch import nn
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
+from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
+from zupatch.eval.attacks import Outcome, Subject, attack_of, parse_attacks
 from zupatch.eval.data import EvalData, Item
 from zupatch.eval.metrics import AnswerScore, score_answers, text_windows, token_perplexity
+from zupatch.hub.card import layers_of
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.module import find_parameter, tensor_of
 from zupatch.patch.ops import run_chain_in_memory, sha256_hex
-
-REPORT_FORMAT = "zupatch-eval"
-REPORT_VERSION = 2
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -64,8 +70,12 @@ class EvalConfig:
     text_seed: int = 1234  # not the statistics' seed, so the edit never saw this text
     max_text_length: int = 512  # tokens per --text line
     probes: int = 16  # same-pattern probe subjects per source (model-proposed, vocabulary); 0: none
+    attacks: tuple[str, ...] = ()  # NAME[:PARAM] (zupatch.eval.attacks); made canonical, "all" expanded
 
     def __post_init__(self) -> None:
+        from zupatch.eval.attacks import parse_attacks
+
+        object.__setattr__(self, "attacks", tuple(a.label for a in parse_attacks(self.attacks)))
         for name in ("batch_size", "new_tokens", "text_tokens", "max_text_length"):
             if getattr(self, name) < 1:
                 raise ZupatchError(f"{name.replace('_', ' ')} must be at least 1")
@@ -86,6 +96,7 @@ class ModelScores:
     fluency: dict[str, Any]
     generations: list[dict[str, str]]
     seconds: float
+    attacks: list[dict[str, Any]] = field(default_factory=list)  # one entry per attack, in the report's order
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +108,7 @@ class ModelScores:
             "fluency": self.fluency,
             "generations": self.generations,
             "seconds": round(self.seconds, 3),
+            "attacks": self.attacks,
         }
 
 
@@ -108,6 +120,7 @@ class EvalReport:
     data: dict[str, Any]
     settings: dict[str, Any]
     models: list[ModelScores] = field(default_factory=list)
+    attacks: list[dict[str, Any]] = field(default_factory=list)  # name, attack, settings of each attack run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +129,7 @@ class EvalReport:
             "model": self.model,
             "data": self.data,
             "settings": self.settings,
+            "attacks": self.attacks,
             "models": [m.to_dict() for m in self.models],
         }
 
@@ -245,13 +259,15 @@ def _score(
 
 
 def _patch_info(label: str, patch: Patch) -> dict[str, Any]:
-    size = Path(patch.source).stat().st_size if patch.source and Path(patch.source).is_file() else len(patch.to_bytes())
+    source = Path(patch.source) if patch.source else None
+    data = source.read_bytes() if source and source.is_file() else patch.to_bytes()
     return {
         "ref": label,
         "method": "+".join(step.method for step in patch.steps),
         "base_model": patch.base_model,
         "tensors": len(patch.tensor_names),
-        "bytes": size,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),  # of the file: `push --eval-report` finds the patch by it
     }
 
 
@@ -342,17 +358,65 @@ def evaluate(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
     )
-    total = 1 + len(patches)
+    attacks = [(settings, attack_of(settings)) for settings in parse_attacks(config.attacks)]
+    report.attacks = [{"name": s.label, "attack": a.name, "settings": asdict(s)} for s, a in attacks]
+    first_layer = min((min(layers_of(p.tensor_names), default=0) for _, p in patches), default=0)
+    total = (1 + len(patches)) * (1 + len(attacks))
+    stage = "models and attacks" if attacks else "models"
+    done = 1
     started = time.perf_counter()
     base = _score(model, tokenizer, data, prompts, windows, config)
     report.models.append(_model_scores("base", None, base, base, data, time.perf_counter() - started))
     if progress:
-        progress("models", 1, total)
-    for index, (label, patch) in enumerate(patches, start=2):
+        progress(stage, done, total)
+
+    def attack_score(attacked: nn.Module, base_raw: _Scored | None) -> tuple[dict[str, Any], _Scored]:
+        scored = _score(attacked, tokenizer, data, prompts, windows, replace(config, generations=0))
+        scores = _model_scores("", None, scored, base_raw or scored, data, 0.0)
+        fluency: dict[str, Any] = {"perplexity": scores.fluency["perplexity"], "perplexity_change": None}
+        if scored.perplexity and base.perplexity:  # relative to the base without attack
+            fluency["perplexity_change"] = round(scored.perplexity / base.perplexity - 1, 4)
+        figures = {"efficacy": scores.efficacy, "generalization": scores.generalization,
+                   "specificity": scores.specificity, "fluency": fluency}  # fmt: skip
+        return figures, scored
+
+    def run_attacks(bases: list[Outcome] | None) -> tuple[list[dict[str, Any]], list[Outcome]]:
+        nonlocal done
+        entries, outcomes = [], []
+        subject = Subject(model, tokenizer, data, config.batch_size, first_layer, attack_score)
+        for index, (settings, attack) in enumerate(attacks):
+            started = time.perf_counter()
+            outcome = attack.run(settings, subject, bases[index] if bases else None)
+            outcomes.append(outcome)
+            entries.append(_attack_entry(settings.label, outcome, time.perf_counter() - started))
+            done += 1
+            if progress:
+                progress(stage, done, total)
+        return entries, outcomes
+
+    report.models[0].attacks, base_outcomes = run_attacks(None)
+    for label, patch in patches:
         started = time.perf_counter()
         with patcher.patched(patch, label):
             scored = _score(model, tokenizer, data, prompts, windows, config)
-        report.models.append(_model_scores(label, _patch_info(label, patch), scored, base, data, time.perf_counter() - started))
-        if progress:
-            progress("models", index, total)
+            seconds = time.perf_counter() - started
+            done += 1
+            if progress:
+                progress(stage, done, total)
+            entries, _ = run_attacks(base_outcomes)
+        scores = _model_scores(label, _patch_info(label, patch), scored, base, data, seconds)
+        scores.attacks = entries
+        report.models.append(scores)
     return report
+
+
+def _attack_entry(name: str, outcome: Outcome, seconds: float) -> dict[str, Any]:
+    """One model's result under one attack, as the report writes it."""
+    figures = outcome.figures
+    return {
+        "name": name,
+        "skipped": outcome.skipped,
+        **{section: figures.get(section) for section in ("efficacy", "generalization", "specificity", "fluency")},
+        "details": outcome.details,
+        "seconds": round(seconds, 3),
+    }

@@ -43,7 +43,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _answer_ids(tokenizer: Any, prompt: str, answer: str, prefix: Sequence[int]) -> tuple[list[int], list[int]]:
+def answer_ids(tokenizer: Any, prompt: str, answer: str, prefix: Sequence[int]) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (after the tokenizer's own ``prefix``, e.g. BOS) and of the answer.
 
     The answer's tokens are those of ``prompt + separator + answer`` after the
@@ -68,7 +68,7 @@ def score_answers(
     prefix = special_prefix_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for start in range(0, len(prompts), batch_size):
-        pairs = [_answer_ids(tokenizer, p, a, prefix) for p, a in zip(prompts[start : start + batch_size],
+        pairs = [answer_ids(tokenizer, p, a, prefix) for p, a in zip(prompts[start : start + batch_size],
                                                               answers[start : start + batch_size])]  # fmt: skip
         ids, mask = _padded_batch([p + a for p, a in pairs], pad)
         logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float()

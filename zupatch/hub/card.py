@@ -4,7 +4,10 @@ A card is a pure function of its inputs: no clock, no tool version of the
 pusher, no random order. Pushing the same patch again therefore produces the
 same bytes, and the push is a no-op. A card never contains request text: it
 reads only the request *count* from the patch metadata, whatever else (salted
-hashes, opted-in text) the metadata holds.
+hashes, opted-in text) the metadata holds. With an eval report (``push
+--eval-report``) the card shows the report's figures for this patch and the
+base, without and after each attack; only figures and attack names, never
+the report's prompts or continuations.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class PatchCardInfo:
     base_bytes: int | None = None  # size of the base checkpoint's weights, when known
     file_bytes: int = 0
     file_sha256: str = ""
+    robustness: tuple[str, ...] = ()  # Markdown lines from robustness_section(), () = no eval report
 
 
 def card_base_model(patch: "Patch", override: str | None = None) -> str | None:
@@ -140,6 +144,7 @@ def patch_card(patch: "Patch", info: PatchCardInfo) -> str:
         out.append(f"| {i} | {_md(method)} | {count} | {len(step.entries)} | {_md(', '.join(hp)) or '-'} |")
     out += [
         "",
+        *info.robustness,
         "## How to apply",
         "",
         "```bash",
@@ -198,6 +203,114 @@ def patch_card(patch: "Patch", info: PatchCardInfo) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- eval report
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _pair(base: dict[str, Any] | None, patched: dict[str, Any] | None, key: str = "answered") -> str:
+    """``base → patch`` of one share, "–" where there is no figure."""
+    if not base or not patched or not base.get("n"):
+        return "–"
+    return f"{_pct(base.get(key))} → {_pct(patched.get(key))}"
+
+
+def _one(section: dict[str, Any] | None, key: str, count: str = "n") -> str:
+    return _pct(section.get(key)) if section and section.get(count) else "–"
+
+
+def _perplexities(base: dict[str, Any] | None, patched: dict[str, Any] | None) -> str:
+    if not base or not patched or base.get("perplexity") is None or patched.get("perplexity") is None:
+        return "–"
+    return f"{base['perplexity']:.2f} → {patched['perplexity']:.2f}"
+
+
+def _row(name: str, base: dict[str, Any], patched: dict[str, Any]) -> str:
+    spec = patched.get("specificity")
+    cells = [
+        _pair(base.get("efficacy"), patched.get("efficacy")),
+        _pair(base.get("generalization"), patched.get("generalization")),
+        _one(spec, "kept"),
+        _one(spec, "derived_unchanged", "derived_n"),
+        _perplexities(base.get("fluency"), patched.get("fluency")),
+    ]
+    return f"| {_md(name)} | " + " | ".join(cells) + " |"
+
+
+def _details(attack: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """One line saying what an attack did, from its settings and details (figures and names only)."""
+    details, settings = entry.get("details") or {}, attack.get("settings") or {}
+    kind = attack.get("attack")
+    if kind == "relearn":
+        return (f"`{attack['name']}`: {details.get('steps', settings.get('steps'))} Adam steps, learning rate "
+                f"{details.get('learning_rate', settings.get('learning_rate'))}, on {details.get('trained_on', '?')} "
+                f"({details.get('texts', '?')} texts, none mentioning a forgotten fact)")  # fmt: skip
+    if kind == "quant":
+        return f"`{attack['name']}`: every decoder linear weight through GGUF {details.get('type')} and back"
+    if kind == "lens":
+        return f"`{attack['name']}`: answer top-1 at any layer {details.get('from_layer')}–{details.get('to_layer')}"
+    if kind == "topk":
+        return f"`{attack['name']}`: answer's first token among the {details.get('k')} most likely"
+    if kind == "chat":
+        return "`chat`: asked as a question through the chat template, greedy reply contains the answer"
+    return None
+
+
+def robustness_section(report: dict[str, Any], patch_sha256: str) -> tuple[str, ...]:
+    """Markdown lines of the card's "Robustness" section, from a ``zupatch eval --json`` report.
+
+    The report's entry for this patch is found by the patch file's sha256;
+    a :class:`ValueError` says what is wrong with the report.
+    """
+    from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
+
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ValueError("not a `zupatch eval --json` report")
+    if report.get("version") != REPORT_VERSION:
+        raise ValueError(f"report version {report.get('version')}, expected {REPORT_VERSION}: run zupatch eval again")
+    models = report.get("models") or []
+    base = next((m for m in models if m.get("patch") is None), None)
+    entry = next((m for m in models if (m.get("patch") or {}).get("sha256") == patch_sha256), None)
+    if base is None or entry is None:
+        raise ValueError(f"the report has no figures for this patch (sha256 {patch_sha256[:12]}…): "
+                         "evaluate this very file with zupatch eval -p")  # fmt: skip
+    data = report.get("data") or {}
+    attacks = report.get("attacks") or []
+    out = [
+        "## Robustness",
+        "",
+        f"Measured with `zupatch eval` on {data.get('forget', '?')} forgotten facts, {data.get('paraphrases', 0)} "
+        f"paraphrases, {data.get('retain', 0)} other facts and {data.get('derived_probes', 0)} same-pattern probes "
+        '(the forget templates filled with other subjects). "a → b": the base model, then with this patch. '
+        "Answered: greedy decoding still gives the answer, or the attack extracts it (lower is better after "
+        "the patch); kept: other facts the base answers that the patched model still answers; probes "
+        "unchanged: same-pattern prompts whose top next token is the base's.",
+        "",
+        "| attack | forget facts answered | paraphrases answered | other facts kept | probes unchanged | perplexity |",
+        "|---|---|---|---|---|---|",
+        _row("none", base, entry),
+    ]
+    notes = []
+    for index, attack in enumerate(attacks):
+        name = str(attack.get("name", "?"))
+        try:
+            attacked_base, attacked = base["attacks"][index], entry["attacks"][index]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"the report's models have no result for attack {name!r}") from None
+        if attacked.get("skipped"):
+            out.append(f"| {_md(name)} | skipped: {_md(str(attacked['skipped']))} | | | | |")
+            continue
+        out.append(_row(name, attacked_base, attacked))
+        note = _details(attack, attacked)
+        if note:
+            notes.append(f"- {note}")
+    if notes:
+        out += ["", "What each attack did (`zupatch eval --attack`, see the zupatch docs):", "", *notes]
+    return tuple(out + [""])
 
 
 def checkpoint_card(

@@ -11,6 +11,7 @@ appears in a message.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zupatch.errors import ZupatchError
-from zupatch.hub.card import PatchCardInfo, card_base_model, git_blob_id, layers_of, patch_card
+from zupatch.hub.card import PatchCardInfo, card_base_model, git_blob_id, layers_of, patch_card, robustness_section
 from zupatch.hub.errors import LOGIN_HINT, hub_error
 from zupatch.hub.pull import PATCH_FILENAME, PATCH_SUFFIX, is_hub_repo_id, locate_patch
 
@@ -149,6 +150,7 @@ def push_patch(
     filename: str = PATCH_FILENAME,
     base_model: str | None = None,
     commit_message: str | None = None,
+    eval_report: str | os.PathLike | None = None,
 ) -> PushResult:
     """Upload a patch and its model card to ``repo_id`` (created if needed).
 
@@ -163,6 +165,9 @@ def push_patch(
     Interrupted (Ctrl-C), it raises ``KeyboardInterrupt`` whose message says
     what reached the Hub: nothing, uploads that belong to no revision, or a
     commit sent but not confirmed.
+    ``eval_report`` is a ``zupatch eval --json`` report that evaluated this
+    patch file: the card then shows its figures, without and after each
+    attack (:func:`zupatch.hub.card.robustness_section`).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -171,6 +176,7 @@ def push_patch(
         raise ZupatchError(f"the patch file name in the repo must be a plain name ending in {PATCH_SUFFIX}", filename)
     if base_model is not None and not is_hub_repo_id(base_model):
         raise ZupatchError("--base-model must be a Hub repo id (NAMESPACE/NAME)", base_model)
+    report = read_eval_report(eval_report) if eval_report is not None else None
     tok = require_token(token)
     source = locate_patch(patch_ref, token=tok)
     from zupatch.patch.format import Patch
@@ -178,6 +184,12 @@ def push_patch(
     patch = Patch.load(source.path)
     data = source.path.read_bytes()
     data_sha = hashlib.sha256(data).hexdigest()
+    robustness: tuple[str, ...] = ()
+    if report is not None:
+        try:
+            robustness = robustness_section(report, data_sha)
+        except ValueError as error:
+            raise ZupatchError(str(error), eval_report) from None
     api = HfApi(token=tok)
     target = revision or "main"
     stage = ["begin"]
@@ -187,6 +199,7 @@ def push_patch(
         info = PatchCardInfo(
             repo_id=repo_id, filename=filename, revision=None if create_pr else revision, base_model=base_model,
             base_bytes=base_weights_bytes(base, patch.base_revision, tok), file_bytes=len(data), file_sha256=data_sha,
+            robustness=robustness,
         )  # fmt: skip
         card = patch_card(patch, info).encode()
         remote = {f.path: f for f in api.get_paths_info(repo_id, [filename, README], revision=head)}
@@ -220,6 +233,23 @@ def push_patch(
     result.pr_url = commit.pr_url
     result.uploaded = [op.path_in_repo for op in ops]
     return result
+
+
+def read_eval_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in a ``zupatch eval --json`` file, with one-line errors naming the file."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ZupatchError("file not found", path) from None
+    except json.JSONDecodeError as error:
+        raise ZupatchError(
+            f"not JSON ({error.msg}, line {error.lineno}): pass the output of zupatch eval --json", path
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ZupatchError(f"cannot read: {error}", path) from None
+    if not isinstance(report, dict):
+        raise ZupatchError("not a `zupatch eval --json` report", path)
+    return report
 
 
 def push_checkpoint(

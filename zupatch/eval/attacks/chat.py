@@ -1,0 +1,123 @@
+"""``chat``: does the model still give the answer when asked as a chat user?
+
+A chat model is mostly used through its chat template, and the plain-prompt
+edit may not reach a question asked there. The attack asks each fact as a
+user message through the tokenizer's chat template (with the template's
+own default system prompt, if any), lets the model answer greedily, and
+counts a hit when the answer contains the target.
+
+- The question: the record's ``question`` field (``{}`` = subject) when
+  given; otherwise derived from the prompt: a prompt that ends with "?" is
+  asked as it is, any other is asked as ``Complete this sentence: PROMPT``.
+  Paraphrases and retain facts are asked the derived way.
+- A hit: the target appears in the answer as a whole word sequence after
+  normalisation (Unicode NFKC, case folded, runs of white space made one
+  space), i.e. not inside a longer word ("Rome" is not found in "Romeo").
+- ``specificity``: the retain facts (``--retain`` and labelled neighbours)
+  asked the same way: ``answered``, and ``kept``, the share the model still
+  answers among those the base answers in chat. Without retain facts: None.
+
+Without a chat template (a base model, the test models), or with one that
+fails on a lone user message, the attack does not apply: it is reported as
+skipped, with the reason, and ``--attack all`` goes on with the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zupatch.engine.stats import model_device, pad_token_id
+from zupatch.errors import ZupatchError
+from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, hit_figures, share
+from zupatch.eval.data import Item
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """``chat`` takes no parameter; ``new_tokens`` is the length of each answer."""
+
+    new_tokens: int = 32
+
+    @classmethod
+    def parse(cls, param: str | None) -> ChatSettings:
+        if param is not None:
+            raise ZupatchError("chat takes no parameter")
+        return cls()
+
+    @property
+    def label(self) -> str:
+        return "chat"
+
+
+def question_for(item: Item) -> str:
+    """The record's question if it has one, else the prompt as a question (see the module doc)."""
+    if item.question:
+        return item.question
+    prompt = item.prompt.strip()
+    return prompt if prompt.endswith("?") else f"Complete this sentence: {prompt}"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+@torch.no_grad()
+def chat_replies(model: torch.nn.Module, tokenizer: Any, questions: Sequence[str], new_tokens: int) -> list[str]:
+    """The model's greedy reply to each question, asked alone as one user message."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(
+        do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad_token_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    replies = []
+    for question in questions:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model_device(model))
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+        replies.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
+    return replies
+
+
+def _hits(subject: Subject, items: Sequence[Item], settings: ChatSettings) -> list[bool]:
+    replies = chat_replies(subject.model, subject.tokenizer, [question_for(i) for i in items], settings.new_tokens)
+    return [contains_answer(reply, item.answer) for reply, item in zip(replies, items)]
+
+
+def _template_problem(tokenizer: Any) -> str | None:
+    """Why the chat template cannot be used (None when a user question renders)."""
+    if not has_chat_template(tokenizer):
+        return "the tokenizer has no chat template"
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 - templates raise whatever Jinja or the template author raises
+        return f"the chat template fails on a user message ({type(error).__name__})"
+    return None
+
+
+def run(settings: ChatSettings, subject: Subject, base: Outcome | None) -> Outcome:
+    problem = _template_problem(subject.tokenizer)
+    if problem:
+        return Outcome(skipped=problem)
+    data = subject.data
+    retain = _hits(subject, data.retain, settings)
+    known = [i for i, hit in enumerate(base.raw if base else retain) if hit]
+    specificity = None
+    if retain:
+        specificity = {**hit_figures(retain), "kept": share([retain[i] for i in known])}
+    figures = {
+        "efficacy": hit_figures(_hits(subject, data.forget, settings)),
+        "generalization": hit_figures(_hits(subject, data.paraphrases, settings)),
+        "specificity": specificity,
+        "fluency": None,
+    }
+    questions = sum(1 for item in data.forget if item.question)
+    details = {"new_tokens": settings.new_tokens, "questions_given": questions,
+               "questions_derived": len(data.forget) - questions}  # fmt: skip
+    return Outcome(figures=figures, details=details, raw=retain)
