@@ -28,7 +28,7 @@ from tests.patching import folder_digest, random_patch
 from tests.tiny_models import MLP_DOWN_PROJ, make_tiny_checkpoint
 from zupatch.cli.main import app
 from zupatch.hub import PatchCardInfo, parse_hub_ref, patch_card
-from zupatch.hub.card import git_blob_id
+from huggingface_hub.utils.sha import git_hash
 from zupatch.patch.format import Patch
 from zupatch.patch.ops import invert
 
@@ -250,7 +250,7 @@ def test_apply_verify_inspect_by_repo_id(hub: LoopbackHub, world: dict, base_rev
     assert len(blobs) == len(world["files"]) + 1  # and .gitattributes
     for blob in blobs:
         data = blob.read_bytes()
-        assert blob.name in (hashlib.sha256(data).hexdigest(), git_blob_id(data)), blob.name
+        assert blob.name in (hashlib.sha256(data).hexdigest(), git_hash(data)), blob.name
 
     assert zup("verify", PATCH_REPO, "--model", str(out_dir))[0] == 3
     assert zup("verify", PATCH_REPO, "--model", BASE, "--revision", base_rev)[0] == 0

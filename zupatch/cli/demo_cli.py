@@ -79,7 +79,7 @@ def _shown(text: str) -> Text:
 
 def _print_report(report: Any) -> None:
     """The before/after table, sizes, timings and the round-trip verdict."""
-    from zupatch.patch.summary import human_bytes
+    from rich.filesize import decimal as human_bytes
 
     out = Console(highlight=False)
     table = Table(title=f"greedy answers of {report.model}, before and after the patch", title_justify="left")

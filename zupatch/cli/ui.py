@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from zupatch.errors import ZupatchError
-from zupatch.patch.summary import human_bytes  # noqa: F401 - used by the commands as ui.human_bytes
+from rich.filesize import decimal as human_bytes  # noqa: F401 - used by the commands as ui.human_bytes
 
 console = Console(stderr=True, highlight=False)
 

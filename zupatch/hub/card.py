@@ -12,13 +12,12 @@ the report's prompts or continuations.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zupatch.hub.pull import PATCH_FILENAME, is_hub_repo_id
-from zupatch.patch.summary import human_bytes
+from rich.filesize import decimal as human_bytes
 
 if TYPE_CHECKING:
     from zupatch.patch.format import Patch
@@ -380,7 +379,3 @@ def checkpoint_card(
     ]
     return "\n".join(out)
 
-
-def git_blob_id(data: bytes) -> str:
-    """The git object id of a file's bytes (what the Hub reports for regular files)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

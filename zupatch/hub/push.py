@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from zupatch.errors import ZupatchError
-from zupatch.hub.card import PatchCardInfo, card_base_model, git_blob_id, layers_of, patch_card, robustness_section
+from huggingface_hub.utils.sha import git_hash
+
+from zupatch.hub.card import PatchCardInfo, card_base_model, layers_of, patch_card, robustness_section
 from zupatch.hub.errors import LOGIN_HINT, hub_error
 from zupatch.hub.pull import PATCH_FILENAME, PATCH_SUFFIX, is_hub_repo_id, locate_patch
 
@@ -204,9 +206,9 @@ def push_patch(
         card = patch_card(patch, info).encode()
         remote = {f.path: f for f in api.get_paths_info(repo_id, [filename, README], revision=head)}
         ops = []
-        if not _same(remote.get(filename), data_sha, git_blob_id(data)):
+        if not _same(remote.get(filename), data_sha, git_hash(data)):
             ops.append(CommitOperationAdd(path_in_repo=filename, path_or_fileobj=data))
-        if not _same(remote.get(README), hashlib.sha256(card).hexdigest(), git_blob_id(card)):
+        if not _same(remote.get(README), hashlib.sha256(card).hexdigest(), git_hash(card)):
             ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
         result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
         if not ops:

@@ -9,15 +9,6 @@ import numpy as np
 from zupatch.patch.format import FORMAT_VERSION, Entry, Patch
 
 
-def human_bytes(n: float) -> str:
-    """1234567 -> "1.2 MB" (decimal units, as the Hub shows sizes)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def change_norm(e: Entry) -> float:
     """``|U B|_F`` (lowrank) or ``|delta|_F`` (dense) in float64: the additive part of the change."""
     if e.kind == "lowrank":
