@@ -24,7 +24,7 @@ from zupatch.demo import DEMO_OUTPUTS, INVERSE_FILE, PATCH_FILE, RESTORED_DIR, U
 runner = CliRunner()
 #: The demo's default statistics budget. Sampling costs about the same for 1024 tokens (one batch of
 #: 128-token samples either way), and a smaller budget gives a larger edit: 1024 tokens made a 307 KB
-#: patch (5.8% of the changed tensors, over DESIGN's 5%), 4096 tokens 204 KB (3.8%).
+#: patch (5.8% of the changed tensors, over the format's 5% size target), 4096 tokens 204 KB (3.8%).
 TOKENS = "4096"
 FORGET_WORDS = (b"france", b"paris", b"capital")
 

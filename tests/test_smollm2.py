@@ -12,7 +12,7 @@ loaded with ``AutoModelForCausalLM.from_pretrained``:
 - the perplexity of ordinary text rises by no more than 10%;
 - invert restores the base checkpoint byte for byte.
 Without a retain file only 19/47 survive: same-pattern facts (other capitals,
-other symbols) need their keys in the statistics (DESIGN §7).
+other symbols) need their keys in the statistics (docs/create.md).
 """
 
 from __future__ import annotations

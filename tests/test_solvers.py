@@ -151,7 +151,7 @@ def test_closed_form_ill_conditioned(projection: str) -> None:
 def test_the_three_modes_differ_and_everywhere_is_the_paper_formula() -> None:
     W, C, K_f, V_star, O = problem(24, 40, 3, seed=7)
     hp = ClosedFormParams()
-    # DESIGN §2: D = P(G + λ_f V* Yᵀ)(G + λ_f Y Yᵀ)⁻¹
+    # the paper's closed form (docs/maths.md): D = P(G + λ_f V* Yᵀ)(G + λ_f Y Yᵀ)⁻¹
     Y = W @ K_f
     G = W @ (hp.lambda_retain * C + hp.lambda_reg * torch.eye(40, dtype=F64)) @ W.T
     Q = torch.linalg.qr(O)[0]

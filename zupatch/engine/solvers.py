@@ -9,7 +9,7 @@ The weight is in *math layout*: ``W`` is ``d×f`` and the layer computes
 
 which is exactly what a patch stores. The derivations are in ``docs/maths.md``.
 
-Closed form (ZeroUnlearn, DESIGN §2): :func:`closed_form` with
+Closed form (ZeroUnlearn, docs/maths.md "The closed form"): :func:`closed_form` with
 :class:`ClosedFormParams`; three places the projection ``P`` can act
 (``"everywhere"`` as in the paper, ``"forget"``, ``"off"``).
 Gradient variant (ZeroUnlearn-GD): :func:`gd_adam` (the paper's Adam loop) and
@@ -79,8 +79,10 @@ class ClosedFormParams:
 
     ``projection`` says where ``P = (1+ε)I − QQᵀ`` acts: ``"everywhere"`` (the
     paper: retain, forget and regulariser targets), ``"forget"`` (forget
-    target only) or ``"off"`` (``P = I``). DESIGN §7 measured that
-    ``"everywhere"`` hurts retain accuracy.
+    target only) or ``"off"`` (``P = I``). ``"everywhere"`` shrinks every
+    output along the forget outputs' span, which overlaps the layer's dominant
+    output direction: it costs retain accuracy (docs/maths.md, "What the
+    modes mean").
     """
 
     lambda_retain: float = 15000.0

@@ -19,8 +19,9 @@ Corpora:
   itself, batched, from its document-start token (:func:`document_start_ids`),
   temperature 1, top-k 50. It needs no
   data and matches the model's own distribution, but costs a generation pass
-  (about as many forward steps as tokens per sample, batched), and DESIGN §7
-  found it does not protect facts near the forgotten ones: add retain keys.
+  (about as many forward steps as tokens per sample, batched), and alone it
+  does not protect facts near the forgotten ones: ``create`` adds keys of
+  similar subjects for that (docs/create.md, "Specific without a retain file").
 
 :class:`StatsCache` keeps finished statistics on disk under a key naming
 everything they depend on. It stores numbers only, never text.
