@@ -344,7 +344,7 @@ def build_patch(
     """A one-step patch from edits and the base tensors they apply to.
 
     ``base`` maps tensor names to ``(bits, dtype)`` (see
-    :func:`zupatch.patch.tensors.bits_of` to get them from torch tensors).
+    :func:`zupatch.patch.module.bits_of` to get them from torch tensors).
     """
     if not edits:
         raise ValueError("no edits to build a patch from")
