@@ -9,6 +9,16 @@ The library API (the CLI is a thin layer over it)::
         ...
     zupatch.invert(patch).save("restore.zup.safetensors")
 
+    # computing an edit (this part imports torch and transformers)
+    requests = [zupatch.ForgetRequest("The capital of {} is", "France", "Paris")]
+    patch = zupatch.create(model, tokenizer, requests)   # model left unchanged
+
+Public names: create, CreateConfig, ForgetRequest (compute an edit);
+load_patch, Patch, Step, Entry (the file); apply_to_checkpoint,
+checkpoint_state (checkpoint folders); applied, apply_to_module (a model in
+memory); invert, stack, build_patch, LowRankEdit, DenseEdit (algebra);
+ZupatchError, PatchFormatError, BaseMismatchError (errors).
+
 Importing zupatch imports nothing else: every name below loads its module
 on first use (``zupatch.create``, the edit engine, brings torch and
 transformers). So the ``zupatch`` command (:mod:`zupatch.__main__`) starts
