@@ -124,7 +124,7 @@ def bench_end_to_end(folder: Path, n: int, tokens: int, work: Path) -> dict:
     facts.write_text("".join(FACTS.read_text().splitlines(keepends=True)[:n]))
     env = dict(os.environ, ZUPATCH_CACHE=str(work / "cache"))
     cmd = [sys.executable, "-c", "from zupatch.cli.main import main; main()", "create", "-m", str(folder),
-           "-f", str(facts), "-o", str(work / "out.zup.safetensors"), "--tokens", str(tokens),
+           "--forget", str(facts), "-o", str(work / "out.zup.safetensors"), "--tokens", str(tokens),
            "--device", "cpu", "--dtype", "float32", "--force", "-q"]  # fmt: skip
     cold = measure(cmd, env)
     warm = measure(cmd, env)

@@ -160,7 +160,7 @@ def test_cli_dense_patch_forgets_and_inverts_exactly(
 ) -> None:
     before = folder_digest(fact_checkpoint)
     patch_file = tmp_path / f"{method}.zup.safetensors"
-    args = ["create", "-m", str(fact_checkpoint), "-f", str(forget_file), "-o", str(patch_file),
+    args = ["create", "-m", str(fact_checkpoint), "--forget", str(forget_file), "-o", str(patch_file),
             "--method", method, "--lr", "2e-4", "--steps", "150", "--beta", "0.2", "--json"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -220,5 +220,5 @@ def test_cli_dense_patch_forgets_and_inverts_exactly(
 def test_cli_bad_baseline_options(extra: list[str], problem: str, fact_checkpoint: Path, forget_file: Path,
                                   tmp_path: Path) -> None:  # fmt: skip
     out = tmp_path / "p.zup.safetensors"
-    args = ["create", "-m", str(fact_checkpoint), "-f", str(forget_file), "-o", str(out), *extra]
+    args = ["create", "-m", str(fact_checkpoint), "--forget", str(forget_file), "-o", str(out), *extra]
     expect_error(args, "", problem, output=out, inputs=[fact_checkpoint])

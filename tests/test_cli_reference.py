@@ -32,3 +32,27 @@ def test_version_and_short_help() -> None:
     for args in (["-h"], ["apply", "-h"], ["create", "-h"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage: zupatch" in result.output, args
+
+
+def test_choices_match_the_engine_and_typos_are_caught() -> None:
+    """The CLI's enumerations (listed in --help) are the engine's own lists; a typo names the choices."""
+    from typer.testing import CliRunner
+
+    from zupatch.cli.choices import Method, Projection
+    from zupatch.cli.main import app
+    from zupatch.engine.create import METHODS
+    from zupatch.engine.solvers import PROJECTIONS
+
+    assert tuple(m.value for m in Method) == METHODS
+    assert tuple(p.value for p in Projection) == tuple(PROJECTIONS)
+    result = CliRunner().invoke(app, ["create", "-m", "x", "--forget", "f.jsonl", "-o", "p", "--method", "zerounlern"])
+    assert result.exit_code == 2 and "zerounlearn-gd" in result.output
+
+
+def test_revision_means_the_models_revision_everywhere() -> None:
+    from typer.testing import CliRunner
+
+    from zupatch.cli.main import app
+
+    result = CliRunner().invoke(app, ["inspect", "p.zup.safetensors", "--revision", "v1"])
+    assert result.exit_code == 1 and "--patch-revision" in result.output

@@ -60,7 +60,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _args(checkpoint: Path, forget: Path, out: Path, *extra: str) -> list[str]:
-    return ["create", "-m", str(checkpoint), "-f", str(forget), "-o", str(out), *extra]
+    return ["create", "-m", str(checkpoint), "--forget", str(forget), "-o", str(out), *extra]
 
 
 def test_check_ranks_each_target_token(fact_model) -> None:

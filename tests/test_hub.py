@@ -256,7 +256,7 @@ def test_apply_verify_inspect_by_repo_id(hub: LoopbackHub, world: dict, base_rev
     assert zup("verify", PATCH_REPO, "--model", BASE, "--revision", base_rev)[0] == 0
     code, out = zup("inspect", f"{PATCH_REPO}:patch.zup.safetensors", "--json")
     assert code == 0 and json.loads(out)["base_model"] == BASE, out
-    code, out = zup("inspect", PATCH_REPO, "--revision", hub.resolve(PATCH_REPO)[:10])
+    code, out = zup("inspect", PATCH_REPO, "--patch-revision", hub.resolve(PATCH_REPO)[:10])
     assert code == 0 and PATCH_REPO in out, out
     code, out = zup("invert", PATCH_REPO, "-o", str(tmp_path / "restore.zup.safetensors"))
     assert code == 0, out

@@ -51,7 +51,7 @@ def test_the_console_script_is_the_guarded_entry_point() -> None:
 
 @pytest.mark.parametrize("delay", DELAYS)
 def test_ctrl_c_during_start_up_is_one_line(delay: float, tmp_path: Path) -> None:
-    args = ["create", "-m", str(tmp_path / "model"), "-f", str(tmp_path / "forget.jsonl"), "-o",
+    args = ["create", "-m", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"), "-o",
             str(tmp_path / "p.zup.safetensors")]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", ENTRY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

@@ -72,7 +72,7 @@ def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, tmp_path: Pa
     retain_file.write_text("".join(json.dumps(r) + "\n" for r in retain[::2]))
     held_out = set(range(1, len(retain), 2))
     patch = tmp_path / "forget.zup.safetensors"
-    result = runner.invoke(app, ["create", "-m", str(smollm2_checkpoint), "-f", str(forget_file), "-o", str(patch),
+    result = runner.invoke(app, ["create", "-m", str(smollm2_checkpoint), "--forget", str(forget_file), "-o", str(patch),
                                  "--retain", str(retain_file), "--tokens", "4096", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

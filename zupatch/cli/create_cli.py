@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
+from zupatch.cli.choices import DType, Method, Preset, Projection, value
 from zupatch.errors import OutputExistsError, ZupatchError
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ METHOD_HELP = (
     "zerounlearn (closed form), zerounlearn-gd (the gradient-based variant), or a baseline for comparison: "
     "ga (gradient ascent) or npo (negative preference optimisation), dense patches."
 )
+_IO, _METHOD, _BASELINE, _COMPUTE, _OUT = ("Inputs", "Method and settings", "Baselines (--method ga or npo)",
+                                           "Compute", "Output and messages")  # fmt: skip
 #: Options that only ZeroUnlearn uses, and those only the baselines use (for a clear error).
 ZEROUNLEARN_ONLY = ("--target", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens")
 BASELINE_ONLY = ("--lr", "--steps", "--beta", "--retain-weight")
@@ -43,37 +46,38 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def create(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
-    forget: Annotated[Path, typer.Option("--forget", "-f", help="Forget requests: JSONL (prompt, subject, target) or CounterFact JSON.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patch (.zup.safetensors).")],
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
-    target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead, non-empty text (default: the EOS token).")] = None,
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help=METHOD_HELP)] = None,
-    preset: Annotated[str, typer.Option("--preset", help="measured (defaults that measured best) or paper (the paper's recipe).")] = "measured",
-    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of settings (see docs/create.md).")] = None,
-    settings: Annotated[list[str] | None, typer.Option("--set", help="Any setting as KEY=VALUE, e.g. closed_form.lambda_retain=2000 (repeatable).")] = None,
-    projection: Annotated[str | None, typer.Option("--projection", help="Where P applies: everywhere (paper), forget, off.")] = None,
-    lambda_retain: Annotated[float | None, typer.Option("--lambda-retain", help="Weight of the retain statistics.")] = None,
-    lambda_forget: Annotated[float | None, typer.Option("--lambda-forget", help="Weight of the forget targets.")] = None,
-    corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text for key statistics: .txt/.jsonl files or folders (default: sampled from the model).")] = None,
-    tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget of the key statistics.")] = None,
-    retain: Annotated[Path | None, typer.Option("--retain", help="Requests whose answers must stay (same format as --forget).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="ga/npo: learning rate (baseline.learning_rate).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="ga/npo: maximum optimiser steps; training stops earlier once nothing is answered (baseline.steps).")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="npo: inverse temperature β (baseline.beta).")] = None,
-    retain_weight: Annotated[float | None, typer.Option("--retain-weight", help="ga/npo: weight of the --retain answers' NLL (baseline.retain_weight).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
-    layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.")] = None,
-    down_proj: Annotated[str | None, typer.Option("--down-proj", help="MLP down projection inside a layer, for unknown architectures.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.")] = False,
-    include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now: nothing to forget.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show the prompt and target in messages about a request (off: file and line only).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary output.")] = False,
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.", rich_help_panel=_IO)],
+    forget: Annotated[Path, typer.Option("--forget", help="Forget requests: JSONL (prompt, subject, target) or CounterFact JSON.", rich_help_panel=_IO)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patch (.zup.safetensors).", rich_help_panel=_IO)],
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.", rich_help_panel=_IO)] = None,
+    retain: Annotated[Path | None, typer.Option("--retain", help="Requests whose answers must stay (same format as --forget; optional: create protects facts of the same kind on its own).", rich_help_panel=_IO)] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", rich_help_panel=_IO)] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead, non-empty text (default: the EOS token).", rich_help_panel=_METHOD)] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).", rich_help_panel=_METHOD)] = None,
+    method: Annotated[Method | None, typer.Option("--method", help=METHOD_HELP, rich_help_panel=_METHOD)] = None,
+    preset: Annotated[Preset, typer.Option("--preset", help="measured (defaults that measured best) or paper (the paper's recipe).", rich_help_panel=_METHOD)] = Preset.measured,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of settings (see docs/create.md).", rich_help_panel=_METHOD)] = None,
+    settings: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Any setting, e.g. closed_form.lambda_retain=2000 (repeatable).", rich_help_panel=_METHOD)] = None,
+    projection: Annotated[Projection | None, typer.Option("--projection", help="Where P applies: everywhere (paper), forget, off.", rich_help_panel=_METHOD)] = None,
+    lambda_retain: Annotated[float | None, typer.Option("--lambda-retain", help="Weight of the retain statistics.", rich_help_panel=_METHOD)] = None,
+    lambda_forget: Annotated[float | None, typer.Option("--lambda-forget", help="Weight of the forget targets.", rich_help_panel=_METHOD)] = None,
+    corpus: Annotated[list[Path] | None, typer.Option("--corpus", metavar="PATH", help="Text for key statistics: .txt/.jsonl files or folders (default: sampled from the model; repeatable).", rich_help_panel=_METHOD)] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget of the key statistics.", rich_help_panel=_METHOD)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (baseline.learning_rate).", rich_help_panel=_BASELINE)] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Maximum optimiser steps; training stops earlier once nothing is answered (baseline.steps).", rich_help_panel=_BASELINE)] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="npo: inverse temperature β (baseline.beta).", rich_help_panel=_BASELINE)] = None,
+    retain_weight: Annotated[float | None, typer.Option("--retain-weight", help="Weight of the --retain answers' NLL (baseline.retain_weight).", rich_help_panel=_BASELINE)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_COMPUTE)] = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).", rich_help_panel=_COMPUTE)] = DType.auto,
+    layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
+    down_proj: Annotated[str | None, typer.Option("--down-proj", help="MLP down projection inside a layer, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.", rich_help_panel=_COMPUTE)] = False,
+    include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).", rich_help_panel=_OUT)] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.", rich_help_panel=_OUT)] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now: nothing to forget.", rich_help_panel=_OUT)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the prompt and target in messages about a request (off: file and line only).", rich_help_panel=_OUT)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.", rich_help_panel=_OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary output.", rich_help_panel=_OUT)] = False,
 ) -> None:  # fmt: skip
     """Compute a ZeroUnlearn patch that makes a model forget the requested facts.
 
@@ -86,6 +90,8 @@ def create(
     checkpoint's own tensors. --method ga or npo trains the same layers' down
     projections with a baseline instead (a dense patch). The requests' text
     never enters the patch unless --include-request-text is given.
+
+    Example: zupatch create -m HuggingFaceTB/SmolLM2-135M-Instruct --forget forget.jsonl -o forget.zup.safetensors
     """
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
@@ -104,23 +110,21 @@ def create(
         requests = [request for _, request in located]
         names = [_request_name(forget, line, request, verbose) for line, request in located]
         retain_requests = load_requests(retain, require_target=True) if retain else []
-        if preset not in ("measured", "paper"):
-            raise ZupatchError(f"unknown preset {preset!r}; choose measured or paper")
-        cfg = CreateConfig.paper() if preset == "paper" else CreateConfig()
+        cfg = CreateConfig.paper() if preset is Preset.paper else CreateConfig()
         chosen: dict[str, Any] = load_settings_file(config) if config else {}
         explicit = {
-            "layers": _layers(layers), "method": method, "neutral_target": target,
-            "closed_form.projection": projection, "closed_form.lambda_retain": lambda_retain,
+            "layers": _layers(layers), "method": value(method), "neutral_target": target,
+            "closed_form.projection": value(projection), "closed_form.lambda_retain": lambda_retain,
             "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
             "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
-            "overrides.down_proj": down_proj, "device": device, "dtype": dtype,
+            "overrides.down_proj": down_proj, "device": device, "dtype": value(dtype),
             "baseline.learning_rate": lr, "baseline.steps": steps, "baseline.beta": beta,
             "baseline.retain_weight": retain_weight,
         }  # fmt: skip
         chosen.update({k: v for k, v in explicit.items() if v is not None})
         chosen.update(parse_assignment(s) for s in settings or [])
         cfg = with_settings(cfg, chosen, str(config) if config else "settings")
-        given = {"--target": target, "--projection": projection, "--lambda-retain": lambda_retain,
+        given = {"--target": target, "--projection": value(projection), "--lambda-retain": lambda_retain,
                  "--lambda-forget": lambda_forget, "--corpus": corpus or None, "--tokens": tokens, "--lr": lr,
                  "--steps": steps, "--beta": beta, "--retain-weight": retain_weight}  # fmt: skip
         unused = ZEROUNLEARN_ONLY if cfg.is_baseline else BASELINE_ONLY
@@ -131,7 +135,7 @@ def create(
         for path in corpus or []:
             if not path.exists():
                 raise ZupatchError("corpus path not found", path)
-        resolved = resolve_model(model, revision)
+        resolved = resolve_model(model, revision, token=token)
         with ui.progress(quiet or as_json) as progress:
             report = create_from_checkpoint(
                 resolved.path, requests, cfg,
@@ -207,7 +211,7 @@ def stats_compute(
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text files or folders (default: sampled from the model).")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (auto, float32, bfloat16, float16).")] = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
     """Compute key statistics for a model's layers and store them in the cache."""
@@ -223,7 +227,7 @@ def stats_compute(
         if tokens is not None:
             cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
         resolved = resolve_model(model, revision)
-        loaded, tokenizer = load_model(resolved.path, dtype, device)
+        loaded, tokenizer = load_model(resolved.path, dtype.value, device)
         spec = resolve_architecture(loaded, cfg.overrides)
         total = num_layers(loaded, spec)
         chosen = check_layers(_layers(layers) or default_layers(total), total)

@@ -13,13 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
+from zupatch.cli.choices import DType
 from zupatch.cli.hub_cli import TokenOpt
 from zupatch.errors import ZupatchError
 
 
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id (the base model).")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Facts to forget: zupatch JSONL, CounterFact/MCF or zsRE records (see docs/eval.md).")],
+    data: Annotated[Path, typer.Option("--forget", "--data", "-d", help="Facts to forget: zupatch JSONL, CounterFact/MCF or zsRE records (see docs/eval.md).")],
     patch: Annotated[list[str] | None, typer.Option("--patch", "-p", help="Patch file or Hub reference, evaluated applied in memory (repeatable).")] = None,
     retain: Annotated[Path | None, typer.Option("--retain", help="Facts that must stay (create's requests format, answers required).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Ordinary text for perplexity, one document per line (default: text sampled from the base model).")] = None,
@@ -31,7 +32,7 @@ def eval_command(
     attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Also score every model after an attack (repeatable): quant:TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0), chat, topk:K, lens, relearn:STEPS, or all (docs/eval.md).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (format in docs/eval.md).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -53,7 +54,7 @@ def eval_command(
     from zupatch.hub import hub_output, load_patch
 
     with ui.guard(), hub_output(quiet or as_json):
-        config = EvalConfig(device=device, dtype=dtype, batch_size=batch_size, generations=generations,
+        config = EvalConfig(device=device, dtype=dtype.value, batch_size=batch_size, generations=generations,
                             new_tokens=new_tokens, text_tokens=text_tokens, probes=probes,
                             attacks=tuple(attack or ()))  # fmt: skip
         records = load_eval_data(data, retain)

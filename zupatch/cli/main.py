@@ -23,7 +23,7 @@ app = typer.Typer(
     name="zupatch",
     help="Compute, apply, invert, stack, inspect and ship ZeroUnlearn patches for Hugging Face models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -169,8 +169,8 @@ def _placed(report: Any) -> str:
 
 
 @app.command()
-def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, as_json: JsonOpt = False,
-           quiet: QuietOpt = False) -> None:  # fmt: skip
+def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, token: hub_cli.TokenOpt = None,
+           as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:  # fmt: skip
     """Does this patch fit this checkpoint, or does the checkpoint already have it?
 
     Exit code 0: the checkpoint is the patch's base (it fits). 3: the patch is
@@ -182,8 +182,8 @@ def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, as_js
     from zupatch.hub import base_revision_note, hub_output
 
     with ui.guard(), hub_output(quiet or as_json):
-        p = _load_patch(patch)
-        resolved = resolve_model(model, revision)
+        p = _load_patch(patch, token=token)
+        resolved = resolve_model(model, revision, token=token)
         _warn(base_revision_note(p, resolved), quiet or as_json)
         with ui.progress(quiet or as_json) as progress:
             state = checkpoint_state(p, Checkpoint(resolved.path), progress)
@@ -272,9 +272,12 @@ def _report_written(output: Path, patch: Any, as_json: bool, quiet: bool, what: 
 @app.command()
 def inspect(
     patch: PatchArg,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of a patch repo.")] = None,
+    patch_revision: Annotated[str | None, typer.Option(
+        "--patch-revision", help="Hub revision of a patch repo (or write NAMESPACE/NAME@REVISION).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="The patch's base (folder or Hub repo id): also show |W'-W|/|W| per entry.")] = None,
+    revision: RevisionOpt = None,
+    token: hub_cli.TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Summarise a patch: base, method, steps, sizes, hashes, and what each entry can change.
@@ -294,8 +297,10 @@ def inspect(
     from zupatch.patch.summary import summarize
 
     with ui.guard(), hub_output(as_json):
-        p = _load_patch(patch, revision)
-        changes = measure_changes(p, Checkpoint(resolve_model(model).path)) if model else None
+        if revision and not model:
+            raise ZupatchError("--revision is the revision of --model; for a patch repo use --patch-revision")
+        p = _load_patch(patch, patch_revision, token=token)
+        changes = measure_changes(p, Checkpoint(resolve_model(model, revision, token=token).path)) if model else None
         summary = summarize(p, file_bytes=Path(p.source).stat().st_size, changes=changes)
         if as_json:
             _emit_json(summary)

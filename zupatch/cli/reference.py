@@ -15,7 +15,10 @@ HEADER = """# CLI reference
 
 Generated from the command definitions by `python -m zupatch.cli.reference > docs/cli.md`
 (a test checks it is current). Every command reports a wrong input as one line on
-stderr and exits non-zero; `zupatch --debug COMMAND ...` shows tracebacks.
+stderr and exits non-zero; `zupatch --debug COMMAND ...` shows tracebacks. A
+command line the parser cannot read (an unknown option, a value outside an
+option's listed choices) is a usage error with exit code 2. `-h` is `--help`;
+`zupatch --install-completion` installs shell completion.
 Ctrl-C (or SIGTERM) at any moment, start-up included, ends a command with one
 line, `interrupted: ...` saying what was left (`nothing was written`, or for
 `apply --push-to` the output folder and what reached the Hub), and exit code 130.

@@ -1,0 +1,40 @@
+"""Enumerated option values, so ``--help`` lists them and a typo is an error naming the choices.
+
+Kept here rather than imported from the engine: the engine brings torch, and
+``zupatch --help`` must start fast. A test checks that these match the
+engine's own lists.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Method(str, Enum):
+    zerounlearn = "zerounlearn"
+    zerounlearn_gd = "zerounlearn-gd"
+    ga = "ga"
+    npo = "npo"
+
+
+class Preset(str, Enum):
+    measured = "measured"
+    paper = "paper"
+
+
+class Projection(str, Enum):
+    everywhere = "everywhere"
+    forget = "forget"
+    off = "off"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def value(choice: Enum | None) -> str | None:
+    """The plain string of a choice (None stays None)."""
+    return None if choice is None else str(choice.value)
