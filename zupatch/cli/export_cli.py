@@ -57,12 +57,9 @@ def export(
             a = report.adapter
             layers = ", ".join(map(str, a.layers))
             ratio = report.adapter_bytes / a.factor_bytes if a.factor_bytes else 0.0
-            ui.console.print(
-                f"[green]wrote[/] PEFT LoRA adapter [bold]{escape(str(output))}[/] (rank {a.rank}, "
-                f"{len(a.modules)} module(s), layer(s) {layers}; {ui.human_bytes(report.adapter_bytes)}, "
-                f"{ratio:.2f}× the patch's factors)",
-                soft_wrap=True,
-            )
+            ui.console.print(f"[green]wrote[/] PEFT LoRA adapter [bold]{escape(str(output))}[/]", soft_wrap=True)
+            ui.console.print(f"  rank {a.rank}, layer(s) {layers}; {ui.human_bytes(report.adapter_bytes)} "
+                             f"({ratio:.2f}× the patch's factors)")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
