@@ -14,6 +14,9 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -217,6 +220,18 @@ def test_cards_install_zupatch_in_a_way_that_works(world: dict, tmp_path: Path) 
     for bad in ("http://example.org/z.git", 'https://x.org/a" && rm -rf ~ "', "https://x.org/a b"):
         with pytest.raises(ZupatchError, match="--source-url"):
             patch_card(patch, PatchCardInfo(repo_id=PATCH_REPO, source_url=bad))
+
+    # the clone form works: pip resolves a copy of this source tree named ./zupatch (offline, installing nothing)
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "zupatch"
+    shutil.copytree(root / "zupatch", clone / "zupatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, clone / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "./zupatch", "--dry-run", "--no-deps", "--no-index",
+                           "--no-build-isolation", "--quiet", "--report", "-"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [i["metadata"]["name"] for i in json.loads(proc.stdout)["install"]] == ["zupatch"]
 
 
 def test_push_as_adapter(hub: LoopbackHub, world: dict, base_rev: str, tmp_path: Path) -> None:
