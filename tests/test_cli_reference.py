@@ -14,7 +14,7 @@ def test_cli_reference_is_current() -> None:
 
 def test_every_command_and_option_is_documented() -> None:
     text = render(app)
-    for command in ("apply", "verify", "invert", "stack", "inspect", "push"):
+    for command in ("apply", "verify", "invert", "stack", "inspect", "push", "export"):
         assert f"## `zupatch {command}`" in text
     assert "`--output`, `-o`" in text and "`--json`" in text
 

@@ -13,6 +13,10 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,14 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from huggingface_hub import ModelCardData
+from packaging.requirements import Requirement
 from typer.testing import CliRunner
 
 from tests.hub_server import LoopbackHub
 from tests.patching import folder_digest, random_patch
 from tests.tiny_models import MLP_DOWN_PROJ, make_tiny_checkpoint
 from zupatch.cli.main import app
-from zupatch.hub import PatchCardInfo, parse_hub_ref, patch_card
+from zupatch.errors import ZupatchError
+from zupatch.hub import PatchCardInfo, checkpoint_card, parse_hub_ref, patch_card
 from huggingface_hub.utils.sha import git_hash
 from zupatch.patch.format import Patch
 from zupatch.patch.ops import invert
@@ -77,9 +85,9 @@ def base_rev(hub: LoopbackHub, world: dict) -> str:
     return hub.commit(BASE, world["files"], message="base weights")
 
 
-def make_patch(world: dict, base_rev: str, path: Path, *, seed: int = 0) -> Path:
+def make_patch(world: dict, base_rev: str, path: Path, *, seed: int = 0, scale: float = 1.01) -> Path:
     """A patch recording its Hub base, with salted request hashes and (opted-in) request text in its metadata."""
-    patch = random_patch(world["base"], DOWN, seed=seed, method="zerounlearn")
+    patch = random_patch(world["base"], DOWN, seed=seed, method="zerounlearn", scale=scale)
     step = patch.steps[0]
     step.base_model, step.base_revision = BASE, base_rev
     step.hyperparameters = {"lambda_r": 2000.0, "layers": [1, 2], "target": "<eos>"}
@@ -188,6 +196,93 @@ def test_card_is_deterministic_and_has_no_request_text(world: dict, tmp_path: Pa
     card = patch_card(patch, PatchCardInfo(repo_id=PATCH_REPO, base_model=BASE, filename="x.zup.safetensors"))
     assert yaml.safe_load(card.split("---")[1])["base_model"] == BASE
     assert f"zupatch apply {PATCH_REPO}:x.zup.safetensors --model {BASE} -o" in card
+
+
+def test_cards_install_zupatch_in_a_way_that_works(world: dict, tmp_path: Path) -> None:
+    """zupatch is not on PyPI: no card says `pip install zupatch`; it names the source repo or a clone."""
+    patch = Patch.load(make_patch(world, "a" * 40, tmp_path / "p.zup.safetensors"))
+    cards = [
+        patch_card(patch, PatchCardInfo(repo_id=PATCH_REPO)),
+        checkpoint_card("alice/x", base_model=BASE, base_revision=None, patch=patch, patch_ref="p.zup.safetensors",
+                        patch_repo_id=None, patch_sha256="0" * 64),
+    ]  # fmt: skip
+    for card in cards:
+        lines = card.splitlines()
+        assert not any(line.strip() == "pip install zupatch" for line in lines), card
+        assert "pypi.org" not in card
+        assert "pip install ./zupatch   # the folder of your clone" in lines
+    url = "https://git.example.org/tools/zupatch.git"
+    card = patch_card(patch, PatchCardInfo(repo_id=PATCH_REPO, source_url=url))
+    (line,) = [line for line in card.splitlines() if line.startswith("pip install")]
+    requirement = Requirement(shlex.split(line)[2])  # what pip parses
+    assert requirement.name == "zupatch" and requirement.url == f"git+{url}", line
+    assert f"[zupatch]({url})" in card
+    for bad in ("http://example.org/z.git", 'https://x.org/a" && rm -rf ~ "', "https://x.org/a b"):
+        with pytest.raises(ZupatchError, match="--source-url"):
+            patch_card(patch, PatchCardInfo(repo_id=PATCH_REPO, source_url=bad))
+
+    # the clone form works: pip resolves a copy of this source tree named ./zupatch (offline, installing nothing)
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "zupatch"
+    shutil.copytree(root / "zupatch", clone / "zupatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, clone / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "./zupatch", "--dry-run", "--no-deps", "--no-index",
+                           "--no-build-isolation", "--quiet", "--report", "-"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [i["metadata"]["name"] for i in json.loads(proc.stdout)["install"]] == ["zupatch"]
+
+
+def test_push_as_adapter(hub: LoopbackHub, world: dict, base_rev: str, tmp_path: Path) -> None:
+    """The PEFT export on the Hub: adapter files plus a card the Hub lists among the base's adapters."""
+    repo = "alice/forget-facts-lora"
+    patch_file = make_patch(world, base_rev, tmp_path / "forget.zup.safetensors", scale=1.0)
+    code, out = zup("push", str(patch_file), "--repo", repo, "--as-adapter", "--token", TOKEN)
+    assert code == 0 and "pushed adapter to" in out, out
+    files = hub.files(repo)
+    assert set(files) == {".gitattributes", "adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert "adapter_model.safetensors" in hub.lfs_files(repo)
+    code, out = zup("export", str(patch_file), "--to", "peft", "-o", str(tmp_path / "local"), "-q")
+    assert code == 0, out
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert files[name] == (tmp_path / "local" / name).read_bytes(), name  # the export, byte for byte
+    config = json.loads(files["adapter_config.json"])
+    assert config["base_model_name_or_path"] == BASE and config["revision"] == base_rev
+    assert config["layers_to_transform"] == [1, 2] and config["target_modules"] == ["down_proj"]
+
+    card = files["README.md"].decode()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == BASE and front["base_model_relation"] == "adapter"
+    assert front["library_name"] == "peft" and {"zupatch", "unlearning", "lora"} <= set(front["tags"])
+    data = ModelCardData(**front).to_dict()  # the fields as huggingface_hub reads them
+    assert data["base_model"] == BASE and data["base_model_relation"] == "adapter"
+    assert f'PeftModel.from_pretrained(base, "{repo}")' in card and "--enable-lora" in card
+    assert hashlib.sha256(patch_file.read_bytes()).hexdigest() in card
+    assert not any(line.strip() == "pip install zupatch" for line in card.splitlines())
+    for secret in (SECRET_PROMPT, "Zubrowka", "5a1t", *SALTED):
+        assert secret not in card
+
+    # the same patch again: no commit
+    commits = len(hub.commits(repo))
+    code, out = zup("push", str(patch_file), "--repo", repo, "--as-adapter", "--token", TOKEN, "--json")
+    assert code == 0 and json.loads(out)["unchanged"] is True, out
+    assert len(hub.commits(repo)) == commits
+
+    # a patch with no LoRA form (scale 1.01): one line, nothing created on the Hub
+    scaled = make_patch(world, base_rev, tmp_path / "scaled.zup.safetensors")
+    one_error(*zup("push", str(scaled), "--repo", "alice/nope", "--as-adapter", "--token", TOKEN),
+              "cannot export as a PEFT adapter", "c = 1.01", str(scaled))  # fmt: skip
+    assert not hub.repo_exists("alice/nope")
+
+    # PEFT itself loads the pushed adapter from the Hub, onto the base, with the patch's factors
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["base"]), repo, token=TOKEN)
+    lora = model.base_model.model.model.layers[2].mlp.down_proj
+    entry = Patch.load(patch_file).steps[0].entries[1]
+    assert torch.equal(lora.lora_B["default"].weight.detach(), torch.from_numpy(entry.U))
 
 
 def test_push_private_branch_and_pull_request(hub: LoopbackHub, world: dict, base_rev: str, tmp_path: Path,
@@ -337,6 +432,7 @@ def test_apply_push_to_publishes_patched_checkpoint(hub: LoopbackHub, world: dic
     card = files["README.md"].decode()
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == BASE and "zupatch" in front["tags"] and "unlearning" in front["tags"]
+    assert front["base_model_relation"] == "finetune"
     assert f"patched copy of [{BASE}]" in card and f"`{base_rev}`" in card
     assert f"{PATCH_REPO}@{hub.resolve(PATCH_REPO)}" in card and SECRET_PROMPT not in card
     # it is a regular checkpoint with the patch applied

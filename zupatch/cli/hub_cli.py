@@ -41,6 +41,12 @@ def push(
         typer.Option("--eval-report", help="A `zupatch eval --json` report of this patch: the card shows its "
                      "figures, without and after each --attack.", show_default=False),
     ] = None,  # fmt: skip
+    as_adapter: Annotated[bool, typer.Option(
+        "--as-adapter", help="Publish the patch's PEFT LoRA adapter export instead (c = 1 low-rank patches only), "
+        "with a card the Hub lists among the base's adapters.")] = False,
+    source_url: Annotated[str | None, typer.Option(
+        "--source-url", help="https URL of zupatch's git repository, for the card's install line "
+        "(zupatch is not on PyPI; default: install from a clone).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")] = False,
 ) -> None:
@@ -52,14 +58,29 @@ def push(
     expects. Users then run: zupatch apply NAMESPACE/NAME --model BASE -o OUT.
     With --eval-report, the card also shows how robust the forgetting is
     (the report's figures for this patch, without and after each attack).
+
+    With --as-adapter the repository gets the patch as a PEFT LoRA adapter
+    (adapter_config.json, adapter_model.safetensors; see zupatch export) and
+    a card whose metadata says base_model and base_model_relation: adapter.
+    Users then load it with PeftModel.from_pretrained(base, NAMESPACE/NAME).
     """
-    from zupatch.hub import hub_output, push_patch
+    from zupatch.errors import ZupatchError
+    from zupatch.hub import hub_output, push_adapter, push_patch
 
     with ui.guard(), hub_output(quiet or as_json):
-        result = push_patch(
-            patch, repo, private=private, revision=revision, create_pr=create_pr, token=token,
-            filename=filename, base_model=base_model, commit_message=message, eval_report=eval_report,
-        )  # fmt: skip
+        if as_adapter:
+            if filename != "patch.zup.safetensors":
+                raise ZupatchError("--filename names a patch file; an adapter repo holds adapter files")
+            result = push_adapter(
+                patch, repo, private=private, revision=revision, create_pr=create_pr, token=token,
+                base_model=base_model, commit_message=message, source_url=source_url,
+            )  # fmt: skip
+        else:
+            result = push_patch(
+                patch, repo, private=private, revision=revision, create_pr=create_pr, token=token,
+                filename=filename, base_model=base_model, commit_message=message, source_url=source_url,
+                eval_report=eval_report,
+            )  # fmt: skip
         if as_json:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return
@@ -67,7 +88,7 @@ def push(
             ui.console.print(f"[yellow]warning:[/] {repo} already exists and is public; --private did not change it")
         if quiet:
             return
-        report_push(result, "patch")
+        report_push(result, "adapter" if as_adapter else "patch")
 
 
 def report_push(result, what: str) -> None:  # noqa: ANN001 - a PushResult

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 
 from zupatch._version import __version__
-from zupatch.cli import create_cli, demo_cli, eval_cli, hub_cli, ui
+from zupatch.cli import create_cli, demo_cli, eval_cli, export_cli, hub_cli, ui
 from zupatch.errors import ZupatchError
 
 app = typer.Typer(
@@ -311,6 +311,7 @@ def inspect(
 create_cli.register(app)
 demo_cli.register(app)
 eval_cli.register(app)
+export_cli.register(app)
 hub_cli.register(app)
 
 

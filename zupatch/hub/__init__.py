@@ -9,7 +9,7 @@ Library entry points::
 See docs/publishing.md.
 """
 
-from zupatch.hub.card import PatchCardInfo, checkpoint_card, patch_card
+from zupatch.hub.card import AdapterCardInfo, PatchCardInfo, adapter_card, checkpoint_card, patch_card
 from zupatch.hub.errors import hub_error
 from zupatch.hub.pull import (
     PATCH_FILENAME,
@@ -22,14 +22,16 @@ from zupatch.hub.pull import (
     parse_hub_ref,
     resolve_patch,
 )
-from zupatch.hub.push import PushResult, push_checkpoint, push_patch, require_token
+from zupatch.hub.push import PushResult, push_adapter, push_checkpoint, push_patch, require_token
 
 __all__ = [
     "PATCH_FILENAME",
+    "AdapterCardInfo",
     "HubRef",
     "PatchCardInfo",
     "PushResult",
     "ResolvedPatch",
+    "adapter_card",
     "base_revision_note",
     "checkpoint_card",
     "hub_error",
@@ -38,6 +40,7 @@ __all__ = [
     "locate_patch",
     "parse_hub_ref",
     "patch_card",
+    "push_adapter",
     "push_checkpoint",
     "push_patch",
     "require_token",

@@ -8,6 +8,17 @@ hashes, opted-in text) the metadata holds. With an eval report (``push
 --eval-report``) the card shows the report's figures for this patch and the
 base, without and after each attack; only figures and attack names, never
 the report's prompts or continuations.
+
+
+Three kinds of card, one per push mode, each with its Hub relation to the
+base (``base_model_relation`` in the YAML metadata, docs/publishing.md): a
+patch repo (none: a patch is not a model, the Hub infers what it shows), a
+patched checkpoint (``finetune``: the base's weights, some of them changed)
+and a PEFT adapter (``adapter``).
+
+zupatch is not published on PyPI, so no card says ``pip install zupatch``:
+cards install it from its source repository when the pusher names one
+(``--source-url``), else from a local clone (:func:`install_lines`).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ if TYPE_CHECKING:
     from zupatch.patch.format import Patch
 
 TAGS = ["zupatch", "unlearning", "knowledge-unlearning", "model-patch"]
+_SOURCE_URL = re.compile(r"^https://[A-Za-z0-9.-]+(?::\d+)?/[A-Za-z0-9._~/%+-]*$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
@@ -61,6 +73,29 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def check_source_url(url: str | None) -> str | None:
+    """A zupatch source repository URL fit for a card's install line (https, no spaces or quotes), or None."""
+    if url is not None and not _SOURCE_URL.match(url):
+        from zupatch.errors import ZupatchError
+
+        raise ZupatchError("--source-url must be an https:// URL of zupatch's git repository", url)
+    return url
+
+
+def install_lines(source_url: str | None) -> list[str]:
+    """Shell lines that install zupatch: it is not on PyPI, so from its repository or a clone of it."""
+    if source_url:
+        return [f'pip install "zupatch @ git+{check_source_url(source_url)}"']
+    return [
+        "# zupatch is not on PyPI: install it from a clone of its source repository",
+        "pip install ./zupatch   # the folder of your clone",
+    ]
+
+
+def _zupatch_link(source_url: str | None) -> str:
+    return f"[zupatch]({source_url})" if source_url else "zupatch"
+
+
 @dataclass(frozen=True)
 class PatchCardInfo:
     """What a patch card says besides the patch itself."""
@@ -73,6 +108,7 @@ class PatchCardInfo:
     file_bytes: int = 0
     file_sha256: str = ""
     robustness: tuple[str, ...] = ()  # Markdown lines from robustness_section(), () = no eval report
+    source_url: str | None = None  # zupatch's git repository, for the install line (see install_lines)
 
 
 def card_base_model(patch: "Patch", override: str | None = None) -> str | None:
@@ -121,7 +157,7 @@ def patch_card(patch: "Patch", info: PatchCardInfo) -> str:
         else f"makes the model forget {facts}"
     )
     out += [
-        f"A [zupatch](https://pypi.org/project/zupatch/) unlearning patch for {base_text}: a small, exact and "
+        f"A {_zupatch_link(info.source_url)} unlearning patch for {base_text}: a small, exact and "
         f"invertible edit of a few MLP weight matrices that {effect}. "
         "The requests themselves are not published: neither the patch nor this card contains their text.",
         "",
@@ -147,7 +183,7 @@ def patch_card(patch: "Patch", info: PatchCardInfo) -> str:
         "## How to apply",
         "",
         "```bash",
-        "pip install zupatch",
+        *install_lines(info.source_url),
         apply_command(info, patch),
         "```",
         "",
@@ -331,6 +367,7 @@ def checkpoint_card(
     meta: dict[str, Any] = {}
     if base:
         meta["base_model"] = base
+        meta["base_model_relation"] = "finetune"  # the base's weights, some changed (docs/publishing.md)
     meta["library_name"] = "transformers"
     meta["tags"] = list(TAGS)
     requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps if isinstance(s.requests, dict))
@@ -369,7 +406,7 @@ def checkpoint_card(
         "checks (by sha256 of the changed tensors) that this checkpoint is exactly the base plus the patch:",
         "",
         "```bash",
-        "pip install zupatch",
+        *install_lines(None),
         f"zupatch apply {patch_ref} --model {base or 'PATH/TO/BASE'}"
         + (f" --revision {base_revision}" if base and base_revision else "")
         + f" -o ./{title}",
@@ -379,3 +416,104 @@ def checkpoint_card(
     ]
     return "\n".join(out)
 
+
+@dataclass(frozen=True)
+class AdapterCardInfo:
+    """What an adapter card says besides the patch: the exported adapter and where it goes."""
+
+    repo_id: str
+    base_model: str  # a Hub repo id (an adapter repo needs one)
+    base_revision: str | None
+    modules: tuple[tuple[str, int], ...]  # (module path, rank)
+    adapter_bytes: int
+    patch_sha256: str
+    source_url: str | None = None
+
+
+def adapter_card(patch: "Patch", info: AdapterCardInfo) -> str:
+    """The README.md of a PEFT adapter repo (``zupatch push --as-adapter``): the Hub lists it among the base's adapters."""
+    meta: dict[str, Any] = {
+        "base_model": info.base_model,
+        "base_model_relation": "adapter",
+        "library_name": "peft",
+        "tags": [*TAGS, "lora"],
+    }
+    requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps if isinstance(s.requests, dict))
+    layers = layers_of([m for m, _ in info.modules])
+    title = info.repo_id.split("/")[-1]
+    base_text = f"[{info.base_model}](https://huggingface.co/{info.base_model})"
+    revision = f', revision="{info.base_revision}"' if info.base_revision else ""
+    versions = sorted({s.tool_version for s in patch.steps if s.tool_version})
+    out: list[str] = [
+        "---",
+        _yaml(meta),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"A LoRA adapter for {base_text} that makes it forget {requests} fact{'s' if requests != 1 else ''}. "
+        f"It is a {_zupatch_link(info.source_url)} unlearning patch (a ZeroUnlearn edit `W' = W + U·B` of "
+        f"{len(info.modules)} MLP down projection{'s' if len(info.modules) != 1 else ''}, layer"
+        f"{'s' if len(layers) != 1 else ''} {', '.join(map(str, layers)) or 'n/a'}) exported in PEFT's format, "
+        "so a server can keep one base in memory and swap forget adapters per request. "
+        "The forget requests are not published: neither the adapter nor this card contains their text.",
+        "",
+        "## Use it",
+        "",
+        "```bash",
+        "pip install peft transformers",
+        "```",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'base = AutoModelForCausalLM.from_pretrained("{info.base_model}"{revision})',
+        f'model = PeftModel.from_pretrained(base, "{info.repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{info.base_model}"{revision})',
+        "```",
+        "",
+        "With vLLM, as one of several adapters on the base:",
+        "",
+        "```bash",
+        f"vllm serve {info.base_model} \\",
+        f"    --enable-lora --max-lora-rank {_lora_rank_bucket(max(r for _, r in info.modules))} \\",
+        f"    --lora-modules {title}={info.repo_id}",
+        "```",
+        "",
+        "## What it changes",
+        "",
+        "| module | rank |",
+        "|---|---|",
+        *(f"| `{m}` | {r} |" for m, r in info.modules),
+        "",
+        f"`lora_alpha` equals each module's rank, so the adapter adds exactly `lora_B · lora_A = U·B`: in real "
+        "arithmetic it is the patch. In bfloat16 its logits match those of the zupatch-applied checkpoint to "
+        "within bfloat16 rounding (the applied checkpoint rounds `W + U·B` to bfloat16 once; the adapter computes "
+        "`x·W` and `x·U·B` apart and adds them).",
+        "",
+        "## Provenance",
+        "",
+        f"- Adapter weights: {info.adapter_bytes:,} bytes ({human_bytes(info.adapter_bytes)})",
+        f"- Exported from the zupatch patch with sha256 `{info.patch_sha256}`",
+        f"- Patch created: {patch.created or 'unknown'}" + (f" with zupatch {', '.join(versions)}" if versions else ""),
+        f"- Base revision: `{info.base_revision}`" if info.base_revision else "- Base revision: not recorded",
+        "",
+        "The patch itself applies bit-exactly to the base's files and inverts bit-exactly; with the patch file:",
+        "",
+        "```bash",
+        *install_lines(info.source_url),
+        f"zupatch apply PATCH_FILE --model {info.base_model}"
+        + (f" --revision {info.base_revision}" if info.base_revision else "")
+        + f" -o ./{title}-applied",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _lora_rank_bucket(rank: int) -> int:
+    """vLLM's --max-lora-rank takes one of a few sizes; the smallest that holds ``rank``."""
+    for size in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= size:
+            return size
+    return rank

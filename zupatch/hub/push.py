@@ -1,4 +1,4 @@
-"""Publishing to the Hub: a patch with its model card, or a full patched checkpoint.
+"""Publishing to the Hub: a patch with its model card, its PEFT adapter export, or a full patched checkpoint.
 
 Both create the repository when it does not exist and make at most one
 commit. Before committing, the files already on the branch are compared with
@@ -11,18 +11,28 @@ appears in a message.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zupatch.errors import ZupatchError
 from huggingface_hub.utils.sha import git_hash
 
-from zupatch.hub.card import PatchCardInfo, card_base_model, layers_of, patch_card, robustness_section
+from zupatch.errors import ZupatchError
+from zupatch.export.peft import ADAPTER_WEIGHTS
+from zupatch.hub.card import (
+    AdapterCardInfo,
+    PatchCardInfo,
+    adapter_card,
+    card_base_model,
+    check_source_url,
+    layers_of,
+    patch_card,
+    robustness_section,
+)
 from zupatch.hub.errors import LOGIN_HINT, hub_error
+from zupatch.io import jsondoc
 from zupatch.hub.pull import PATCH_FILENAME, PATCH_SUFFIX, is_hub_repo_id, locate_patch
 
 README = "README.md"
@@ -83,6 +93,19 @@ def _same(remote: Any, data_sha256: str, data_blob_id: str) -> bool:
     if lfs is not None:
         return getattr(lfs, "sha256", None) == data_sha256
     return getattr(remote, "blob_id", None) == data_blob_id
+
+
+def _changed(api: Any, repo_id: str, files: dict[str, bytes], head: str) -> tuple[list, set[str]]:
+    """The uploads for the files whose bytes differ from the branch's (at ``head``), and the paths it has."""
+    from huggingface_hub import CommitOperationAdd
+
+    remote = {f.path: f for f in api.get_paths_info(repo_id, list(files), revision=head)}
+    ops = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
+        for path, data in files.items()
+        if not _same(remote.get(path), hashlib.sha256(data).hexdigest(), git_hash(data))
+    ]
+    return ops, set(remote)
 
 
 def _skipped(op: Any) -> bool:
@@ -153,6 +176,7 @@ def push_patch(
     base_model: str | None = None,
     commit_message: str | None = None,
     eval_report: str | os.PathLike | None = None,
+    source_url: str | None = None,
 ) -> PushResult:
     """Upload a patch and its model card to ``repo_id`` (created if needed).
 
@@ -171,7 +195,7 @@ def push_patch(
     patch file: the card then shows its figures, without and after each
     attack (:func:`zupatch.hub.card.robustness_section`).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
     if not filename.endswith(PATCH_SUFFIX) or "/" in filename or filename.startswith("."):
@@ -202,14 +226,10 @@ def push_patch(
             repo_id=repo_id, filename=filename, revision=None if create_pr else revision, base_model=base_model,
             base_bytes=base_weights_bytes(base, patch.base_revision, tok), file_bytes=len(data), file_sha256=data_sha,
             robustness=robustness,
+            source_url=source_url,
         )  # fmt: skip
         card = patch_card(patch, info).encode()
-        remote = {f.path: f for f in api.get_paths_info(repo_id, [filename, README], revision=head)}
-        ops = []
-        if not _same(remote.get(filename), data_sha, git_hash(data)):
-            ops.append(CommitOperationAdd(path_in_repo=filename, path_or_fileobj=data))
-        if not _same(remote.get(README), hashlib.sha256(card).hexdigest(), git_hash(card)):
-            ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
+        ops, remote = _changed(api, repo_id, {filename: data, README: card}, head)
         result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
         if not ops:
             return result
@@ -240,18 +260,92 @@ def push_patch(
 def read_eval_report(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in a ``zupatch eval --json`` file, with one-line errors naming the file."""
     try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        report = jsondoc.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise ZupatchError("file not found", path) from None
-    except json.JSONDecodeError as error:
-        raise ZupatchError(
-            f"not JSON ({error.msg}, line {error.lineno}): pass the output of zupatch eval --json", path
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except jsondoc.JSONDocumentError as error:
+        raise ZupatchError(f"not JSON: {error}; pass the output of zupatch eval --json", path) from None
+    except OSError as error:
         raise ZupatchError(f"cannot read: {error}", path) from None
     if not isinstance(report, dict):
         raise ZupatchError("not a `zupatch eval --json` report", path)
     return report
+def push_adapter(
+    patch_ref: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    base_model: str | None = None,
+    commit_message: str | None = None,
+    source_url: str | None = None,
+) -> PushResult:
+    """Upload a patch as a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) with its card.
+
+    The card's metadata has ``base_model`` and ``base_model_relation: adapter``,
+    so the Hub lists the repo among the base's adapters; the base must
+    therefore be a Hub repo id (the patch's, or ``base_model``). A patch with
+    no LoRA form is refused before anything is uploaded
+    (:func:`zupatch.export.peft.to_adapter`). One commit, only of the files
+    that differ: the same patch again makes no commit. Interrupted, it says
+    what reached the Hub, as :func:`push_patch` does.
+    """
+    from huggingface_hub import HfApi
+
+    from zupatch.export.peft import to_adapter
+    from zupatch.patch.format import Patch
+
+    check_repo_id(repo_id)
+    check_source_url(source_url)
+    if base_model is not None and not is_hub_repo_id(base_model):
+        raise ZupatchError("--base-model must be a Hub repo id (NAMESPACE/NAME)", base_model)
+    tok = require_token(token)
+    source = locate_patch(patch_ref, token=tok)
+    patch = Patch.load(source.path)
+    base = card_base_model(patch, base_model)
+    if base is None:
+        raise ZupatchError("an adapter repo names its base on the Hub, but the patch records a local base; "
+                           "pass --base-model NAMESPACE/NAME", patch_ref)  # fmt: skip
+    base_revision = patch.base_revision if base == patch.base_model else None
+    adapter = to_adapter(patch, source=patch_ref, base_model=base, base_revision=base_revision)
+    files = adapter.files()
+    info = AdapterCardInfo(
+        repo_id=repo_id, base_model=base, base_revision=base_revision,
+        modules=tuple((m.module, m.rank) for m in adapter.modules), adapter_bytes=len(files[ADAPTER_WEIGHTS]),
+        patch_sha256=hashlib.sha256(source.path.read_bytes()).hexdigest(), source_url=source_url,
+    )  # fmt: skip
+    files[README] = adapter_card(patch, info).encode()
+    api = HfApi(token=tok)
+    target = revision or "main"
+    stage = ["begin"]
+    try:
+        url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
+        ops, remote = _changed(api, repo_id, files, head)
+        result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
+        if not ops:
+            return result
+        layers = adapter.layers
+        message = commit_message or (
+            f"zupatch: {'update' if ADAPTER_WEIGHTS in remote else 'add'} PEFT adapter (rank {adapter.rank}, "
+            f"layer{'s' if len(layers) != 1 else ''} {', '.join(map(str, layers))})"
+        )
+        commit = _upload_and_commit(
+            api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
+            parent_commit=None if create_pr else head,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
+    except ZupatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
+    result.commit = commit.oid
+    result.commit_url = commit.commit_url
+    result.pr_url = commit.pr_url
+    result.uploaded = [op.path_in_repo for op in ops]
+    return result
 
 
 def push_checkpoint(
