@@ -19,9 +19,10 @@
 # asks the index for newer releases.
 #
 # torch: an installed torch is kept (and then not pinned). Otherwise, on a machine with an
-# NVIDIA GPU (nvidia-smi present) pip installs the default CUDA build; without one it pins
-# torch==2.13.0, which on the project's CI machines is a local CPU wheel. Pinned mode applies
-# the constraints to torch too. Set ZUPATCH_TORCH="<pip requirement or pip args>" to choose
+# NVIDIA GPU (nvidia-smi present) pip installs the default CUDA build; without one it installs
+# torch==2.13.0 as the CPU build from PyTorch's CPU index when that index answers within 5 s
+# (ZUPATCH_TORCH_CPU_INDEX overrides its URL), else from the usual index (on the project's CI
+# machines, a local CPU wheel). Pinned mode applies the constraints to torch too. Set ZUPATCH_TORCH="<pip requirement or pip args>" to choose
 # yourself (then torch is not pinned either), e.g.
 #   ZUPATCH_TORCH="torch --index-url https://download.pytorch.org/whl/cpu" bash scripts/setup.sh
 set -euo pipefail
@@ -40,6 +41,7 @@ if [ -n "$constraints" ] && [ ! -f "$constraints" ]; then
   exit 2
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+TORCH_CPU_INDEX="${ZUPATCH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 # setuptools' note that a flat-layout editable install uses an import hook: informational only.
 export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Editable installation"
 
@@ -91,7 +93,13 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install -qq ${pins[@]+"${pins[@]}"} $ZUPATCH_TORCH
   elif command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -qq ${pins[@]+"${pins[@]}"} "torch>=2.2"
+  elif python -c "import urllib.request as u; u.urlopen('$TORCH_CPU_INDEX/torch/', timeout=5)" >/dev/null 2>&1; then
+    # No GPU: the CPU build from PyTorch's index (2.13.0+cpu sorts above PyPI's 2.13.0, whose
+    # Linux wheel is the multi-GB CUDA build); everything else from the index pip is set up with.
+    python -m pip install -qq ${pins[@]+"${pins[@]}"} --extra-index-url "$TORCH_CPU_INDEX" "torch==2.13.0"
   else
+    # PyTorch's index unreachable (the project's CI machines): the pinned release from the usual
+    # index, which on those machines is a local CPU wheel.
     python -m pip install -qq ${pins[@]+"${pins[@]}"} "torch==2.13.0"
   fi
 fi

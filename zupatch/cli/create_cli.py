@@ -93,6 +93,7 @@ def create(
 
     Example: zupatch create -m HuggingFaceTB/SmolLM2-135M-Instruct --forget forget.jsonl -o forget.zup.safetensors
     """
+    ui.require_engine("create")
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
     from zupatch.engine.create import CreateConfig, neutral_target_problem
@@ -215,6 +216,7 @@ def stats_compute(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
     """Compute key statistics for a model's layers and store them in the cache."""
+    ui.require_engine("stats compute")
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import load_model
     from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture

@@ -40,6 +40,7 @@ def demo(
     checkpoints into --output-dir; the fact's text is written nowhere.
     Exit code 1 if the round trip is not bit-exact. CPU: a few minutes.
     """
+    ui.require_engine("demo")
     from zupatch.demo import STEPS, DemoConfig, run_demo
     from zupatch.hub import hub_output
 

@@ -48,6 +48,7 @@ def eval_command(
     forget prompts' greedy continuations, so it contains the forget text:
     keep it where the data file is.
     """
+    ui.require_engine("eval")
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.eval.data import load_eval_data
     from zupatch.eval.evaluate import EvalConfig, evaluate

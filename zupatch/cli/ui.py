@@ -60,6 +60,22 @@ def guard() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def require_engine(command: str) -> None:
+    """One line and exit 1 when the engine's dependencies are missing (the light install).
+
+    Called before a command imports anything of the engine, so a user of the
+    base install gets the extra to install, not an ImportError traceback.
+    """
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = (f"zupatch {command} needs {' and '.join(missing)}, which this install does not have: "
+                   'pip install "zupatch[create]" (docs/dependencies.md)')  # fmt: skip
+        console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
 STAGES = {"hash": "checking base hashes", "copy": "copying untouched files (MB)",
           "compute": "computing patched tensors (rows)"}  # fmt: skip
 
