@@ -204,3 +204,29 @@ def test_a_prompt_longer_than_the_context_is_refused_before_loading(world: dict,
     request = ForgetRequest("The capital of {} is", "France", "Paris", paraphrases=("In {} " + "the " * 70,))
     with pytest.raises(ZupatchError, match=r"request 1: paraphrase 1 and target are \d+ tokens"):
         create_from_checkpoint(world["model"], [request], CreateConfig(device="cuda:7"))
+
+
+def test_create_on_a_patch_stacks_and_a_sibling_gets_a_hint(world: dict, tmp_path: Path) -> None:
+    """Two patches made on the same base do not stack (the stack error says why and what to do);
+    `create --on FIRST` makes one that does, and the stack applies to the base as both edits."""
+    first, sibling, second = (tmp_path / f"{n}.zup.safetensors" for n in ("first", "sibling", "second"))
+    for out in (first, sibling):
+        assert runner.invoke(app, create_args(world, out, "-q")).exit_code == 0
+    result = runner.invoke(app, ["stack", str(first), str(sibling), "-o", str(tmp_path / "no.zup.safetensors")])
+    assert result.exit_code == 1 and "create --on" in result.output, result.output
+
+    result = runner.invoke(app, create_args(world, second, "-q", "--on", str(first)))
+    assert result.exit_code == 0, result.output
+    on = Patch.load(first)
+    new = Patch.load(second)
+    for name in new.tensor_names:  # the new patch starts where the first ends
+        expected = on.sha256_after(name) if name in on.tensor_names else None
+        assert expected is None or new.sha256_before(name) == expected
+    both = tmp_path / "both.zup.safetensors"
+    assert runner.invoke(app, ["stack", str(first), str(second), "-o", str(both)]).exit_code == 0
+    out = tmp_path / "applied"
+    assert runner.invoke(app, ["apply", str(both), "-m", str(world["model"]), "-o", str(out)]).exit_code == 0
+    # the second patch alone does not fit the base, and --on with a patch of another base is refused
+    assert runner.invoke(app, ["verify", str(second), "-m", str(world["model"])]).exit_code == 4
+    result = runner.invoke(app, create_args(world, tmp_path / "x.zup.safetensors", "-q", "--on", str(second)))
+    assert result.exit_code == 4 and "not the base" in result.output and not (tmp_path / "x.zup.safetensors").exists()

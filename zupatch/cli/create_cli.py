@@ -51,6 +51,7 @@ def create(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patch (.zup.safetensors).", rich_help_panel=_IO)],
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.", rich_help_panel=_IO)] = None,
     retain: Annotated[Path | None, typer.Option("--retain", help="Requests whose answers must stay (same format as --forget; optional: create protects facts of the same kind on its own).", rich_help_panel=_IO)] = None,
+    on: Annotated[str | None, typer.Option("--on", metavar="PATCH", help="Create on top of this patch (file or Hub reference; --model is its base): the new patch starts where it ends, so `zupatch stack PATCH NEW` joins them.", rich_help_panel=_IO)] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", rich_help_panel=_IO)] = None,
     target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead, non-empty text (default: the EOS token).", rich_help_panel=_METHOD)] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).", rich_help_panel=_METHOD)] = None,
@@ -136,12 +137,17 @@ def create(
         for path in corpus or []:
             if not path.exists():
                 raise ZupatchError("corpus path not found", path)
+        on_patch = None
+        if on is not None:
+            from zupatch.hub import load_patch
+
+            on_patch = load_patch(on, token=token)
         resolved = resolve_model(model, revision, token=token)
         with ui.progress(quiet or as_json) as progress:
             report = create_from_checkpoint(
                 resolved.path, requests, cfg,
                 base_model=resolved.repo_id or resolved.path.name, base_revision=resolved.revision,
-                include_request_text=include_request_text, progress=progress,
+                include_request_text=include_request_text, progress=progress, on=on_patch,
                 strict=strict, request_names=names, retain_requests=retain_requests,
                 corpus=FileCorpus(tuple(corpus)) if corpus else None,
                 stats_cache=None if no_cache else StatsCache(),

@@ -337,6 +337,29 @@ def _storage_dtypes(model: nn.Module, config: CreateConfig, ckpt: Checkpoint) ->
     return dtypes
 
 
+def _results_of(on: Patch, ckpt: Checkpoint, folder: Path) -> dict[str, tuple[np.ndarray, nm.DType]]:
+    """The bits of every tensor ``on`` touches, after ``on``, read from ``folder`` (its base)."""
+    from zupatch.checkpoint.apply import checkpoint_state, require_base
+    from zupatch.patch.ops import run_chain_in_memory
+
+    require_base(on, checkpoint_state(on, ckpt), folder)
+    results = {}
+    for name in on.tensor_names:
+        dtype = nm.FLOAT_DTYPES[on.chain(name)[0].dtype]
+        results[name] = (run_chain_in_memory(on.chain(name), ckpt.read_bits(name, dtype.bits), on.source), dtype)
+    return results
+
+
+def _write_results(model: nn.Module, results: dict[str, tuple[np.ndarray, nm.DType]]) -> None:
+    """Put patched bits into the loaded model's parameters (converted to its compute dtype)."""
+    from zupatch.patch.module import find_parameter, tensor_of
+
+    with torch.no_grad():
+        for name, (bits, dtype) in results.items():
+            parameter = find_parameter(model, name)
+            parameter.copy_(tensor_of(bits, dtype).to(parameter.device, parameter.dtype))
+
+
 def create_from_checkpoint(
     folder: Path,
     requests: Sequence[ForgetRequest],
@@ -348,9 +371,14 @@ def create_from_checkpoint(
     base_revision: str | None = None,
     include_request_text: bool = False,
     progress: ProgressFn | None = None,
+    on: Patch | None = None,
     **compute_options: Any,
 ) -> CreateReport:
     """Load ``folder``, compute the edit, and build the patch against the files' own bits.
+
+    With ``on`` (a patch whose base is ``folder``), the edit is computed on
+    the model with ``on`` applied, against ``on``'s result bits: the new
+    patch starts where ``on`` ends, so ``stack(on, new)`` is valid.
 
     Before the edit, checks that the model gives each request's target
     (:func:`check_requests`): the report's ``target_checks`` and summary
@@ -366,13 +394,15 @@ def create_from_checkpoint(
     tokenizer, model_config = load_tokenizer_and_config(folder)
     check_request_lengths(tokenizer, model_config, requests, config, request_names=request_names,
                           retain_requests=compute_options.get("retain_requests", ()))  # fmt: skip
+    ckpt = Checkpoint(folder)
+    on_results = _results_of(on, ckpt, folder) if on is not None else {}
     model, tokenizer = load_model(folder, config.dtype, config.device, tokenizer=tokenizer)
+    _write_results(model, on_results)
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
     _target_layers(model, config)  # a wrong --layers is reported as such, before the check
     checks = check_requests(model, tokenizer, requests, strict=strict, request_names=request_names)
     seconds["check"] = time.perf_counter() - t
-    ckpt = Checkpoint(folder)
     if config.is_baseline:  # trained weights are rounded to the dtype the checkpoint stores them in
         compute_options.setdefault("storage_dtypes", _storage_dtypes(model, config, ckpt))
     edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
@@ -384,7 +414,7 @@ def create_from_checkpoint(
         if info.dtype not in nm.FLOAT_DTYPES:
             raise ZupatchError(f"tensor {name!r} has dtype {info.dtype}, which zupatch cannot patch", folder)
         dtype = nm.FLOAT_DTYPES[info.dtype]
-        base[name] = (ckpt.read_bits(name, dtype.bits), dtype)
+        base[name] = on_results.get(name) or (ckpt.read_bits(name, dtype.bits), dtype)
     patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
                             include_request_text=include_request_text, tensor_names=names)  # fmt: skip
     seconds["patch"] = time.perf_counter() - t

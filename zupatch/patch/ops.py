@@ -405,5 +405,9 @@ def stack(patches: Sequence[Patch]) -> Patch:
     try:
         validate_chain(out)
     except ValueError as exc:
-        raise ZupatchError(f"these patches do not stack: {exc}") from None
+        hint = ""
+        if "hash chain broken" in str(exc):
+            hint = ("; a patch made on the same base as the one before it does not stack: make it on that "
+                    "patch's output with `zupatch create --on PATCH`")  # fmt: skip
+        raise ZupatchError(f"these patches do not stack: {exc}{hint}") from None
     return out
