@@ -244,7 +244,10 @@ def create(
     The patch's base is ``model``'s current weights (in their current dtype),
     so ``zupatch.applied(patch, model)`` shows the edited model. Extra keyword
     arguments go to :func:`zupatch.engine.create.compute_edit` (``corpus``,
-    ``retain_requests``, ``stats_cache``, ``key_statistics``...).
+    ``retain_requests``, ``stats_cache``, ``key_statistics``...). Key
+    statistics are cached as the CLI caches them (``$ZUPATCH_CACHE/stats``,
+    keyed by a hash of the weights they depend on); ``stats_cache=None``
+    turns the cache off.
 
     First, each request whose target the model does not give now (nothing to
     forget) gets a :class:`~zupatch.engine.precheck.TargetNotGivenWarning`
@@ -256,6 +259,10 @@ def create(
     """
     config = config or CreateConfig()
     started = time.perf_counter()
+    if "stats_cache" not in compute_options and "key_statistics" not in compute_options:
+        from zupatch.engine.stats import StatsCache
+
+        compute_options["stats_cache"] = StatsCache()  # the CLI's cache, same keys
     check_request_lengths(tokenizer, getattr(model, "config", None), requests, config, request_names=request_names,
                           retain_requests=compute_options.get("retain_requests", ()))  # fmt: skip
     params = dict(model.named_parameters())
