@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import torch
 
 from tests.fact_model import answered, synthetic_facts, train_fact_model, word_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
-from zupatch.models.demo import CACHE_ENV, DemoDownloadError, demo_checkpoint
+from zupatch.models.demo import DemoDownloadError, default_cache_dir, demo_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TinyCheckpointFactory = Callable[..., Path]
 
@@ -56,9 +54,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpointF
 
 
 def _test_cache_dir() -> Path:
-    """``$ZUPATCH_CACHE`` if set, else ``<repo>/.cache/zupatch`` (git-ignored)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "zupatch"
+    """zupatch's own cache (``$ZUPATCH_CACHE``, else ``~/.cache/zupatch``): the demo and the
+    tests share the converted demo model, so it is downloaded and converted once."""
+    return default_cache_dir()
 
 
 @pytest.fixture(scope="session")
