@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -422,3 +423,29 @@ def test_model_and_patch_from_the_hub(workdir: dict, fact_checkpoint: Path, tmp_
         for section in ("efficacy", "generalization", "specificity", "fluency"):
             assert a[section] == b[section], section
     assert remote_models[1]["name"] == "alice/forget-zorvia"
+
+
+def test_self_sampled_text_is_cached_per_checkpoint(fact_checkpoint: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A second eval of the same checkpoint reads the sampled perplexity text instead of sampling again."""
+    import shutil
+
+    from zupatch.engine.api import load_model
+    from zupatch.eval.evaluate import EvalConfig, fluency_windows
+
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(fact_checkpoint, tmp_path / "model")
+    model, tokenizer = load_model(folder, "float32", "cpu")
+    config = EvalConfig(text_tokens=64)
+    first, source = fluency_windows(model, tokenizer, None, config, Checkpoint(folder))
+    files = list((tmp_path / "cache" / "eval-text").iterdir())
+    assert source == "self-sampled" and len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again, _ = fluency_windows(model, tokenizer, None, config, Checkpoint(folder))
+    assert again == first and files[0].stat().st_mtime_ns == stamp  # read, not written again
+    files[0].unlink()
+    assert fluency_windows(model, tokenizer, None, config, Checkpoint(folder))[0] == first  # sampling is seeded
+    weights = next(folder.glob("*.safetensors"))
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))  # a changed checkpoint is another key
+    fluency_windows(model, tokenizer, None, config, Checkpoint(folder))
+    assert len(list((tmp_path / "cache" / "eval-text").iterdir())) == 2

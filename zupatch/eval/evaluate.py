@@ -30,6 +30,8 @@ The report (:meth:`EvalReport.to_dict`) is the documented ``--json`` format
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -299,9 +301,17 @@ def _model_scores(
 
 
 def fluency_windows(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str] | None, config: EvalConfig
+    model: nn.Module, tokenizer: Any, texts: Sequence[str] | None, config: EvalConfig,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[list[list[int]], str]:
-    """Token windows for perplexity and where they came from ("text" or "self-sampled")."""
+    """Token windows for perplexity and where they came from ("text" or "self-sampled").
+
+    Self-sampled windows of a ``checkpoint`` are cached (``$ZUPATCH_CACHE/eval-text``)
+    under a key naming the weight files (names, sizes, modification times),
+    the device, the dtype and the sampling settings, so a second eval of the
+    same model does not sample again. They are the model's own text, never
+    request text.
+    """
     if texts is not None:
         windows = [w for w in text_windows(tokenizer, texts, config.max_text_length) if len(w) >= 2]
         if not windows:
@@ -310,7 +320,36 @@ def fluency_windows(
     from zupatch.engine.stats import StatsConfig, sample_windows
 
     sampling = StatsConfig(sampled_token_budget=config.text_tokens, seed=config.text_seed)
-    return sample_windows(model, tokenizer, sampling), "self-sampled"
+    path = _sampled_text_path(model, checkpoint, config) if checkpoint is not None else None
+    if path is not None and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, list) and all(isinstance(w, list) for w in cached):
+                return cached, "self-sampled"
+        except (OSError, ValueError):
+            pass  # a damaged cache file is a miss
+    windows = sample_windows(model, tokenizer, sampling)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".tmp{os.getpid()}")
+            temporary.write_text(json.dumps(windows))
+            os.replace(temporary, path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return windows, "self-sampled"
+
+
+def _sampled_text_path(model: nn.Module, checkpoint: Checkpoint, config: EvalConfig) -> Path:
+    from zupatch.models.demo import default_cache_dir
+
+    files = [(name, (checkpoint.path / name).stat().st_size, (checkpoint.path / name).stat().st_mtime_ns)
+             for name in checkpoint.files]  # fmt: skip
+    parameter = next(model.parameters())
+    key = json.dumps({"format": 1, "folder": str(checkpoint.path.resolve()), "files": files,
+                      "device": parameter.device.type, "dtype": str(parameter.dtype),
+                      "tokens": config.text_tokens, "seed": config.text_seed}, sort_keys=True)  # fmt: skip
+    return default_cache_dir() / "eval-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def evaluate(
@@ -340,7 +379,7 @@ def evaluate(
         patcher.check(patch, label)
     probes = derive_probes(model, tokenizer, data.requests, proposed=config.probes, vocabulary=config.probes)
     prompts = probes.prompts
-    windows, text_source = fluency_windows(model, tokenizer, texts, config)
+    windows, text_source = fluency_windows(model, tokenizer, texts, config, checkpoint)
     report = EvalReport(
         model=model_label or str(model_dir),
         data={
