@@ -368,7 +368,7 @@ def _step(name: str, seconds: dict[str, float], notify: StepFn) -> Iterator[None
 
 def _local_model(model: str | None) -> tuple[Path, str, str | None] | None:
     """``(folder, label, None)`` when ``model`` is not a Hub repo id (checked now), else None."""
-    from zupatch.checkpoint.resolve import is_repo_id
+    from zupatch.hub.resolve import is_repo_id
 
     if model is None or is_repo_id(model):
         return None
@@ -394,7 +394,7 @@ def _resolve(model: str | None, show_download: bool) -> tuple[Path, str, str | N
 
         folder = demo_checkpoint(progress=show_download)
         return folder, folder.name, None
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
 
     resolved = resolve_model(model)
     identity = f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None

@@ -95,7 +95,7 @@ def create(
     Example: zupatch create -m HuggingFaceTB/SmolLM2-135M-Instruct --forget forget.jsonl -o forget.zup.safetensors
     """
     ui.require_engine("create")
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
     from zupatch.engine.create import CreateConfig, neutral_target_problem
     from zupatch.engine.precheck import not_given_message
@@ -223,7 +223,7 @@ def stats_compute(
 ) -> None:  # fmt: skip
     """Compute key statistics for a model's layers and store them in the cache."""
     ui.require_engine("stats compute")
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import load_model
     from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
     from zupatch.engine.create import CreateConfig

@@ -49,7 +49,7 @@ def eval_command(
     keep it where the data file is.
     """
     ui.require_engine("eval")
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.eval.data import load_eval_data
     from zupatch.eval.evaluate import EvalConfig, evaluate
     from zupatch.hub import hub_output, load_patch

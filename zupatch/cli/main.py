@@ -121,7 +121,7 @@ def apply(
     the same output is removed.
     """
     from zupatch.checkpoint.apply import apply_to_checkpoint
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.hub import base_revision_note, hub_output
 
     with ui.guard(), hub_output(quiet or as_json):
@@ -178,7 +178,7 @@ def verify(patch: PatchArg, model: ModelOpt, revision: RevisionOpt = None, token
     """
     from zupatch.checkpoint.apply import checkpoint_state
     from zupatch.checkpoint.folder import Checkpoint
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.hub import base_revision_note, hub_output
 
     with ui.guard(), hub_output(quiet or as_json):
@@ -292,7 +292,7 @@ def inspect(
     """
     from zupatch.checkpoint.apply import measure_changes
     from zupatch.checkpoint.folder import Checkpoint
-    from zupatch.checkpoint.resolve import resolve_model
+    from zupatch.hub.resolve import resolve_model
     from zupatch.hub import hub_output
     from zupatch.patch.summary import summarize
 

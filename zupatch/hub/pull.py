@@ -31,7 +31,7 @@ from zupatch.errors import ZupatchError
 from zupatch.hub.errors import hub_error
 
 if TYPE_CHECKING:
-    from zupatch.checkpoint.resolve import ResolvedModel
+    from zupatch.hub.resolve import ResolvedModel
     from zupatch.patch.format import Patch
 
 #: The name ``zupatch push`` gives the patch inside a repo, and the one a pull looks for first.
