@@ -11,14 +11,27 @@ figures are drawn, not re-measured (the runs take hours on a CPU):
   run has the same figure, else in each label.
 - ``lambda-sweep.png``: the λ_r and λ_f measurements that chose the defaults
   (docs/create.md, "Presets and defaults"): other facts kept against λ.
+- ``eval-probabilities.png``: what ``zupatch eval --plot`` draws, from a
+  recorded ``eval --json`` report (docs/eval.md): each forget prompt's and
+  paraphrase's answer probability under the base and each patch.
 
 Inputs: ``--quality`` is the ``--out`` file of benchmarks/quality.py (its
 ``rows``); by default benchmarks/data/quality_2026-11-30.json, the rows of the
 run docs/benchmarks.md reports. ``--sweep`` is benchmarks/data/lambda_sweep.json,
 copied by hand from docs/create.md's tables (those runs kept no JSON).
+``--eval-report`` is an ``eval --json`` report and ``--eval-data`` the forget
+file it scored (for the row labels); by default
+benchmarks/data/eval_smollm2_2026-11-30.json, SmolLM2-135M-Instruct with the
+zerounlearn, GA and NPO patches of that quality run, on
+benchmarks/data/quality_forget.jsonl.
 
-Needs matplotlib (``pip install 'zupatch[plot]'``); no model, no torch.
-Usage: python benchmarks/plots.py [--quality FILE] [--sweep FILE] [--out-dir docs/images]
+The PNGs are stored with a 128-colour palette, which keeps each one well
+under 150 kB without visible loss (plots with flat colours).
+
+Needs matplotlib (``pip install 'zupatch[plot]'``) and zupatch itself (run it
+from the repository root, or with zupatch installed); no model is loaded.
+Usage: python benchmarks/plots.py [--quality FILE] [--sweep FILE]
+       [--eval-report FILE --eval-data FILE] [--out-dir docs/images]
 """
 
 from __future__ import annotations
@@ -146,10 +159,33 @@ def lambda_sweep(sweep: dict[str, Any], out: Path) -> Path:
     return _save(figure, out)
 
 
+def eval_probabilities(report: dict[str, Any], data: Path, out: Path) -> Path:
+    """``zupatch eval --plot``'s picture of a recorded report, its rows labelled from ``data``."""
+    from zupatch.eval.data import load_eval_data
+    from zupatch.eval.plot import draw_report
+
+    records = load_eval_data(data)
+    name = report["model"].rstrip("/").rsplit("/", 1)[-1]
+    draw_report(report, out, [f"{i.prompt} → {i.answer}" for i in records.forget],
+                [f"{i.prompt} → {i.answer}" for i in records.paraphrases],
+                title=f"zupatch eval --plot: {name}, {report['data']['forget']} facts to forget")  # fmt: skip
+    return _palette(out)
+
+
 def _save(figure: Any, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png")
-    return out
+    return _palette(out)
+
+
+def _palette(path: Path) -> Path:
+    """Rewrite the PNG with a 128-colour palette: a third of the bytes, the same picture."""
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(path) as image:
+        quantized = image.convert("RGB").quantize(colors=128)
+    quantized.save(path, format="png", optimize=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=Path, default=DATA / "quality_2026-11-30.json",
                         help="benchmarks/quality.py --out file (its rows)")  # fmt: skip
     parser.add_argument("--sweep", type=Path, default=DATA / "lambda_sweep.json", help="the λ measurements")
+    parser.add_argument("--eval-report", type=Path, default=DATA / "eval_smollm2_2026-11-30.json",
+                        help="a zupatch eval --json report")  # fmt: skip
+    parser.add_argument("--eval-data", type=Path, default=DATA / "quality_forget.jsonl",
+                        help="the forget file that report scored (row labels)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # this tree's zupatch draws the eval picture, not another install
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -167,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     written = [
         quality_tradeoff(json.loads(args.quality.read_text()), args.out_dir / "quality-tradeoff.png"),
         lambda_sweep(json.loads(args.sweep.read_text()), args.out_dir / "lambda-sweep.png"),
+        eval_probabilities(json.loads(args.eval_report.read_text()), args.eval_data,
+                           args.out_dir / "eval-probabilities.png"),
     ]
     for path in written:
         print(f"{path}: {path.stat().st_size / 1000:.0f} kB")

@@ -77,7 +77,7 @@ def test_plots_script_draws_small_pngs(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert _plots().main(["--out-dir", str(tmp_path)]) == 0
     drawn = sorted(p.name for p in tmp_path.iterdir())
-    assert drawn == ["lambda-sweep.png", "quality-tradeoff.png"]
+    assert drawn == ["eval-probabilities.png", "lambda-sweep.png", "quality-tradeoff.png"]
     for name in drawn:
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and 0 < len(data) < MAX_BYTES, (name, len(data))
@@ -85,7 +85,7 @@ def test_plots_script_draws_small_pngs(tmp_path: Path) -> None:
 
 def test_committed_pictures_are_small_and_referenced() -> None:
     pictures = sorted(IMAGES.glob("*.png"))
-    assert {p.name for p in pictures} >= {"lambda-sweep.png", "quality-tradeoff.png"}
+    assert {p.name for p in pictures} >= {"eval-probabilities.png", "lambda-sweep.png", "quality-tradeoff.png"}
     docs = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
     referenced = {(path.parent / link).resolve() for path, text in docs.items()
                   for link in re.findall(r"\]\(([^)\s]+\.png)\)", text)}  # fmt: skip

@@ -248,7 +248,9 @@ def test_plot_draws_the_per_fact_probabilities(workdir: dict, fact_checkpoint: P
     assert header[:8] == PNG_SIGNATURE and header[12:16] == b"IHDR", header
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert width == 900 and height > 300 and picture.stat().st_size > 0
-    assert sorted(p.name for p in picture.parent.glob("*.png")) == ["probabilities.png"]  # no temporary left
+    assert not list(picture.parent.glob(".probabilities.png*"))  # no temporary left
+    (picture.parent / "plain").write_bytes(b"")
+    assert picture.stat().st_mode == (picture.parent / "plain").stat().st_mode  # the umask's, not 0600
 
 
 def test_plot_without_matplotlib_is_one_line_naming_the_extra(workdir: dict, fact_checkpoint: Path) -> None:

@@ -19,7 +19,6 @@ global backend switch, no window.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,13 +91,14 @@ def draw_report(
     path: str | os.PathLike,
     forget_labels: Sequence[str] | None = None,
     paraphrase_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Draw ``report`` (``EvalReport.to_dict()``) to ``path``; the format follows its suffix.
 
     ``forget_labels`` and ``paraphrase_labels`` name the rows (``prompt →
     answer``), one per prompt in the data's order; without them rows are
-    numbered. The file is written whole or not at all (a temporary file in
-    the same folder, then renamed).
+    numbered. ``title`` replaces "zupatch eval: MODEL". The file is written
+    whole or not at all (a temporary file in the same folder, then renamed).
     """
     require_matplotlib()
     from matplotlib.figure import Figure
@@ -106,13 +106,13 @@ def draw_report(
     path = Path(path)
     models = report["models"]
     labels = {"efficacy": forget_labels, "generalization": paraphrase_labels}
-    panels = [(section, title) for section, title in PANELS if (models[0].get(section) or {}).get("n")]
+    panels = [(section, heading) for section, heading in PANELS if (models[0].get(section) or {}).get("n")]
     rows = [min(models[0][section]["n"], MAX_ROWS) for section, _ in panels]
     figure = Figure(figsize=(9, 1.6 + 0.32 * sum(rows) + 0.6 * len(panels)), layout="constrained", dpi=100)
     axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=[r + 1.5 for r in rows])[:, 0]
     colours = ["#222222", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     markers = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
-    for axis, (section, title), shown in zip(axes, panels, rows):
+    for axis, (section, heading), shown in zip(axes, panels, rows):
         n = models[0][section]["n"]
         values = [_probabilities(m, section)[:shown] for m in models]
         names = _labels(labels[section], n)[:shown]
@@ -123,27 +123,28 @@ def draw_report(
             if index:  # before -> after
                 axis.hlines(y, values[0], probabilities, colors=colour, linewidth=1, alpha=0.5)
             name = short_name(model["name"])
-            if model.get("patch"):
+            if model.get("patch") and model["patch"]["method"] != name:
                 name = f"{name} ({model['patch']['method']})"
-            axis.scatter(probabilities, y, s=22, color=colour, marker=marker, label=name if section == panels[0][0] else None,
-                         zorder=3)  # fmt: skip
+            label = name if section == panels[0][0] else None  # one legend entry per model
+            axis.scatter(probabilities, y, s=22, color=colour, marker=marker, label=label, zorder=3)
         axis.set_xscale("log")
         axis.set_xlim(FLOOR / 2, 1.5)
         axis.set_yticks(range(shown), names, fontsize=8)
         axis.set_ylim(shown - 0.5, -0.5)  # first fact on top
         axis.grid(axis="x", alpha=0.3)
         more = f" (first {shown} of {n})" if shown < n else ""
-        axis.set_title(f"{title}{more}: p(true answer | prompt)", fontsize=10, loc="left")
+        axis.set_title(f"{heading}{more}: p(true answer | prompt)", fontsize=10, loc="left")
     axes[-1].set_xlabel(f"answer probability (log scale; below {FLOOR:g} drawn at {FLOOR:g})", fontsize=9)
-    figure.suptitle(f"zupatch eval: {report['model']}", fontsize=10)
-    figure.legend(loc="outside lower center", ncols=min(len(models), 3), fontsize=8, frameon=False)
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=folder)
+    model = report["model"]
+    title = title or f"zupatch eval: {Path(model).name if Path(model).is_dir() else model}"
+    figure.suptitle(title, fontsize=10)
+    figure.legend(loc="outside lower center", ncols=min(len(models), 4), fontsize=8, frameon=False)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the usual permissions, not 0600
     try:
-        with os.fdopen(handle, "wb") as out:
+        with open(temporary, "wb") as out:
             figure.savefig(out, format=path.suffix.lower().lstrip(".") or "png")
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
