@@ -253,6 +253,26 @@ def test_plot_draws_the_per_fact_probabilities(workdir: dict, fact_checkpoint: P
     assert picture.stat().st_mode == (picture.parent / "plain").stat().st_mode  # the umask's, not 0600
 
 
+def test_plot_of_long_and_old_reports(tmp_path: Path) -> None:
+    """A long forget list draws its first rows and says so; a report without per-fact
+    probabilities (an older eval) is one error, not a traceback."""
+    pytest.importorskip("matplotlib")
+    from zupatch.eval.plot import MAX_ROWS, draw_report
+
+    n = MAX_ROWS + 10
+    figures = {"n": n, "answered": 0.0, "first_token": 0.0, "probability": 0.1}
+    empty = {"n": 0, "answered": None, "first_token": None, "probability": None, "probabilities": []}
+    models = [{"name": name, "patch": patch, "generalization": empty,
+               "efficacy": {**figures, "probabilities": [p] * n}}
+              for name, patch, p in (("base", None, 0.9), ("x.zup.safetensors", {"method": "zerounlearn"}, 1e-9))]
+    picture = draw_report({"model": "m", "models": models}, tmp_path / "long.png")  # fmt: skip
+    assert picture.read_bytes().startswith(PNG_SIGNATURE)
+    del models[1]["efficacy"]["probabilities"]
+    with pytest.raises(ZupatchError, match="no per-fact probabilities .* older zupatch eval"):
+        draw_report({"model": "m", "models": models}, tmp_path / "old.png")
+    assert not (tmp_path / "old.png").exists()
+
+
 def test_plot_without_matplotlib_is_one_line_naming_the_extra(workdir: dict, fact_checkpoint: Path) -> None:
     """Where matplotlib cannot be imported, --plot fails at once (nothing evaluated, nothing
     written) with one line naming the extra, and eval without --plot never imports it."""
