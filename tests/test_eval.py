@@ -470,6 +470,7 @@ def test_wrong_inputs(workdir: dict, fact_checkpoint: Path, tiny_checkpoint, tmp
         (["--device", "tpu:x"], "unknown device"),
         (["--plot", str(tmp_path / "probabilities.xyz")], "unknown picture format '.xyz'"),
         (["--plot", str(tmp_path / "nowhere" / "p.png")], "the folder does not exist"),
+        (["--plot", str(tmp_path)], "is a folder"),
     ]:
         code, out = run_eval("-m", str(fact_checkpoint), "-d", str(workdir["data"]), *args)
         assert code != 0 and message in out and len(out.strip().splitlines()) == 1, (args, out)

@@ -50,11 +50,13 @@ def check_plot_output(path: Path) -> None:
     require_matplotlib()
     from matplotlib.figure import Figure
 
+    if path.is_dir():
+        raise ZupatchError("--plot: is a folder, expected a picture file name", path)
     formats = Figure().canvas.get_supported_filetypes()
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in formats:
         known = ", ".join(f".{s}" for s in sorted(formats))
-        raise ZupatchError(f"--plot: unknown picture format {path.suffix or '(no suffix)'!r}; use .png ({known})", path)
+        raise ZupatchError(f"--plot: unknown picture format {path.suffix or '(no suffix)'!r}; use .png (matplotlib also writes {known})", path)
     if not path.parent.is_dir():
         raise ZupatchError("--plot: the folder does not exist", path)
 
