@@ -56,7 +56,8 @@ def check_plot_output(path: Path) -> None:
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in formats:
         known = ", ".join(f".{s}" for s in sorted(formats))
-        raise ZupatchError(f"--plot: unknown picture format {path.suffix or '(no suffix)'!r}; use .png (matplotlib also writes {known})", path)
+        given = path.suffix or "(no suffix)"
+        raise ZupatchError(f"--plot: unknown picture format {given!r}; use .png (matplotlib also writes {known})", path)
     if not path.parent.is_dir():
         raise ZupatchError("--plot: the folder does not exist", path)
 
