@@ -25,7 +25,8 @@ statistics cache was filled once. One ``zupatch eval --json`` scores all
 patches with the 40 tuning facts and tests/data/ordinary_text.txt; a second
 scores them on the held-out facts and on the base model's own sampled text.
 Prints a Markdown table (docs/benchmarks.md keeps the figures) and writes the
-raw reports to ``--out``.
+raw reports to ``--out`` (``python benchmarks/plots.py --quality FILE`` draws
+its rows as docs/images/quality-tradeoff.png).
 
 ``--attacks quant:Q8_0,chat,...`` (or ``all``) adds ``--attack`` to the first
 eval (so relearn trains on the 40 tuning facts and chat also asks them) and

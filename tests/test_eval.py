@@ -12,6 +12,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -215,6 +217,76 @@ def test_human_output_and_self_sampled_text(workdir: dict, fact_checkpoint: Path
     assert out.count("The capital of Zorvia") == 1  # one generation row, as asked
 
 
+# --------------------------------------------------------------------------- --plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_the_per_fact_probabilities(workdir: dict, fact_checkpoint: Path) -> None:
+    """--plot writes a PNG drawn from the report, whose per-fact answer probabilities are a
+    plain transformers computation on the base and on the checkpoint ``apply`` writes."""
+    pytest.importorskip("matplotlib")
+    picture = workdir["tmp"] / "probabilities.png"
+    code, out = run_eval("-m", str(fact_checkpoint), "-d", str(workdir["data"]), "-p", str(workdir["patch"]),
+                         "--text", str(workdir["text"]), "--probes", "0", "--generations", "0",
+                         "--plot", str(picture), "--json")  # fmt: skip
+    assert code == 0, out
+    report = json.loads(out)
+    jsonschema.validate(report, doc_schema())
+    data = load_eval_data(workdir["data"])
+    patched = workdir["tmp"] / "patched"
+    apply_to_checkpoint(Patch.load(workdir["patch"]), fact_checkpoint, patched)
+    for folder, scores in zip((fact_checkpoint, patched), report["models"]):
+        for section, items in (("efficacy", data.forget), ("generalization", data.paraphrases)):
+            hand = [probability for _, probability in hand_scores(folder, items)]
+            assert scores[section]["probabilities"] == pytest.approx(hand, rel=1e-4, abs=1e-9), section
+    base, damaged = (m["efficacy"]["probabilities"] for m in report["models"])
+    assert min(base) > 0.5 and damaged != base  # the base knows its facts, the damage shows
+    assert all("probabilities" not in entry for m in report["models"] for entry in m["attacks"])
+
+    header = picture.read_bytes()[:24]
+    assert header[:8] == PNG_SIGNATURE and header[12:16] == b"IHDR", header
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert width == 900 and height > 300 and picture.stat().st_size > 0
+    assert not list(picture.parent.glob(".probabilities.png*"))  # no temporary left
+    (picture.parent / "plain").write_bytes(b"")
+    assert picture.stat().st_mode == (picture.parent / "plain").stat().st_mode  # the umask's, not 0600
+
+
+def test_plot_of_long_and_old_reports(tmp_path: Path) -> None:
+    """A long forget list draws its first rows and says so; a report without per-fact
+    probabilities (an older eval) is one error, not a traceback."""
+    pytest.importorskip("matplotlib")
+    from zupatch.eval.plot import MAX_ROWS, draw_report
+
+    n = MAX_ROWS + 10
+    figures = {"n": n, "answered": 0.0, "first_token": 0.0, "probability": 0.1}
+    empty = {"n": 0, "answered": None, "first_token": None, "probability": None, "probabilities": []}
+    models = [{"name": name, "patch": patch, "generalization": empty,
+               "efficacy": {**figures, "probabilities": [p] * n}}
+              for name, patch, p in (("base", None, 0.9), ("x.zup.safetensors", {"method": "zerounlearn"}, 1e-9))]
+    picture = draw_report({"model": "m", "models": models}, tmp_path / "long.png")  # fmt: skip
+    assert picture.read_bytes().startswith(PNG_SIGNATURE)
+    del models[1]["efficacy"]["probabilities"]
+    with pytest.raises(ZupatchError, match="no per-fact probabilities .* older zupatch eval"):
+        draw_report({"model": "m", "models": models}, tmp_path / "old.png")
+    assert not (tmp_path / "old.png").exists()
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(workdir: dict, fact_checkpoint: Path) -> None:
+    """Where matplotlib cannot be imported, --plot fails at once (nothing evaluated, nothing
+    written) with one line naming the extra, and eval without --plot never imports it."""
+    shim = "import sys; sys.modules['matplotlib'] = None; from zupatch.__main__ import main; main()"
+    picture = workdir["tmp"] / "probabilities.png"
+    base = [sys.executable, "-c", shim, "eval", "-m", str(fact_checkpoint), "-d", str(workdir["data"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*base, "--plot", str(picture)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: --plot needs matplotlib") and "pip install 'zupatch[plot]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout and not picture.exists(), result
+    assert "plot" in subprocess.run([*base, "--help"], capture_output=True, text=True, env=env, check=True).stdout
+
+
 # --------------------------------------------------------------------------- same-pattern probes
 
 
@@ -396,6 +468,9 @@ def test_wrong_inputs(workdir: dict, fact_checkpoint: Path, tiny_checkpoint, tmp
         (["--batch-size", "0"], "batch size must be at least 1"),
         (["--probes", "-1"], "probes must be >= 0"),
         (["--device", "tpu:x"], "unknown device"),
+        (["--plot", str(tmp_path / "probabilities.xyz")], "unknown picture format '.xyz'"),
+        (["--plot", str(tmp_path / "nowhere" / "p.png")], "the folder does not exist"),
+        (["--plot", str(tmp_path)], "is a folder"),
     ]:
         code, out = run_eval("-m", str(fact_checkpoint), "-d", str(workdir["data"]), *args)
         assert code != 0 and message in out and len(out.strip().splitlines()) == 1, (args, out)

@@ -35,6 +35,7 @@ def eval_command(
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (format in docs/eval.md).")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Also draw each forget prompt's (and paraphrase's) answer probability, base and every patch, to this picture (overwritten); it shows the forget prompts and answers. Needs matplotlib: pip install 'zupatch[plot]'.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
     """Score the base model and each patched variant: efficacy, generalization, specificity, fluency.
@@ -46,8 +47,14 @@ def eval_command(
     model after quantization, chat questions, top-K sampling, the logit lens
     or a short fine-tune, to see whether the forgetting holds. The report shows the
     forget prompts' greedy continuations, so it contains the forget text:
-    keep it where the data file is.
+    keep it where the data file is. So does the --plot picture: its rows are
+    labelled with the forget prompts and answers.
     """
+    if plot is not None:  # before torch is imported: a missing extra costs no evaluation
+        from zupatch.eval.plot import check_plot_output
+
+        with ui.guard():
+            check_plot_output(plot)
     ui.require_engine("eval")
     from zupatch.hub.resolve import resolve_model
     from zupatch.eval.data import load_eval_data
@@ -66,10 +73,17 @@ def eval_command(
             report = evaluate(resolved.path, patches, records, config, texts=texts,
                               model_label=resolved.label, progress=progress)  # fmt: skip
         result = report.to_dict()
+        if plot is not None:
+            from zupatch.eval.plot import draw_report
+
+            draw_report(result, plot, [f"{i.prompt} → {i.answer}" for i in records.forget],
+                        [f"{i.prompt} → {i.answer}" for i in records.paraphrases])  # fmt: skip
         if as_json:
             sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         else:
             print_report(result)
+        if plot is not None and not (quiet or as_json):
+            ui.console.print(f"answer probabilities drawn to {escape(str(plot))}", soft_wrap=True)
 
 
 def _read_texts(path: Path) -> list[str]:

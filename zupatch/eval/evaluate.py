@@ -6,7 +6,8 @@ stored bits, then restored; nothing is written) it measures:
 - efficacy: on the forget prompts, the share whose true answer the model still
   gives (greedy reproduces every answer token) and the answer's mean
   probability (product over its tokens);
-- generalization: the same on paraphrases;
+- generalization: the same on paraphrases (for both, each fact's answer
+  probability too, in the data's order: ``eval --plot`` draws them);
 - specificity: on retain and labelled neighbour prompts, the share answered,
   and ``kept``: among those the base answered, the share still answered; on
   unlabelled neighbours, the share whose top-1 next token is unchanged; and
@@ -211,13 +212,21 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(float(np.mean(values)), 6) if values else None
 
 
-def _answer_metrics(scores: Sequence[AnswerScore]) -> dict[str, Any]:
-    return {
+def _significant(value: float) -> float:
+    """``value`` to 6 significant digits: a forgotten answer's 3e-9 stays visible on a log scale."""
+    return float(f"{value:.6g}")
+
+
+def _answer_metrics(scores: Sequence[AnswerScore], per_fact: bool = False) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
         "n": len(scores),
         "answered": _share([s.greedy for s in scores]),
         "first_token": _share([s.first_token_top1 for s in scores]),
         "probability": _mean([s.probability for s in scores]),
     }
+    if per_fact:  # in the data's order: what `eval --plot` draws
+        metrics["probabilities"] = [_significant(s.probability) for s in scores]
+    return metrics
 
 
 @dataclass
@@ -274,7 +283,13 @@ def _patch_info(label: str, patch: Patch) -> dict[str, Any]:
 
 
 def _model_scores(
-    name: str, patch: dict[str, Any] | None, scored: _Scored, base: _Scored, data: EvalData, seconds: float
+    name: str,
+    patch: dict[str, Any] | None,
+    scored: _Scored,
+    base: _Scored,
+    data: EvalData,
+    seconds: float,
+    per_fact: bool = True,
 ) -> ModelScores:
     known = [i for i, s in enumerate(base.retain) if s.greedy]
     specificity = _answer_metrics(scored.retain)
@@ -290,8 +305,8 @@ def _model_scores(
     return ModelScores(
         name=name,
         patch=patch,
-        efficacy=_answer_metrics(scored.forget),
-        generalization=_answer_metrics(scored.paraphrases),
+        efficacy=_answer_metrics(scored.forget, per_fact),
+        generalization=_answer_metrics(scored.paraphrases, per_fact),
         specificity=specificity,
         fluency=fluency,
         generations=[{"prompt": item.prompt, "continuation": text}
@@ -411,7 +426,7 @@ def evaluate(
 
     def attack_score(attacked: nn.Module, base_raw: _Scored | None) -> tuple[dict[str, Any], _Scored]:
         scored = _score(attacked, tokenizer, data, prompts, windows, replace(config, generations=0))
-        scores = _model_scores("", None, scored, base_raw or scored, data, 0.0)
+        scores = _model_scores("", None, scored, base_raw or scored, data, 0.0, per_fact=False)
         fluency: dict[str, Any] = {"perplexity": scores.fluency["perplexity"], "perplexity_change": None}
         if scored.perplexity and base.perplexity:  # relative to the base without attack
             fluency["perplexity_change"] = round(scored.perplexity / base.perplexity - 1, 4)
