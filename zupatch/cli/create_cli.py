@@ -214,11 +214,19 @@ def stats_compute(
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
-    """Compute key statistics for a model's layers and store them in the cache."""
+    """Compute key statistics for a model's layers and store them in the cache.
+
+    Under torchrun (e.g. torchrun --nproc_per_node 2 -m zupatch stats compute ...)
+    each process sums its share of the corpus on its own device (cuda:LOCAL_RANK
+    with NCCL on GPUs, gloo on CPU), the sums are added with an all-reduce, and
+    rank 0 writes the cache entry a single process would write (equal up to the
+    order of float64 additions; docs/create.md).
+    """
     from zupatch.checkpoint.resolve import resolve_model
     from zupatch.engine.api import load_model
     from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
-    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.create import CreateConfig, resolve_device
+    from zupatch.engine.distributed import process_group, rank_device
     from zupatch.engine.settings import with_settings
     from zupatch.engine.stats import FileCorpus, StatsCache, compute_key_statistics
 
@@ -226,19 +234,24 @@ def stats_compute(
         cfg = CreateConfig()
         if tokens is not None:
             cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
-        resolved = resolve_model(model, revision)
-        loaded, tokenizer = load_model(resolved.path, dtype.value, device)
-        spec = resolve_architecture(loaded, cfg.overrides)
-        total = num_layers(loaded, spec)
-        chosen = check_layers(_layers(layers) or default_layers(total), total)
-        with ui.progress(quiet) as progress:
-            stats = compute_key_statistics(
-                loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
-                StatsCache(), f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
-            )  # fmt: skip
+        target = rank_device(resolve_device(device))
+        with process_group(target) as ranks:
+            quiet = quiet or not ranks.is_main
+            resolved = resolve_model(model, revision)
+            loaded, tokenizer = load_model(resolved.path, dtype.value, str(target))
+            spec = resolve_architecture(loaded, cfg.overrides)
+            total = num_layers(loaded, spec)
+            chosen = check_layers(_layers(layers) or default_layers(total), total)
+            with ui.progress(quiet) as progress:
+                stats = compute_key_statistics(
+                    loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
+                    StatsCache(), f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
+                    ranks=ranks,
+                )  # fmt: skip
         if not quiet:
+            where = f" ({ranks.world_size} processes, {ranks.backend})" if ranks.distributed else ""
             for layer, s in sorted(stats.items()):
-                ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}")
+                ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}{where}")
 
 
 @stats_app.command("list")
