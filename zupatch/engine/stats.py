@@ -87,10 +87,15 @@ class StatsConfig:
 
 @dataclass
 class KeyStatistics:
-    """``second_moment`` = E[k kᵀ] (f×f, float64, symmetric) over ``token_count`` tokens."""
+    """``second_moment`` = E[k kᵀ] (f×f, float64, symmetric) over ``token_count`` tokens.
+
+    ``description`` is what names them in the cache (:func:`describe_statistics`),
+    when they went through one.
+    """
 
     second_moment: torch.Tensor
     token_count: int
+    description: dict | None = None
 
 
 @dataclass
@@ -244,7 +249,7 @@ def _datasets_texts(path: Path, field: str) -> Iterator[str]:
 class SampledCorpus:
     """Data-free corpus: batched samples from the model, starting at its BOS token."""
 
-    def _description(self, tokenizer: Any, config: StatsConfig) -> dict:
+    def description(self, tokenizer: Any, config: StatsConfig) -> dict:
         return {
             "kind": "self-sampled",
             "start_token": start_token_id(tokenizer),
@@ -259,7 +264,7 @@ class SampledCorpus:
 
     def fingerprint(self, tokenizer: Any, config: StatsConfig) -> str:
         """Names the sample without drawing it (the model is named by the cache key)."""
-        text = json.dumps(self._description(tokenizer, config), sort_keys=True)
+        text = json.dumps(self.description(tokenizer, config), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def windows(self, model: nn.Module, tokenizer: Any, config: StatsConfig) -> TokenWindows:
@@ -471,16 +476,22 @@ def collect_key_statistics(
 # --------------------------------------------------------------------------- identity
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
     flat = tensor.detach().contiguous().cpu().reshape(-1)
+    if dtype is not None and flat.dtype != dtype:
+        flat = flat.to(dtype)
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def weights_fingerprints(model: nn.Module, spec: ArchitectureSpec, up_to_layer: int) -> list[str]:
+def weights_fingerprints(
+    model: nn.Module, spec: ArchitectureSpec, up_to_layer: int, dtype: torch.dtype | None = None
+) -> list[str]:
     """Per layer l <= up_to_layer, a sha256 of every weight the keys of layer l depend on.
 
     That is all parameters outside the decoder layers (embeddings, ...) and
     those of layers 0..l, chained so one pass hashes each weight once.
+    ``dtype``: hash the weights as if cast to it (one tensor at a time), so a
+    bfloat16 checkpoint loaded in float32 hashes as the bfloat16 it is.
     """
     layers = decoder_layers(model, spec)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
@@ -490,13 +501,13 @@ def weights_fingerprints(model: nn.Module, spec: ArchitectureSpec, up_to_layer: 
         if id(parameter) in in_layers or id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        digest.update(f"{name}|{parameter.dtype}|{tuple(parameter.shape)}".encode())
-        digest.update(_tensor_bytes(parameter))
+        digest.update(f"{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
+        digest.update(_tensor_bytes(parameter, dtype))
     fingerprints = []
     for index in range(up_to_layer + 1):
         for name, parameter in layers[index].named_parameters():
-            digest.update(f"{index}.{name}|{parameter.dtype}|{tuple(parameter.shape)}".encode())
-            digest.update(_tensor_bytes(parameter))
+            digest.update(f"{index}.{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
+            digest.update(_tensor_bytes(parameter, dtype))
         fingerprints.append(digest.copy().hexdigest())
     return fingerprints
 
@@ -550,7 +561,7 @@ class StatsCache:
                 token_count = int(handle.metadata()["token_count"])
         except Exception:  # a damaged cache file is a miss, not an error
             return None
-        return KeyStatistics(second_moment, token_count)
+        return KeyStatistics(second_moment, token_count, description)
 
     def store(self, description: dict, statistics: KeyStatistics) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -675,5 +686,6 @@ def compute_key_statistics(
     for layer, statistics in computed.items():
         results[layer] = statistics
         if cache is not None and ranks.is_main:
+            statistics.description = descriptions[layer]
             cache.store(descriptions[layer], statistics)
     return results
