@@ -304,7 +304,13 @@ def start_token_id(tokenizer: Any) -> int:
 
 
 def batch_seed(seed: int, batch: int) -> int:
-    """The seed of sample batch ``batch``: any rank can draw any batch on its own."""
+    """The seed of sample batch ``batch``: any rank can draw any batch on its own.
+
+    Batch 0 draws from ``seed`` itself, so a sample that fits in one batch is
+    the one earlier versions drew; later batches from a hash of both.
+    """
+    if batch == 0:
+        return seed
     digest = hashlib.sha256(f"zupatch-sample|{seed}|{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
