@@ -71,6 +71,7 @@ class Settings:
     requests: tuple[int, ...]
     tokens: int
     batch_size: int
+    create_settings: tuple[str, ...] = ()  # --set KEY=VALUE for create (default: none, the real defaults)
 
 
 def subject(rng: random.Random) -> str:
@@ -175,9 +176,11 @@ def bench_statistics(folder: Path, corpus: Path, settings: Settings) -> dict:
     }  # fmt: skip
 
 
-#: Runs `zupatch create` and, on CUDA, writes torch's peak GPU memory to $ZUPATCH_BENCH_GPU_PEAK at exit.
+#: Runs `zupatch create` with its JSON summary going to $ZUPATCH_BENCH_SUMMARY and, on CUDA,
+#: writes torch's peak GPU memory to $ZUPATCH_BENCH_GPU_PEAK at exit.
 _CREATE = r"""
 import atexit, os, sys, torch
+sys.stdout = open(os.environ["ZUPATCH_BENCH_SUMMARY"], "w")
 def _peak():
     if torch.cuda.is_available() and os.environ.get("ZUPATCH_BENCH_GPU_PEAK"):
         with open(os.environ["ZUPATCH_BENCH_GPU_PEAK"], "w") as f:
@@ -192,14 +195,17 @@ main()
 def bench_create(folder: Path, corpus: Path, n: int, settings: Settings, work: Path, layers: list[int]) -> dict:
     requests = write_requests(work / f"requests{n}.jsonl", n)
     out = work / f"out{n}.zup.safetensors"
-    gpu_peak = work / f"gpu_peak{n}.txt"
-    env = dict(os.environ, ZUPATCH_BENCH_GPU_PEAK=str(gpu_peak))
+    gpu_peak, summary = work / f"gpu_peak{n}.txt", work / f"summary{n}.json"
+    env = dict(os.environ, ZUPATCH_BENCH_GPU_PEAK=str(gpu_peak), ZUPATCH_BENCH_SUMMARY=str(summary))
     cmd = [sys.executable, "-c", _CREATE, "create", "-m", str(folder), "--forget", str(requests), "-o", str(out),
            "--corpus", str(corpus), "--tokens", str(settings.tokens), "--layers", ",".join(map(str, layers)),
            "--device", settings.device, "--dtype", settings.dtype, "--force", "--json"]  # fmt: skip
+    for assignment in settings.create_settings:
+        cmd += ["--set", assignment]
     result = measure(cmd, env)
     result["patch_bytes"] = out.stat().st_size
     result["gpu_peak_bytes"] = int(gpu_peak.read_text()) if gpu_peak.exists() else None
+    result["timings"] = json.loads(summary.read_text()).get("timings", {})
     return result
 
 
@@ -212,6 +218,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, help="statistics tokens (default: 65536 on a GPU, 4096 on a CPU)")
     ap.add_argument("--batch-size", type=int, help="statistics batch (default: 64 on a GPU, 8 on a CPU)")
     ap.add_argument("--skip-create", action="store_true", help="statistics throughput only")
+    ap.add_argument("--set", dest="create_settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a create setting (repeatable), e.g. refine.max_passes=1 to fit a small CPU")
+    ap.add_argument("--checkpoint", type=Path, help="reuse a checkpoint folder built by an earlier run")
     ap.add_argument("--workdir", type=Path, help="where the checkpoint is built (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -223,7 +232,7 @@ def main() -> None:
     settings = Settings(
         device=args.device, shape=args.shape or ("8b" if gpu else "1b"), dtype=str(dtype).removeprefix("torch."),
         requests=tuple(int(n) for n in args.requests.split(",")), tokens=args.tokens or (65536 if gpu else 4096),
-        batch_size=args.batch_size or (64 if gpu else 8),
+        batch_size=args.batch_size or (64 if gpu else 8), create_settings=tuple(args.create_settings),
     )  # fmt: skip
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -232,10 +241,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zupatch-scale-", dir=args.workdir) as tmp:
         work = Path(tmp)
         os.environ["ZUPATCH_CACHE"] = str(work / "cache")
-        folder = work / "model"
         t = time.perf_counter()
-        model_bytes = build_checkpoint(folder, settings.shape, dtype)
-        print(f"checkpoint: {model_bytes / 1e9:.2f} GB built in {time.perf_counter() - t:.0f} s", flush=True)
+        if args.checkpoint:
+            folder = args.checkpoint
+            model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        else:
+            folder = work / "model"
+            model_bytes = build_checkpoint(folder, settings.shape, dtype)
+        print(f"checkpoint: {model_bytes / 1e9:.2f} GB ready in {time.perf_counter() - t:.0f} s", flush=True)
         corpus = write_corpus(work / "corpus.txt", settings.tokens)  # byte-level tokens: several per word
 
         s = bench_statistics(folder, corpus, settings)
@@ -254,6 +267,8 @@ def main() -> None:
                 print(f"\n[2] create, {n} requests, cached statistics: {r['seconds']:.1f} s, peak RSS "
                       f"{r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] * 2**20 / model_bytes:.2f}x the checkpoint's "
                       f"{model_bytes / 1e9:.2f} GB){gpu_text}; patch {r['patch_bytes'] / 1e6:.2f} MB", flush=True)  # fmt: skip
+                phases = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings"].items() if isinstance(v, int | float))
+                print(f"    phases: {phases}", flush=True)
     print(f"\nbenchmark wall time: {time.perf_counter() - started:.0f} s")
     print(json.dumps({"settings": settings.__dict__, "model_bytes": model_bytes, "statistics": s,
                       "create": {str(n): r for n, r in rows}}, default=str))  # fmt: skip
