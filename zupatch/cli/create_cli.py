@@ -25,7 +25,8 @@ METHOD_HELP = (
 _IO, _METHOD, _BASELINE, _COMPUTE, _OUT = ("Inputs", "Method and settings", "Baselines (--method ga or npo)",
                                            "Compute", "Output and messages")  # fmt: skip
 #: Options that only ZeroUnlearn uses, and those only the baselines use (for a clear error).
-ZEROUNLEARN_ONLY = ("--target", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens")
+ZEROUNLEARN_ONLY = ("--target", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens",
+                    "--stats")
 BASELINE_ONLY = ("--lr", "--steps", "--beta", "--retain-weight")
 
 
@@ -64,6 +65,7 @@ def create(
     lambda_forget: Annotated[float | None, typer.Option("--lambda-forget", help="Weight of the forget targets.", rich_help_panel=_METHOD)] = None,
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", metavar="PATH", help="Text for key statistics: .txt/.jsonl files or folders (default: sampled from the model; repeatable).", rich_help_panel=_METHOD)] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget of the key statistics.", rich_help_panel=_METHOD)] = None,
+    stats: Annotated[str | None, typer.Option("--stats", metavar="REPO", help="Key statistics shared with `zupatch stats push`: a Hub dataset repo NAMESPACE/NAME[@REVISION] or a pulled folder; used only if they match the model, its weights and the layers (instead of --corpus/--tokens).", rich_help_panel=_METHOD)] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (baseline.learning_rate).", rich_help_panel=_BASELINE)] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Maximum optimiser steps; training stops earlier once nothing is answered (baseline.steps).", rich_help_panel=_BASELINE)] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="npo: inverse temperature β (baseline.beta).", rich_help_panel=_BASELINE)] = None,
@@ -86,7 +88,8 @@ def create(
     counting the context prefix the edit adds) before loading the model.
     Loads the model, checks that it gives each target now (a warning per
     request whose target it does not give: nothing to forget; --strict makes
-    that an error), gathers key statistics (cached), optimises target vectors,
+    that an error), gathers key statistics (cached; with --stats shared ones,
+    refused in one line unless they match the model), optimises target vectors,
     solves the closed form per layer and writes a patch against the
     checkpoint's own tensors. --method ga or npo trains the same layers' down
     projections with a baseline instead (a dense patch). The requests' text
@@ -128,12 +131,14 @@ def create(
         cfg = with_settings(cfg, chosen, str(config) if config else "settings")
         given = {"--target": target, "--projection": value(projection), "--lambda-retain": lambda_retain,
                  "--lambda-forget": lambda_forget, "--corpus": corpus or None, "--tokens": tokens, "--lr": lr,
-                 "--steps": steps, "--beta": beta, "--retain-weight": retain_weight}  # fmt: skip
+                 "--steps": steps, "--beta": beta, "--retain-weight": retain_weight, "--stats": stats}  # fmt: skip
         unused = ZEROUNLEARN_ONLY if cfg.is_baseline else BASELINE_ONLY
         wrong = [option for option in unused if given[option] is not None]
         if wrong:
             methods = "zerounlearn and zerounlearn-gd" if cfg.is_baseline else "ga and npo"
             raise ZupatchError(f"{', '.join(wrong)} only apply to --method {methods} (method is {cfg.method})")
+        if stats and (corpus or tokens is not None):
+            raise ZupatchError("--stats gives the key statistics; --corpus and --tokens would compute others")
         for path in corpus or []:
             if not path.exists():
                 raise ZupatchError("corpus path not found", path)
@@ -142,6 +147,13 @@ def create(
             from zupatch.hub import load_patch
 
             on_patch = load_patch(on, token=token)
+        shared = None
+        if stats:
+            from zupatch.hub import hub_output
+            from zupatch.hub.stats import locate_stats
+
+            with hub_output(quiet or as_json):
+                shared = locate_stats(stats, token=token)
         resolved = resolve_model(model, revision, token=token)
         with ui.progress(quiet or as_json) as progress:
             report = create_from_checkpoint(
@@ -150,7 +162,7 @@ def create(
                 include_request_text=include_request_text, progress=progress, on=on_patch,
                 strict=strict, request_names=names, retain_requests=retain_requests,
                 corpus=FileCorpus(tuple(corpus)) if corpus else None,
-                stats_cache=None if no_cache else StatsCache(),
+                stats_cache=None if no_cache else StatsCache(), shared_statistics=shared,
                 model_identity=f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None,
             )  # fmt: skip
         if not quiet:
@@ -207,7 +219,7 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
     )
 
 
-stats_app = typer.Typer(help="Precompute, list and clear cached key statistics.", no_args_is_help=True)
+stats_app = typer.Typer(help="Precompute, list, clear, push and pull key statistics.", no_args_is_help=True)
 
 
 @stats_app.command("compute")
@@ -221,12 +233,20 @@ def stats_compute(
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
-    """Compute key statistics for a model's layers and store them in the cache."""
+    """Compute key statistics for a model's layers and store them in the cache.
+
+    Under torchrun (e.g. torchrun --nproc_per_node 2 -m zupatch stats compute ...)
+    each process sums its share of the corpus on its own device (cuda:LOCAL_RANK
+    with NCCL on GPUs, gloo on CPU), the sums are added with an all-reduce, and
+    rank 0 writes the cache entry a single process would write (equal up to the
+    order of float64 additions; docs/create.md).
+    """
     ui.require_engine("stats compute")
     from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import load_model
     from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
-    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.create import CreateConfig, resolve_device
+    from zupatch.engine.distributed import process_group, rank_device
     from zupatch.engine.settings import with_settings
     from zupatch.engine.stats import FileCorpus, StatsCache, compute_key_statistics
 
@@ -234,19 +254,132 @@ def stats_compute(
         cfg = CreateConfig()
         if tokens is not None:
             cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
-        resolved = resolve_model(model, revision)
+        target = rank_device(resolve_device(device))
+        with process_group(target) as ranks:
+            quiet = quiet or not ranks.is_main
+            resolved = resolve_model(model, revision)
+            loaded, tokenizer = load_model(resolved.path, dtype.value, str(target))
+            spec = resolve_architecture(loaded, cfg.overrides)
+            total = num_layers(loaded, spec)
+            chosen = check_layers(_layers(layers) or default_layers(total), total)
+            with ui.progress(quiet) as progress:
+                stats = compute_key_statistics(
+                    loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
+                    StatsCache(), f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
+                    ranks=ranks,
+                )  # fmt: skip
+        if not quiet:
+            where = f" ({ranks.world_size} processes, {ranks.backend})" if ranks.distributed else ""
+            for layer, s in sorted(stats.items()):
+                ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}{where}")
+
+
+@stats_app.command("push")
+def stats_push(
+    repo: Annotated[str, typer.Argument(metavar="REPO", help="Hub dataset repo NAMESPACE/NAME (created if needed).", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 17,18,19 (default: by relative depth).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text files or folders (default: sampled from the model).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
+    description: Annotated[str | None, typer.Option("--description", help="A line about the corpus for the card (e.g. its name and licence); never its text.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private (if it is new).")] = False,
+    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", show_default=False)] = None,
+    source_url: Annotated[str | None, typer.Option("--source-url", help="https URL of zupatch's git repository, for the card's install line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")] = False,
+) -> None:  # fmt: skip
+    """Publish key statistics as a Hub dataset repo, so others need not compute them.
+
+    Computes the statistics as `stats compute` does (or takes them from the
+    cache), then pushes one safetensors file per layer, zupatch_stats.json
+    (model, revision, layers, sizes, weight fingerprints, corpus description,
+    token count: never text) and a card. Pushing the same statistics again
+    makes no commit. Others use them with `create --stats REPO` or `stats pull REPO`.
+    """
+    ui.require_engine("stats push")
+    from zupatch.hub.resolve import resolve_model
+    from zupatch.engine.api import load_model
+    from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
+    from zupatch.engine.create import CreateConfig
+    from zupatch.engine.settings import with_settings
+    from zupatch.engine.shared_stats import bundle_files
+    from zupatch.engine.stats import FileCorpus, SampledCorpus, StatsCache, compute_key_statistics
+    from zupatch.hub import hub_output
+    from zupatch.hub.card import check_source_url
+    from zupatch.hub.push import check_repo_id, require_token
+    from zupatch.hub.stats import push_stats
+
+    with ui.guard(), hub_output(quiet or as_json):
+        check_repo_id(repo)
+        check_source_url(source_url)
+        tok = require_token(token)  # before any computing
+        cfg = CreateConfig()
+        if tokens is not None:
+            cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
+        resolved = resolve_model(model, revision, token=token)
         loaded, tokenizer = load_model(resolved.path, dtype.value, device)
         spec = resolve_architecture(loaded, cfg.overrides)
         total = num_layers(loaded, spec)
         chosen = check_layers(_layers(layers) or default_layers(total), total)
-        with ui.progress(quiet) as progress:
+        source = FileCorpus(tuple(corpus)) if corpus else SampledCorpus()
+        with ui.progress(quiet or as_json) as progress:
             stats = compute_key_statistics(
-                loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
-                StatsCache(), f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
+                loaded, tokenizer, spec, chosen, source, cfg.stats, StatsCache(),
+                f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None, progress,
             )  # fmt: skip
-        if not quiet:
-            for layer, s in sorted(stats.items()):
-                ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}")
+        first = stats[chosen[0]].description or {}
+        corpus_info: dict[str, Any] = {"kind": "files" if corpus else "self-sampled", "fingerprint": first.get("corpus"),
+                                       "max_length": cfg.stats.max_length}  # fmt: skip
+        if not corpus:
+            corpus_info.update({k: v for k, v in SampledCorpus().description(tokenizer, cfg.stats).items()
+                                if k not in ("kind", "tokens")})  # fmt: skip
+        if description:
+            corpus_info["description"] = " ".join(description.split())
+        manifest, files = bundle_files(loaded, spec, stats, model_name=resolved.repo_id or resolved.path.name,
+                                       revision=resolved.revision, corpus=corpus_info)  # fmt: skip
+        result = push_stats(manifest, files, repo, private=private, token=tok, source_url=source_url)
+        if as_json:
+            sys.stdout.write(json.dumps({**result.to_dict(), "layers": manifest.layer_numbers,
+                                         "tokens": manifest.tokens}, indent=2) + "\n")  # fmt: skip
+        elif not quiet:
+            from zupatch.cli.hub_cli import report_push
+
+            report_push(result, f"key statistics of {manifest.label} (layers "
+                                f"{', '.join(map(str, manifest.layer_numbers))}, {manifest.tokens} tokens)")  # fmt: skip
+
+
+@stats_app.command("pull")
+def stats_pull(
+    repo: Annotated[str, typer.Argument(metavar="REPO", help="Hub dataset repo NAMESPACE/NAME[@REVISION] pushed by `stats push`.", show_default=False)],
+    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary output.")] = False,
+) -> None:  # fmt: skip
+    """Download shared key statistics (through the HF cache) and copy them into the statistics cache.
+
+    Every file is checked against the sha256 in zupatch_stats.json. Once
+    downloaded they are used offline. `create --stats REPO` uses them
+    directly, after checking that they match the model.
+    """
+    ui.require_engine("stats pull")
+    from zupatch.hub import hub_output
+    from zupatch.hub.stats import pull_stats
+
+    with ui.guard(), hub_output(quiet or as_json):
+        folder, written = pull_stats(repo, token=token)
+        m = folder.manifest
+        if as_json:
+            sys.stdout.write(json.dumps({"source": folder.source, "model": m.model, "revision": m.revision,
+                                         "layers": m.layer_numbers, "tokens": m.tokens,
+                                         "cache_files": [str(p) for p in written]}, indent=2) + "\n")  # fmt: skip
+        elif not quiet:
+            ui.console.print(
+                f"[green]pulled[/] key statistics of {escape(m.label)} from {escape(folder.source)}: layers "
+                f"{', '.join(map(str, m.layer_numbers))}, {m.tokens} tokens; {len(written)} file(s) in the cache "
+                f"(use: zupatch create --stats {escape(repo)} ...)", soft_wrap=True)
 
 
 @stats_app.command("list")

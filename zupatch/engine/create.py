@@ -63,6 +63,7 @@ from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unc
 from zupatch.engine.requests import ForgetRequest, text_problem
 from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
+from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
     Corpus,
     KeyStatistics,
@@ -351,6 +352,7 @@ def compute_edit(
     stats_cache: StatsCache | None = None,
     model_identity: str | None = None,
     key_statistics: Mapping[int, KeyStatistics] | None = None,
+    shared_statistics: StatsFolder | None = None,
     storage_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> EditResult:
     """Compute the ZeroUnlearn edit of ``model`` for ``requests``, editing it in place.
@@ -358,7 +360,9 @@ def compute_edit(
     ``model`` ends up edited (the result's ``original_weights`` restore it,
     see :func:`restore_weights`), on the device and dtype the config resolves
     to. Statistics come from ``key_statistics`` if given, else from
-    ``corpus`` (default: sampled from the model) through ``stats_cache``.
+    ``shared_statistics`` (``create --stats``: checked against the model and
+    layers first, :meth:`~zupatch.engine.shared_stats.StatsFolder.check`),
+    else from ``corpus`` (default: sampled from the model) through ``stats_cache``.
     For the baselines ("ga", "npo") only ``retain_requests`` and
     ``storage_dtypes`` matter: the dtype each edited weight is stored in where
     the patch will apply, by state-dict name (default: the model's dtype
@@ -386,6 +390,8 @@ def compute_edit(
     total_layers = num_layers(model, spec)
     layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
     last_layer = layers[-1]
+    if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
+        key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
         raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')

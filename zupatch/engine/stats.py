@@ -9,6 +9,12 @@ One forward pass serves every edited layer: hooks on the down projections
 accumulate ``kᵀk`` in float64 and a hook on the last edited layer stops the
 pass (nothing after it is needed).
 
+Under ``torchrun`` (:mod:`zupatch.engine.distributed`) each rank runs every
+``world_size``-th batch of the same batches one process would run, the sums
+are added with an all-reduce in float64, and rank 0 writes the cache under
+the same key: the result equals the single-process one up to the order of
+the float64 additions (docs/create.md, "Statistics on several processes").
+
 Corpora:
 
 * :class:`FileCorpus` - text files (whole file = one document), JSONL with a
@@ -17,7 +23,8 @@ Corpora:
 * :class:`TextCorpus` - texts in memory;
 * :class:`SampledCorpus` - the data-free default: text sampled from the model
   itself, batched, from its document-start token (:func:`document_start_ids`),
-  temperature 1, top-k 50. It needs no
+  temperature 1, top-k 50, each batch from its own seed (so ranks can sample
+  different batches and together get the single-process sample). It needs no
   data and matches the model's own distribution, but costs a generation pass
   (about as many forward steps as tokens per sample, batched), and alone it
   does not protect facts near the forgotten ones: ``create`` adds keys of
@@ -44,7 +51,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module
+from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module, down_proj_weight_math
+from zupatch.engine.distributed import Ranks
 from zupatch.engine.hooks import on_inputs, run_until_stopped
 from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
@@ -79,10 +87,15 @@ class StatsConfig:
 
 @dataclass
 class KeyStatistics:
-    """``second_moment`` = E[k kᵀ] (f×f, float64, symmetric) over ``token_count`` tokens."""
+    """``second_moment`` = E[k kᵀ] (f×f, float64, symmetric) over ``token_count`` tokens.
+
+    ``description`` is what names them in the cache (:func:`describe_statistics`),
+    when they went through one.
+    """
 
     second_moment: torch.Tensor
     token_count: int
+    description: dict | None = None
 
 
 @dataclass
@@ -236,7 +249,7 @@ def _datasets_texts(path: Path, field: str) -> Iterator[str]:
 class SampledCorpus:
     """Data-free corpus: batched samples from the model, starting at its BOS token."""
 
-    def _description(self, tokenizer: Any, config: StatsConfig) -> dict:
+    def description(self, tokenizer: Any, config: StatsConfig) -> dict:
         return {
             "kind": "self-sampled",
             "start_token": start_token_id(tokenizer),
@@ -246,11 +259,12 @@ class SampledCorpus:
             "sample_length": config.sample_length,
             "sample_batch_size": config.sample_batch_size,
             "tokens": config.sampled_token_budget,
+            "seeding": "per-batch",  # batch b is drawn from batch_seed(seed, b)
         }
 
     def fingerprint(self, tokenizer: Any, config: StatsConfig) -> str:
         """Names the sample without drawing it (the model is named by the cache key)."""
-        text = json.dumps(self._description(tokenizer, config), sort_keys=True)
+        text = json.dumps(self.description(tokenizer, config), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def windows(self, model: nn.Module, tokenizer: Any, config: StatsConfig) -> TokenWindows:
@@ -289,13 +303,33 @@ def start_token_id(tokenizer: Any) -> int:
     return start[-1]
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of sample batch ``batch``: any rank can draw any batch on its own.
+
+    Batch 0 draws from ``seed`` itself, so a sample that fits in one batch is
+    the one earlier versions drew; later batches from a hash of both.
+    """
+    if batch == 0:
+        return seed
+    digest = hashlib.sha256(f"zupatch-sample|{seed}|{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def sample_windows(
-    model: nn.Module, tokenizer: Any, config: StatsConfig, progress: ProgressCallback | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    config: StatsConfig,
+    progress: ProgressCallback | None = None,
+    ranks: Ranks = Ranks(),
 ) -> list[list[int]]:
-    """Sample ``sampled_token_budget`` tokens from the model (batched, seeded).
+    """Sample ``sampled_token_budget`` tokens from the model (batched, seeded per batch).
 
     Each sample runs from the start token to its first EOS (inclusive) or
-    ``sample_length`` new tokens. The global RNG state is left untouched.
+    ``sample_length`` new tokens. Batch ``b`` is drawn from
+    :func:`batch_seed` ``(seed, b)``; with several ranks, rank ``r`` draws
+    batches ``r, r + world_size, ...`` and the batches are gathered in order,
+    so every rank returns the windows one process would (on the same kind of
+    device). The global RNG state is left untouched.
     """
     from transformers import GenerationConfig
 
@@ -316,25 +350,35 @@ def sample_windows(
     total = 0
     budget = config.sampled_token_budget
     fork_devices = [device] if device.type == "cuda" else []
+    rounds = 0
     with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
-        torch.manual_seed(config.seed)
         while total < budget:
+            torch.manual_seed(batch_seed(config.seed, rounds * ranks.world_size + ranks.rank))
             prompt = torch.full((config.sample_batch_size, 1), start, dtype=torch.long, device=device)
             output = model.generate(
                 input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=generation
             )
-            for row in output.tolist():
-                length = len(row)
-                if eos is not None and eos in row[1:]:
-                    length = row.index(eos, 1) + 1
-                window = row[: min(length, budget - total)]
-                windows.append(window)
-                total += len(window)
+            rows = [_until_eos(row, eos) for row in output.tolist()]
+            rounds += 1
+            for batch in ranks.all_gather_object(rows):  # batches in order
+                for row in batch:
+                    window = row[: budget - total]
+                    windows.append(window)
+                    total += len(window)
+                    if total >= budget:
+                        break
                 if total >= budget:
                     break
             if progress:
                 progress("sampling corpus", min(total, budget), budget)
     return windows
+
+
+def _until_eos(row: list[int], eos: int | None) -> list[int]:
+    """A sample up to and including its first EOS after the start token."""
+    if eos is not None and eos in row[1:]:
+        return row[: row.index(eos, 1) + 1]
+    return row
 
 
 # --------------------------------------------------------------------------- collection
@@ -374,11 +418,18 @@ def collect_key_statistics(
     pad_id: int = 0,
     stop_early: bool = True,
     progress: ProgressCallback | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[int, KeyStatistics]:
     """E[k kᵀ] of each layer's down-proj input over the non-padding tokens of ``windows``.
 
     Sums are float64. On CPU the per-batch products are float64 too; on an
     accelerator they are float32 (fast there) and summed in float64.
+
+    With several ``ranks`` (each holding the same ``windows``), rank ``r``
+    runs batches ``r, r + world_size, ...`` of the batches one process would
+    run, so every batch and its product are the same as in one process; the
+    float64 sums and the token count are then added across ranks. Only the
+    order of the float64 additions differs from one process.
     """
     if not windows:
         raise ZupatchError("no tokens to collect statistics from")
@@ -399,19 +450,28 @@ def collect_key_statistics(
             sums[layer] = product
 
     total_tokens = sum(len(w) for w in windows)
+    starts = range(0, len(windows), batch_size)[ranks.rank :: ranks.world_size]  # this rank's shard
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), on_inputs(modules, accumulate, stop_at=layers[-1] if stop_early else None):
-            for start in range(0, len(windows), batch_size):
+            for start in starts:
                 ids, mask = pad_right(windows[start : start + batch_size], pad_id, device)
                 token_mask = mask.bool()
                 run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
                 count += int(mask.sum())
                 if progress:
-                    progress("key statistics", count, total_tokens)
+                    progress("key statistics", min(count * ranks.world_size, total_tokens), total_tokens)
     finally:
         model.train(was_training)
+    if ranks.distributed:
+        for layer in layers:  # a rank with no batch adds zeros
+            if layer not in sums:
+                width = down_proj_weight_math(modules[layer], spec).shape[1]
+                sums[layer] = torch.zeros(width, width, dtype=torch.float64, device=device)
+            ranks.all_reduce_sum(sums[layer])  # in place: no second f×f copy per layer
+        counted = torch.tensor([count], dtype=torch.float64, device=device)
+        count = int(ranks.all_reduce_sum(counted).item())
     result = {}
     for layer in layers:
         second_moment = sums[layer].cpu() / count
@@ -422,16 +482,22 @@ def collect_key_statistics(
 # --------------------------------------------------------------------------- identity
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
     flat = tensor.detach().contiguous().cpu().reshape(-1)
+    if dtype is not None and flat.dtype != dtype:
+        flat = flat.to(dtype)
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def weights_fingerprints(model: nn.Module, spec: ArchitectureSpec, up_to_layer: int) -> list[str]:
+def weights_fingerprints(
+    model: nn.Module, spec: ArchitectureSpec, up_to_layer: int, dtype: torch.dtype | None = None
+) -> list[str]:
     """Per layer l <= up_to_layer, a sha256 of every weight the keys of layer l depend on.
 
     That is all parameters outside the decoder layers (embeddings, ...) and
     those of layers 0..l, chained so one pass hashes each weight once.
+    ``dtype``: hash the weights as if cast to it (one tensor at a time), so a
+    bfloat16 checkpoint loaded in float32 hashes as the bfloat16 it is.
     """
     layers = decoder_layers(model, spec)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
@@ -441,13 +507,13 @@ def weights_fingerprints(model: nn.Module, spec: ArchitectureSpec, up_to_layer: 
         if id(parameter) in in_layers or id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        digest.update(f"{name}|{parameter.dtype}|{tuple(parameter.shape)}".encode())
-        digest.update(_tensor_bytes(parameter))
+        digest.update(f"{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
+        digest.update(_tensor_bytes(parameter, dtype))
     fingerprints = []
     for index in range(up_to_layer + 1):
         for name, parameter in layers[index].named_parameters():
-            digest.update(f"{index}.{name}|{parameter.dtype}|{tuple(parameter.shape)}".encode())
-            digest.update(_tensor_bytes(parameter))
+            digest.update(f"{index}.{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
+            digest.update(_tensor_bytes(parameter, dtype))
         fingerprints.append(digest.copy().hexdigest())
     return fingerprints
 
@@ -501,7 +567,7 @@ class StatsCache:
                 token_count = int(handle.metadata()["token_count"])
         except Exception:  # a damaged cache file is a miss, not an error
             return None
-        return KeyStatistics(second_moment, token_count)
+        return KeyStatistics(second_moment, token_count, description)
 
     def store(self, description: dict, statistics: KeyStatistics) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -571,12 +637,18 @@ def compute_key_statistics(
     cache: StatsCache | None = None,
     model_identity: str | None = None,
     progress: ProgressCallback | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[int, KeyStatistics]:
     """Statistics for ``layers`` from ``corpus`` (default: self-sampled), using ``cache``.
 
     ``model_identity`` (e.g. ``"repo-id@revision"``) names the model in the
     cache key; without it, the weights the keys depend on are hashed.
     Layers already in the cache are not recomputed; the rest share one pass.
+
+    Called on every rank of a process group (``ranks``), the ranks share the
+    sampling and the pass (:func:`collect_key_statistics`); rank 0 decides
+    which layers the cache lacks and alone writes them, under the key one
+    process would use. The other ranks return only the layers computed.
     """
     corpus = corpus if corpus is not None else SampledCorpus()
     layers = sorted(set(layers))
@@ -586,7 +658,7 @@ def compute_key_statistics(
     windows: TokenWindows | None = None
     descriptions: dict[int, dict] = {}
     results: dict[int, KeyStatistics] = {}
-    if cache is not None:
+    if cache is not None and ranks.is_main:  # only rank 0 reads and writes the cache
         if sampled:
             fingerprint = corpus.fingerprint(tokenizer, config)
         else:
@@ -604,20 +676,22 @@ def compute_key_statistics(
             hit = cache.load(descriptions[layer])
             if hit is not None:
                 results[layer] = hit
-    missing = [layer for layer in layers if layer not in results]
+    missing = ranks.broadcast_object([layer for layer in layers if layer not in results])
     if not missing:
         return results
     if windows is None:
         windows = (
-            TokenWindows(sample_windows(model, tokenizer, config, progress), "", "self-sampled")
+            TokenWindows(sample_windows(model, tokenizer, config, progress, ranks), "", "self-sampled")
             if sampled
             else corpus.windows(model, tokenizer, config)
         )
     computed = collect_key_statistics(
-        model, spec, missing, windows.windows, config.batch_size, pad_token_id(tokenizer), progress=progress
-    )
+        model, spec, missing, windows.windows, config.batch_size, pad_token_id(tokenizer), progress=progress,
+        ranks=ranks,
+    )  # fmt: skip
     for layer, statistics in computed.items():
         results[layer] = statistics
-        if cache is not None:
+        if cache is not None and ranks.is_main:
+            statistics.description = descriptions[layer]
             cache.store(descriptions[layer], statistics)
     return results

@@ -10,6 +10,10 @@ base, without and after each attack; only figures and attack names, never
 the report's prompts or continuations.
 
 
+Key-statistics repos (``zupatch stats push``, a dataset repo) get their own
+card (:func:`stats_card`): the model, revision, layers, corpus description and
+token count, never text.
+
 Three kinds of card, one per push mode, each with its Hub relation to the
 base (``base_model_relation`` in the YAML metadata, docs/publishing.md): a
 patch repo (none: a patch is not a model, the Hub infers what it shows), a
@@ -31,6 +35,7 @@ from zupatch.hub.pull import PATCH_FILENAME, is_hub_repo_id
 from rich.filesize import decimal as human_bytes
 
 if TYPE_CHECKING:
+    from zupatch.engine.shared_stats import StatsManifest
     from zupatch.patch.format import Patch
 
 TAGS = ["zupatch", "unlearning", "knowledge-unlearning", "model-patch"]
@@ -517,3 +522,75 @@ def _lora_rank_bucket(rank: int) -> int:
         if rank <= size:
             return size
     return rank
+
+
+STATS_TAGS = ["zupatch", "key-statistics", "unlearning", "model-editing"]
+
+
+def stats_card(manifest: "StatsManifest", repo_id: str, source_url: str | None = None) -> str:
+    """The README.md of a key-statistics dataset repo (``zupatch stats push``).
+
+    Numbers and names only: the model, its revision, the layers, the corpus's
+    kind, settings and token-id hash, the token count. Never any text; a local
+    model is named by its folder's last component only.
+    """
+    model = manifest.model if is_hub_repo_id(manifest.model) else _local_name(manifest.model)
+    meta: dict[str, Any] = {"tags": list(STATS_TAGS)}
+    if is_hub_repo_id(manifest.model):
+        meta["base_model"] = manifest.model  # the Hub shows which model these statistics belong to
+    corpus = dict(manifest.corpus)
+    kind = corpus.pop("kind", "unknown")
+    described = corpus.pop("description", None)
+    fingerprint = corpus.pop("fingerprint", None)
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(corpus.items()) if _scalar(v) is not None)
+    layers = manifest.layer_numbers
+    widths = sorted({e.key_width for e in manifest.layers})
+    revision = manifest.revision
+    model_text = f"[{model}](https://huggingface.co/{model})" if is_hub_repo_id(model) else f"`{model}`"
+    size = 8 * sum(e.key_width**2 for e in manifest.layers)
+    rows = [
+        ("model", model_text),
+        ("revision", f"`{revision}`" if revision else "unknown (a local folder; the weights are fingerprinted)"),
+        ("architecture", f"{manifest.architecture} (`{manifest.model_type}`), hidden size {manifest.hidden_size}"),
+        ("layers", ", ".join(map(str, layers))),
+        ("keys per layer (f)", ", ".join(map(str, widths))),
+        ("tokens", f"{manifest.tokens:,}"),
+        ("corpus", f"{kind}" + (f" ({_md(settings)})" if settings else "")),
+        ("corpus fingerprint", f"`{_md(str(fingerprint))}` (sha256 of its token ids)" if fingerprint else "n/a"),
+        ("model dtype", manifest.dtype),
+        ("statistics", f"E[k kᵀ] of each down projection's input, float64, {human_bytes(size)} in all"),
+    ]
+    if isinstance(described, str) and described.strip():
+        rows.insert(8, ("corpus description", _md(described.strip()[:200])))
+    pin = f" --revision {revision}" if revision and is_hub_repo_id(model) else ""
+    out = [
+        "---",
+        _yaml(meta),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"Key statistics of {model_text} for {_zupatch_link(source_url)} unlearning edits: the second moment of "
+        "the MLP down projections' inputs over a corpus, which ZeroUnlearn needs for every edit of these layers. "
+        "Computing them takes a pass over the corpus; with this repo, nobody has to compute them again. "
+        "Numbers only: no text of the corpus is published.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+        "Use them in an edit (zupatch checks that they match the model: architecture, sizes, layers, and a "
+        "fingerprint of the weights up to each layer; anything else is refused):",
+        "",
+        "```bash",
+        *install_lines(source_url),
+        f"zupatch create -m {model if is_hub_repo_id(model) else 'PATH/TO/MODEL'}{pin} --layers {','.join(map(str, layers))} "
+        f"--stats {repo_id} --forget forget.jsonl -o forget.zup.safetensors",
+        f"zupatch stats pull {repo_id}   # or copy them into the local statistics cache",
+        "```",
+        "",
+        "Files: `zupatch_stats.json` (what they were computed from, with the sha256 of each file) and one "
+        "`layer-NNN.safetensors` per layer (`second_moment`, f×f float64).",
+        "",
+    ]
+    return "\n".join(out)

@@ -95,11 +95,12 @@ def _same(remote: Any, data_sha256: str, data_blob_id: str) -> bool:
     return getattr(remote, "blob_id", None) == data_blob_id
 
 
-def _changed(api: Any, repo_id: str, files: dict[str, bytes], head: str) -> tuple[list, set[str]]:
+def _changed(api: Any, repo_id: str, files: dict[str, bytes], head: str,
+             repo_type: str = "model") -> tuple[list, set[str]]:  # fmt: skip
     """The uploads for the files whose bytes differ from the branch's (at ``head``), and the paths it has."""
     from huggingface_hub import CommitOperationAdd
 
-    remote = {f.path: f for f in api.get_paths_info(repo_id, list(files), revision=head)}
+    remote = {f.path: f for f in api.get_paths_info(repo_id, list(files), revision=head, repo_type=repo_type)}
     ops = [
         CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
         for path, data in files.items()
@@ -132,13 +133,14 @@ def base_weights_bytes(base_model: str | None, base_revision: str | None, token:
     return sum(sizes) or None
 
 
-def _begin(api: Any, repo_id: str, *, private: bool, revision: str | None, create_pr: bool) -> tuple[str, bool | None, str]:
+def _begin(api: Any, repo_id: str, *, private: bool, revision: str | None, create_pr: bool,
+           repo_type: str = "model") -> tuple[str, bool | None, str]:  # fmt: skip
     """Create the repo (and branch) if needed; return (url, private, head commit of the target revision)."""
     # private=None (not False) lets an organisation's default visibility apply to a new repo
-    url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True))
+    url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type=repo_type))
     if revision and revision != "main" and not create_pr and not _COMMIT.match(revision):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.model_info(repo_id, revision=revision or "main")
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+    info = api.repo_info(repo_id, revision=revision or "main", repo_type=repo_type)
     return url, info.private, info.sha
 
 
@@ -159,7 +161,7 @@ def _upload_and_commit(api: Any, repo_id: str, ops: list, stage: list[str], **co
     """
     stage[0] = "upload"
     api.preupload_lfs_files(repo_id, additions=ops, revision=commit["revision"], create_pr=commit["create_pr"],
-                            free_memory=False)  # fmt: skip
+                            repo_type=commit.get("repo_type", "model"), free_memory=False)  # fmt: skip
     stage[0] = "commit"
     return api.create_commit(repo_id, ops, **commit)
 
