@@ -391,6 +391,7 @@ def compute_edit(
     total_layers = num_layers(model, spec)
     layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
     last_layer = layers[-1]
+    norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3; a norm of another kind fails here
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
         raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')
@@ -441,7 +442,6 @@ def compute_edit(
     with _timed(timings, "probes"):
         probes = _Probes.before(model, tokenizer, requests, config)
 
-    norm_gains = _post_mlp_norm_gains(model, spec, layers)
     factors_of: dict[int, Factors] = {}
     original_weights: dict[str, torch.Tensor] = {}
     layer_diagnostics: list[dict[str, Any]] = []
