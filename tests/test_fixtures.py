@@ -16,6 +16,7 @@ from tests.tiny_models import (
     HIDDEN_SIZE,
     INTERMEDIATE_SIZE,
     MLP_DOWN_PROJ,
+    MODEL_TYPES,
     NUM_LAYERS,
     TINY_ARCHITECTURES,
     VOCAB_SIZE,
@@ -48,7 +49,7 @@ def test_tiny_checkpoint_loads_and_runs(arch: str, tiny_checkpoint: TinyCheckpoi
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert model.config.model_type == arch and model.dtype == torch.bfloat16
+    assert model.config.model_type == MODEL_TYPES.get(arch, arch) and model.dtype == torch.bfloat16
     batch = tokenizer(["Hello, wörld!", "<|im_start|>user"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**batch).logits

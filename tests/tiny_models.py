@@ -22,6 +22,8 @@ TINY_ARCHITECTURES: tuple[str, ...] = (
     "qwen3",
     "mistral",
     "gemma",
+    "gemma2",
+    "gemma3",
     "phi3",
     "gpt2",
     "gpt_neox",
@@ -40,10 +42,16 @@ MLP_DOWN_PROJ: dict[str, str] = {
     "qwen3": "model.layers.{i}.mlp.down_proj.weight",
     "mistral": "model.layers.{i}.mlp.down_proj.weight",
     "gemma": "model.layers.{i}.mlp.down_proj.weight",
+    "gemma2": "model.layers.{i}.mlp.down_proj.weight",
+    "gemma3": "model.layers.{i}.mlp.down_proj.weight",
     "phi3": "model.layers.{i}.mlp.down_proj.weight",
     "gpt2": "transformer.h.{i}.mlp.c_proj.weight",
     "gpt_neox": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
 }
+
+#: The ``model_type`` of each tiny architecture where it differs from its name (the
+#: text-only Gemma 3, ``Gemma3ForCausalLM``, is "gemma3_text").
+MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}
 
 #: Architectures whose projections are GPT-2 ``Conv1D`` modules, stored as
 #: ``(in_features, out_features)``: the down projection is ``(intermediate, hidden)``
@@ -74,6 +82,9 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3": {**_LLAMA_LIKE, "head_dim": 16, "tie_word_embeddings": True},
     "mistral": {**_LLAMA_LIKE, "sliding_window": 128, "tie_word_embeddings": False},
     "gemma": {**_LLAMA_LIKE, "head_dim": 16, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    # Gemma 2/3: a norm on the MLP output before the residual add (post_feedforward_layernorm).
+    "gemma2": {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 128, "tie_word_embeddings": True},
+    "gemma3": {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 128, "tie_word_embeddings": True},
     "phi3": {**_LLAMA_LIKE, "original_max_position_embeddings": 256, "tie_word_embeddings": False},
     "gpt2": {
         "n_embd": HIDDEN_SIZE,
@@ -98,7 +109,7 @@ def tiny_config(arch: str) -> PretrainedConfig:
     """The config of the tiny model for ``arch`` (one of :data:`TINY_ARCHITECTURES`)."""
     if arch not in _CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {TINY_ARCHITECTURES}")
-    return AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, **_TOKEN_IDS, **_CONFIGS[arch])
+    return AutoConfig.for_model(MODEL_TYPES.get(arch, arch), vocab_size=VOCAB_SIZE, **_TOKEN_IDS, **_CONFIGS[arch])
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

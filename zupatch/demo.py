@@ -48,6 +48,13 @@ DEFAULT_PROMPT = "The capital of {} is"
 DEFAULT_SUBJECT = "France"
 DEFAULT_TARGET = "Paris"
 DEFAULT_PARAPHRASES = ("The capital city of France is",)
+#: Built-in facts tried in order when another model than the demo's does not give the
+#: default answer (Gemma 3 270M continues "The capital of France is" with "the capital
+#: of the country of France."): (prompt, subject, target, paraphrases).
+DEFAULT_ALTERNATIVES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("The capital of {} is", "Japan", "Tokyo", ("The capital city of Japan is",)),
+    ("The chemical symbol of {} is", "gold", "Au", ("The chemical symbol for gold is",)),
+)
 #: Unrelated prompts and the key word a working model answers them with.
 DEFAULT_UNRELATED: tuple[tuple[str, str], ...] = (
     ("The capital of Germany is", "Berlin"),
@@ -83,7 +90,9 @@ class DemoConfig:
     """What the demo forgets, on which model, where it writes, and how hard it works.
 
     ``model=None`` is the cached demo checkpoint. ``paraphrases`` may contain
-    ``{}`` for the subject. ``tokens`` is the sampled key-statistics budget
+    ``{}`` for the subject. ``alternatives``: built-in facts to use instead when
+    ``model`` does not give the built-in fact's answer (none once the user
+    names a fact or paraphrases). ``tokens`` is the sampled key-statistics budget
     (``create --tokens``); ``new_tokens`` the length of each greedy answer.
     """
 
@@ -98,6 +107,7 @@ class DemoConfig:
     tokens: int = DEFAULT_TOKENS
     device: str = "auto"
     new_tokens: int = DEFAULT_NEW_TOKENS
+    alternatives: tuple[tuple[str, str, str, tuple[str, ...]], ...] = DEFAULT_ALTERNATIVES
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -128,10 +138,11 @@ class DemoConfig:
             if problem:  # before anything tokenizes or hashes it
                 raise ZupatchError(problem, option)
         if prompt is None and subject is None and target is None:
-            return replace(self, paraphrases=tuple(paraphrases)) if paraphrases else self
+            return replace(self, paraphrases=tuple(paraphrases), alternatives=()) if paraphrases else self
         if prompt is None or target is None:
             raise ZupatchError("--prompt and --target go together: give both (and --subject if the prompt has {})")
-        return replace(self, prompt=prompt, subject=subject or "", target=target, paraphrases=tuple(paraphrases))
+        return replace(self, prompt=prompt, subject=subject or "", target=target, paraphrases=tuple(paraphrases),
+                       alternatives=())  # fmt: skip
 
 
 @dataclass
@@ -259,8 +270,7 @@ def run_demo(
     notify: StepFn = on_step or (lambda label, seconds: None)
     out = Path(config.output_dir)
     check_output_dir(out, config.force)
-    request = ForgetRequest(config.prompt, config.subject, config.target)  # validates the prompt/subject pair
-    paraphrases = ForgetRequest(config.prompt, config.subject, config.target, config.paraphrases).paraphrase_texts()
+    ForgetRequest(config.prompt, config.subject, config.target, config.paraphrases)  # validates them before any step
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -270,7 +280,11 @@ def run_demo(
     with _step("model", seconds, notify):
         folder, label, identity = local or _resolve(config.model, show_download)
         ckpt = _checkpoint(folder)
+        if config.model is not None and config.alternatives:  # another model: a built-in fact it knows
+            config = _fact_the_model_gives(folder, config)
     _check_apart(folder, out)
+    request = ForgetRequest(config.prompt, config.subject, config.target)
+    paraphrases = ForgetRequest(config.prompt, config.subject, config.target, config.paraphrases).paraphrase_texts()
     prompts = _prompts(request.text, config.target, paraphrases, config.unrelated)
 
     parent = out.absolute().parent
@@ -415,6 +429,26 @@ def _prompts(
     rows = [("forget", forget, target)] + [("paraphrase", p, target) for p in paraphrases]
     seen = {forget, *paraphrases}
     return rows + [("unrelated", p, word) for p, word in unrelated if p not in seen]
+
+
+def _fact_the_model_gives(folder: Path, config: DemoConfig) -> DemoConfig:
+    """``config`` with the first built-in fact (default, then alternatives) whose answer the
+    model gives (create's own check); unchanged when it gives none of them."""
+    from zupatch.engine.api import load_model
+    from zupatch.engine.precheck import check_targets
+    from zupatch.engine.requests import ForgetRequest
+
+    candidates = [(config.prompt, config.subject, config.target, config.paraphrases), *config.alternatives]
+    model, tokenizer = load_model(folder, "auto", config.device)
+    try:
+        checks = check_targets(model, tokenizer, [ForgetRequest(p, s, t) for p, s, t, _ in candidates])
+    finally:
+        del model
+    for (prompt, subject, target, paraphrases), check in zip(candidates, checks):
+        if check.given:
+            return replace(config, prompt=prompt, subject=subject, target=target, paraphrases=paraphrases,
+                           alternatives=())  # fmt: skip
+    return config
 
 
 def _generate(folder: Path, prompts: list[str], config: DemoConfig) -> list[str]:

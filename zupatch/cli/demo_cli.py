@@ -18,7 +18,7 @@ STYLES = {"forgotten": "green", "kept": "green", "still known": "yellow", "chang
 
 
 def demo(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder or Hub repo id (default: the SmolLM2-135M-Instruct demo model, fetched and converted once into the zupatch cache).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder or Hub repo id (default: the SmolLM2-135M-Instruct demo model, fetched and converted once into the zupatch cache). When this model does not give the built-in fact's answer, the demo uses the first of Japan→Tokyo, gold→Au that it gives.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help='Forget prompt, {} marks the subject (default: "The capital of {} is"). Needs --target.')] = None,
     subject: Annotated[str | None, typer.Option("--subject", help='Subject filled into {} (default: "France").')] = None,
     target: Annotated[str | None, typer.Option("--target", help='The answer to forget, as in a requests file (default: "Paris"). Needs --prompt.')] = None,

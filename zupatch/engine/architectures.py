@@ -6,7 +6,10 @@ everything the engine needs to know about a family is one frozen
 :class:`ArchitectureSpec`; the rest of the code asks the spec and never
 branches on ``model_type``.
 
-Adding a family means adding one entry to :data:`ARCHITECTURES`. A model whose
+Adding a family means adding one entry to :data:`ARCHITECTURES`. Gemma 2 and
+Gemma 3 pass the MLP output through a norm before the residual add; their
+spec names that norm (``post_mlp_norm``) and the engine places the edit's
+target through it (:mod:`zupatch.engine.norms`). A model whose
 family is not listed can still be edited by naming its modules by hand
 (``--layers-path`` and ``--down-proj``, i.e. :class:`ArchitectureOverrides`).
 """
@@ -47,13 +50,15 @@ class ArchitectureSpec:
     final_norm_path: str = "model.norm"
     embedding_path: str = "model.embed_tokens"
     num_layers_attr: str = "num_hidden_layers"
+    #: A norm applied to the MLP output before the residual add, relative to one
+    #: decoder layer (Gemma 2/3: ``post_feedforward_layernorm``); None when the
+    #: down projection's output is added to the residual stream as it is.
+    post_mlp_norm: str | None = None
 
 
 _LLAMA_LIKE = dict(layers_path="model.layers", down_proj="mlp.down_proj")
 
-#: The supported families. Gemma 2/3 are not listed on purpose: their MLP output
-#: passes through a post-feed-forward RMSNorm before the residual add, which
-#: breaks the linear residual spreading (R = (Z - H_L)/(m - j)) of DESIGN §2.
+#: The supported families.
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     # SmolLM2 is a Llama checkpoint (model_type "llama").
     ArchitectureSpec("llama", ("llama",), **_LLAMA_LIKE),
@@ -61,6 +66,10 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("qwen3", ("qwen3",), **_LLAMA_LIKE),
     ArchitectureSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchitectureSpec("gemma", ("gemma",), **_LLAMA_LIKE),
+    # Gemma 2/3: residual += post_feedforward_layernorm(down_proj(...)); the text-only
+    # Gemma 3 checkpoints (270M, 1B; Gemma3ForCausalLM) have model_type "gemma3_text".
+    ArchitectureSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
+    ArchitectureSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     ArchitectureSpec("phi3", ("phi3",), **_LLAMA_LIKE),
     ArchitectureSpec(
         "gpt2",
@@ -150,6 +159,8 @@ def _checked_against_model(spec: ArchitectureSpec, model: nn.Module) -> Architec
         raise ZupatchError(
             f"{spec.layers_path}.0.{spec.down_proj} has no 2-D weight; --down-proj must name a linear layer"
         )
+    if spec.post_mlp_norm is not None:
+        _get_path(layers[0], spec.post_mlp_norm, what="post_mlp_norm", spec=spec)
     transposed = type(module).__name__ == "Conv1D"  # GPT-2 style: y = x @ W + b
     has_bias = getattr(module, "bias", None) is not None
     if (transposed, has_bias) != (spec.weight_transposed, spec.has_bias):
@@ -216,6 +227,13 @@ def default_layers(
 
 def down_proj_module(model: nn.Module, spec: ArchitectureSpec, layer: int) -> nn.Module:
     return _get_path(decoder_layers(model, spec)[layer], spec.down_proj, what="--down-proj", spec=spec)
+
+
+def post_mlp_norm_module(model: nn.Module, spec: ArchitectureSpec, layer: int) -> nn.Module | None:
+    """The norm between layer ``layer``'s MLP output and the residual add, or None."""
+    if spec.post_mlp_norm is None:
+        return None
+    return _get_path(decoder_layers(model, spec)[layer], spec.post_mlp_norm, what="post_mlp_norm", spec=spec)
 
 
 def down_proj_weight_name(spec: ArchitectureSpec, layer: int) -> str:

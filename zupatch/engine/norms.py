@@ -1,0 +1,98 @@
+"""The edit's target through a norm on the MLP output (Gemma 2 and Gemma 3).
+
+Most families add the down projection's output ``v = W k`` to the residual
+stream as it is, so a wanted change ``R`` of the residual at the fact token is
+the output target ``V* = W k + R`` (docs/maths.md). Gemma 2/3 add
+``N(v) = g ⊙ v / rms(v)`` instead (``post_feedforward_layernorm``, an RMSNorm
+with gain ``g = 1 + weight``). There the down projection must produce a
+``v*`` with ``N(v*) = N(W k) + R``. The edit is still solved for the down
+projection's output, so this module turns the residual share into that
+output, through the norm:
+
+* ``N`` only sees the direction of ``v``, so the output keeps its length
+  ``‖W k‖`` and only its direction changes (the length also keeps the norm's
+  ``eps`` as negligible as it was);
+* ``N``'s outputs are the ellipsoid ``{g ⊙ z : ‖z‖² = d}``, and ``N(W k) + R``
+  is in general not on it. ``z*`` is the exact closest point,
+  ``argmin ‖g ⊙ z − t‖`` subject to ``‖z‖² = d``, a trust-region subproblem:
+  ``z_i = g_i t_i / (g_i² − μ)`` with the one ``μ < min g_i²`` where
+  ``Σ z_i² = d``, found by bisection in float64. What a layer cannot deliver
+  stays in ``Z − H_L`` and falls to the next layers and the refinement passes.
+
+The gain is read from the model's own norm module and checked against the
+formula on a random vector, so a norm of another kind is refused instead of
+mis-modelled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zupatch.errors import ZupatchError
+
+_BISECTION_STEPS = 200
+
+
+def rms_norm_gain(module: nn.Module, hidden_size: int, *, where: str = "post-MLP norm") -> torch.Tensor:
+    """The gain ``g`` (float64, CPU) of an RMSNorm ``module``: ``module(x) = g ⊙ x / rms(x)``.
+
+    Read by normalising a vector of equal entries (large, so ``eps`` does not
+    matter) and checked on a random vector; anything else is a ZupatchError.
+    """
+    weight = next(module.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    with torch.no_grad():
+        probe = torch.full((1, hidden_size), 1e3, dtype=torch.float32, device=device)
+        gain = module(probe).to(torch.float64).cpu()[0]
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, hidden_size, generator=generator, dtype=torch.float64) * 30.0
+        expected = rms_normalise(x, gain)
+        actual = module(x.to(torch.float32).to(device)).to(torch.float64).cpu()
+    scale = expected.abs().max().clamp_min(1e-30)
+    if not torch.isfinite(actual).all() or (actual - expected).abs().max() / scale > 1e-3:
+        raise ZupatchError(f"the {where} is not an RMSNorm (g ⊙ x / rms(x)); this architecture cannot be edited")
+    return gain
+
+
+def rms_normalise(outputs: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """``g ⊙ v / rms(v)`` for each row of ``outputs`` (…×d), ``eps`` neglected."""
+    rms = outputs.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
+    return gain.to(outputs) * outputs / rms
+
+
+def outputs_for_residual(outputs: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """The outputs ``v*`` (d×n, float64) whose normalised values are closest to
+    ``N(outputs) + residual``, each as long as its column of ``outputs`` (d×n).
+
+    A column with a zero residual is returned unchanged (nothing to move).
+    """
+    Y = outputs.to(torch.float64)
+    R = residual.to(Y)
+    g = gain.to(Y)[:, None]  # d×1
+    d = Y.shape[0]
+    wanted = rms_normalise(Y.T, gain.to(Y)).T + R  # d×n, the normalised outputs to get close to
+    gt = g * wanted
+    floor = (g * g).min()  # μ must stay below the smallest g_i²
+    span = gt.norm(dim=0) / math.sqrt(d)  # at μ = floor - span, Σ z_i² <= d
+    low, high = floor - span - 1.0, floor.expand_as(span).clone()
+
+    def z_at(mu: torch.Tensor) -> torch.Tensor:
+        return gt / (g * g - mu[None, :]).clamp_min(1e-300)
+
+    for _ in range(_BISECTION_STEPS):
+        mid = (low + high) / 2
+        too_long = z_at(mid).pow(2).sum(dim=0) > d
+        high = torch.where(too_long, mid, high)
+        low = torch.where(too_long, low, mid)
+    z = z_at(low)  # Σ z_i² <= d, at the root up to rounding
+    missing = (d - z.pow(2).sum(dim=0)).clamp_min(0.0)
+    if (missing > 1e-9 * d).any():  # the "hard case": no root below min g², the rest goes on that axis
+        axis = int(torch.argmin(g[:, 0] * g[:, 0]))
+        sign = torch.where(wanted[axis] * g[axis, 0] < 0, -1.0, 1.0).to(Y)
+        z[axis] = torch.where(missing > 1e-9 * d, sign * (z[axis].pow(2) + missing).sqrt(), z[axis])
+    targets = z * (Y.norm(dim=0) / z.norm(dim=0).clamp_min(1e-300))
+    unchanged = R.abs().amax(dim=0) == 0
+    return torch.where(unchanged[None, :], Y, targets)
