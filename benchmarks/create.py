@@ -43,7 +43,7 @@ LAYERS = (17, 18, 19)
 def load_model(cache_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zupatch.models.demo import demo_checkpoint
+    from zupatch.models.smollm2 import demo_checkpoint
 
     folder = demo_checkpoint(cache_dir=cache_dir, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)

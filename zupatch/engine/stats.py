@@ -523,7 +523,7 @@ def weights_fingerprints(
 
 def default_stats_cache_root() -> Path:
     """``stats`` in zupatch's cache folder (``$ZUPATCH_CACHE``, else ``~/.cache/zupatch``)."""
-    from zupatch.models.demo import default_cache_dir
+    from zupatch.models.smollm2 import default_cache_dir
 
     return default_cache_dir() / "stats"
 

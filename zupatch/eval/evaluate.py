@@ -356,7 +356,7 @@ def fluency_windows(
 
 
 def _sampled_text_path(model: nn.Module, checkpoint: Checkpoint, config: EvalConfig) -> Path:
-    from zupatch.models.demo import default_cache_dir
+    from zupatch.models.smollm2 import default_cache_dir
 
     files = [(name, (checkpoint.path / name).stat().st_size, (checkpoint.path / name).stat().st_mtime_ns)
              for name in checkpoint.files]  # fmt: skip

