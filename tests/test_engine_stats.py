@@ -128,6 +128,18 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(model_and_tokenizer)
     assert other != first
 
 
+def test_sampling_reports_progress_within_one_generate_call(model_and_tokenizer) -> None:
+    """A budget that one batch covers still moves the bar token by token; the sample is the same."""
+    model, tokenizer = model_and_tokenizer
+    config = StatsConfig(**{**SMALL.__dict__, "sample_batch_size": 8})  # 8 x 24 tokens cover the 96-token budget
+    reports: list[tuple[int, int]] = []
+    with_bar = sample_windows(model, tokenizer, config, progress=lambda stage, done, total: reports.append((done, total)))
+    assert with_bar == sample_windows(model, tokenizer, config)
+    done = [d for d, _ in reports]
+    assert len(reports) > 5 and done == sorted(done) and reports[-1] == (96, 96)
+    assert done[0] < 96  # the first report comes while the only batch is still being generated
+
+
 def test_cache_hit_miss_and_key_sensitivity(tmp_path: Path, model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
     spec = resolve_architecture(model)

@@ -355,8 +355,10 @@ def sample_windows(
         while total < budget:
             torch.manual_seed(batch_seed(config.seed, rounds * ranks.world_size + ranks.rank))
             prompt = torch.full((config.sample_batch_size, 1), start, dtype=torch.long, device=device)
+            done = total
             output = model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=generation
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=generation,
+                stopping_criteria=_sampling_progress(progress, done, budget, ranks.world_size),
             )
             rows = [_until_eos(row, eos) for row in output.tolist()]
             rounds += 1
@@ -372,6 +374,26 @@ def sample_windows(
             if progress:
                 progress("sampling corpus", min(total, budget), budget)
     return windows
+
+
+def _sampling_progress(progress: ProgressCallback | None, done: int, budget: int, world_size: int) -> list:
+    """A stopping criterion that never stops and reports tokens as they are generated.
+
+    One ``generate`` call can hold the whole budget (64 samples of 128 tokens),
+    so reporting per call left the bar empty until the end; this reports every
+    step (an estimate until the batch's samples are cut at their EOS).
+    """
+    if progress is None:
+        return []
+    from transformers import StoppingCriteria
+
+    class _Report(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            generated = (input_ids.shape[1] - 1) * input_ids.shape[0] * world_size
+            progress("sampling corpus", min(done + generated, budget), budget)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return [_Report()]
 
 
 def _until_eos(row: list[int], eos: int | None) -> list[int]:
