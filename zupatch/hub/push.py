@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,19 @@ def _changed(api: Any, repo_id: str, files: dict[str, bytes], head: str,
         if not _same(remote.get(path), hashlib.sha256(data).hexdigest(), git_hash(data))
     ]
     return ops, set(remote)
+
+
+@contextmanager
+def _hub_errors(stage: list[str], repo_id: str, target: str, revision: str | None, token: str | None) -> Iterator[None]:
+    """Every failure of a push as one line; Ctrl-C says what reached the Hub (``stage``)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
+    except ZupatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(exc, repo_id, revision, token=token, writing=True) from None
 
 
 def _skipped(op: Any) -> bool:
@@ -221,7 +236,7 @@ def push_patch(
     api = HfApi(token=tok)
     target = revision or "main"
     stage = ["begin"]
-    try:
+    with _hub_errors(stage, repo_id, target, revision, tok):
         url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
         base = card_base_model(patch, base_model)
         info = PatchCardInfo(
@@ -246,12 +261,6 @@ def push_patch(
             api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
             parent_commit=None if create_pr else head,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
-    except ZupatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
     result.commit = commit.oid
     result.commit_url = commit.commit_url
     result.pr_url = commit.pr_url
@@ -322,7 +331,7 @@ def push_adapter(
     api = HfApi(token=tok)
     target = revision or "main"
     stage = ["begin"]
-    try:
+    with _hub_errors(stage, repo_id, target, revision, tok):
         url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
         ops, remote = _changed(api, repo_id, files, head)
         result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
@@ -337,12 +346,6 @@ def push_adapter(
             api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
             parent_commit=None if create_pr else head,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
-    except ZupatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
     result.commit = commit.oid
     result.commit_url = commit.commit_url
     result.pr_url = commit.pr_url
@@ -385,7 +388,7 @@ def push_checkpoint(
     api = HfApi(token=tok)
     target = revision or "main"
     stage = ["begin"]
-    try:
+    with _hub_errors(stage, repo_id, target, revision, tok):
         url, is_private, head = _begin(api, repo_id, private=private, revision=revision, create_pr=create_pr)
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
         ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=readme.encode()))
@@ -393,12 +396,6 @@ def push_checkpoint(
             api, repo_id, ops, stage, commit_message=commit_message or "zupatch: upload patched checkpoint",
             revision=target, create_pr=create_pr, parent_commit=None if create_pr else head,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, target)) from None
-    except ZupatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise hub_error(exc, repo_id, revision, token=tok, writing=True) from None
     unchanged = commit.oid == head and not commit.pr_url
     return PushResult(
         repo_id, url, target, commit.oid, unchanged=unchanged, private=is_private,

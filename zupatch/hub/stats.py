@@ -28,7 +28,7 @@ from zupatch.hub.push import (
     PushResult,
     _begin,
     _changed,
-    _hub_state,
+    _hub_errors,
     _upload_and_commit,
     check_repo_id,
     require_token,
@@ -59,7 +59,7 @@ def push_stats(
     files = {**files, README: stats_card(manifest, repo_id, source_url).encode()}
     api = HfApi(token=tok)
     stage = ["begin"]
-    try:
+    with _hub_errors(stage, repo_id, "main", None, tok):
         url, is_private, head = _begin(api, repo_id, private=private, revision=None, create_pr=False,
                                        repo_type=REPO_TYPE)  # fmt: skip
         ops, remote = _changed(api, repo_id, files, head, repo_type=REPO_TYPE)
@@ -73,12 +73,6 @@ def push_stats(
         )
         commit = _upload_and_commit(api, repo_id, ops, stage, commit_message=message, revision="main",
                                     create_pr=False, parent_commit=head, repo_type=REPO_TYPE)  # fmt: skip
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_hub_state(stage[0], repo_id, "main")) from None
-    except ZupatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise hub_error(exc, repo_id, None, token=tok, writing=True) from None
     result.commit = commit.oid
     result.commit_url = commit.commit_url
     result.uploaded = [op.path_in_repo for op in ops]
