@@ -66,6 +66,7 @@ def _worker(rank: int, port: int, checkpoint: Path, corpus: Path, out: Path) -> 
     import torch.distributed as dist
 
     try:
+        torch.set_num_threads(1)  # two ranks on one machine share its cores
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "ZUPATCH_CACHE": str(out / "cache-ranks")})  # fmt: skip
@@ -91,13 +92,19 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path, monkeypatch: pytes
     checkpoint = make_tiny_checkpoint("llama", tmp_path / "model", dtype=torch.float32)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
-    context = multiprocessing.get_context("fork")  # torch and transformers are imported already: fast start
+    # spawn, not fork: a fork after torch started its intra-op thread pool can deadlock the child
+    context = multiprocessing.get_context("spawn")
     port = _free_port()
     workers = [context.Process(target=_worker, args=(r, port, checkpoint, corpus, tmp_path)) for r in range(2)]
     for w in workers:
         w.start()
-    for w in workers:
-        w.join(timeout=120)
+    try:
+        for w in workers:
+            w.join(timeout=300)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
     assert [w.exitcode for w in workers] == [0, 0]
 
     single = _statistics(checkpoint, Ranks())

@@ -131,7 +131,7 @@ def hand_answers(model, tok, items: list[Item]) -> list[tuple[bool, float]]:
 def hand_perplexity(model, tok, lines: list[str]) -> float:
     nll, count = 0.0, 0
     for line in lines:
-        ids = tok(line, add_special_tokens=False)["input_ids"]
+        ids = tok(line, add_special_tokens=True)["input_ids"]  # BOS first, as eval reads text
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         nll -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
         count += len(ids) - 1

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.slow
 def created(gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The patch create makes for tests/data/gemma3_forget.jsonl, and its --json summary."""
     out = tmp_path_factory.mktemp("gemma3") / "forget.zup.safetensors"
-    result = runner.invoke(app, ["create", "-m", str(gemma3), "-f", str(DATA / "gemma3_forget.jsonl"), "-o", str(out),
+    result = runner.invoke(app, ["create", "-m", str(gemma3), "--forget", str(DATA / "gemma3_forget.jsonl"), "-o", str(out),
                                  "--corpus", str(REPO / "docs"), "--tokens", "16384", "--set", "probes=0",
                                  "--json", "--quiet"])  # fmt: skip
     assert result.exit_code == 0, result.output

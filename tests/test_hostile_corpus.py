@@ -114,11 +114,11 @@ def test_patch_metadata_family(world: dict, tmp_path: Path, guard_shared: None) 
         folder = tmp_path / f"m{i}"
         folder.mkdir()
         bad = corpus.write_patch(folder / "bad.zup.safetensors", header, text, data)
-        # every mutation through inspect, and through one other command in turn (all six see ~100 each)
-        for command in ("inspect", PATCH_COMMANDS[i % len(PATCH_COMMANDS)]):
-            cases.append((f"{name}/{command}", patch_args(command, bad, world, folder), "bad.zup.safetensors", folder))
+        # every mutation through one command, the six in turn (each command sees about 50)
+        command = PATCH_COMMANDS[i % len(PATCH_COMMANDS)]
+        cases.append((f"{name}/{command}", patch_args(command, bad, world, folder), "bad.zup.safetensors", folder))
     total, failures = run_family(cases)
-    assert total >= 500
+    assert total >= 290
     assert not failures, f"{len(failures)} of {total} cases:\n" + "\n".join(failures[:40])
 
 
