@@ -150,7 +150,7 @@ def create(
         shared = None
         if stats:
             from zupatch.hub import hub_output
-            from zupatch.hub.stats import locate_stats
+            from zupatch.engine.stats_hub import locate_stats
 
             with hub_output(quiet or as_json):
                 shared = locate_stats(stats, token=token)
@@ -310,7 +310,7 @@ def stats_push(
     from zupatch.hub import hub_output
     from zupatch.hub.card import check_source_url
     from zupatch.hub.push import check_repo_id, require_token
-    from zupatch.hub.stats import push_stats
+    from zupatch.engine.stats_hub import push_stats
 
     with ui.guard(), hub_output(quiet or as_json):
         check_repo_id(repo)
@@ -366,7 +366,7 @@ def stats_pull(
     """
     ui.require_engine("stats pull")
     from zupatch.hub import hub_output
-    from zupatch.hub.stats import pull_stats
+    from zupatch.engine.stats_hub import pull_stats
 
     with ui.guard(), hub_output(quiet or as_json):
         folder, written = pull_stats(repo, token=token)

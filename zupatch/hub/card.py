@@ -31,8 +31,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zupatch.hub.pull import PATCH_FILENAME, is_hub_repo_id
 from rich.filesize import decimal as human_bytes
+
+from zupatch.hub.pull import PATCH_FILENAME, is_hub_repo_id
 
 if TYPE_CHECKING:
     from zupatch.engine.shared_stats import StatsManifest
