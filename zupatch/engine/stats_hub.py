@@ -28,8 +28,8 @@ from zupatch.hub.push import (
     PushResult,
     _begin,
     _changed,
+    _committed,
     _hub_errors,
-    _upload_and_commit,
     check_repo_id,
     require_token,
 )
@@ -71,12 +71,7 @@ def push_stats(
             f"zupatch: {'update' if MANIFEST in remote else 'add'} key statistics of {manifest.label} "
             f"(layer{'s' if len(layers) != 1 else ''} {', '.join(map(str, layers))}, {manifest.tokens} tokens)"
         )
-        commit = _upload_and_commit(api, repo_id, ops, stage, commit_message=message, revision="main",
-                                    create_pr=False, parent_commit=head, repo_type=REPO_TYPE)  # fmt: skip
-    result.commit = commit.oid
-    result.commit_url = commit.commit_url
-    result.uploaded = [op.path_in_repo for op in ops]
-    return result
+        return _committed(result, api, repo_id, ops, stage, message=message, repo_type=REPO_TYPE)
 
 
 def _download(repo_id: str, filename: str, revision: str | None, token: str | None) -> Path:

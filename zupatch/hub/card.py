@@ -150,7 +150,7 @@ def patch_card(patch: "Patch", info: PatchCardInfo) -> str:
     meta["tags"] = list(TAGS)
     names = patch.tensor_names
     layers = layers_of(names)
-    requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps if isinstance(s.requests, dict))
+    requests = patch.request_count
     methods = sorted({s.method for s in patch.steps})
     title = info.repo_id.split("/")[-1]
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{_local_name(patch.base_model)}`"
@@ -376,7 +376,7 @@ def checkpoint_card(
         meta["base_model_relation"] = "finetune"  # the base's weights, some changed (docs/publishing.md)
     meta["library_name"] = "transformers"
     meta["tags"] = list(TAGS)
-    requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps if isinstance(s.requests, dict))
+    requests = patch.request_count
     layers = layers_of(patch.tensor_names)
     title = repo_id.split("/")[-1]
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{_local_name(base_model)}`"
@@ -444,7 +444,7 @@ def adapter_card(patch: "Patch", info: AdapterCardInfo) -> str:
         "library_name": "peft",
         "tags": [*TAGS, "lora"],
     }
-    requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps if isinstance(s.requests, dict))
+    requests = patch.request_count
     layers = layers_of([m for m, _ in info.modules])
     title = info.repo_id.split("/")[-1]
     base_text = f"[{info.base_model}](https://huggingface.co/{info.base_model})"

@@ -111,6 +111,23 @@ def _changed(api: Any, repo_id: str, files: dict[str, bytes], head: str,
     return ops, set(remote)
 
 
+def _committed(result: PushResult, api: Any, repo_id: str, ops: list, stage: list[str], *, message: str,
+               create_pr: bool = False, repo_type: str = "model") -> PushResult:  # fmt: skip
+    """Upload ``ops`` and commit them on ``result``'s branch, on top of ``result.commit`` (its head).
+
+    ``result`` then records the new commit and what it changed.
+    """
+    commit = _upload_and_commit(
+        api, repo_id, ops, stage, commit_message=message, revision=result.revision, create_pr=create_pr,
+        parent_commit=None if create_pr else result.commit, repo_type=repo_type,
+    )  # fmt: skip
+    result.commit = commit.oid
+    result.commit_url = commit.commit_url
+    result.pr_url = commit.pr_url
+    result.uploaded = [op.path_in_repo for op in ops]
+    return result
+
+
 @contextmanager
 def _hub_errors(stage: list[str], repo_id: str, target: str, revision: str | None, token: str | None) -> Iterator[None]:
     """Every failure of a push as one line; Ctrl-C says what reached the Hub (``stage``)."""
@@ -250,22 +267,14 @@ def push_patch(
         result = PushResult(repo_id, url, target, head, unchanged=not ops, private=is_private)
         if not ops:
             return result
-        requests = sum(int(s.requests.get("count", 0) or 0) for s in patch.steps)
+        requests = patch.request_count
         layers = layers_of(patch.tensor_names)
         message = commit_message or (
             f"zupatch: {'update' if filename in remote else 'add'} patch ({patch.steps[0].method}, "
             f"{requests} request{'s' if requests != 1 else ''}, layer{'s' if len(layers) != 1 else ''} "
             f"{', '.join(map(str, layers)) or 'n/a'})"
         )
-        commit = _upload_and_commit(
-            api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
-            parent_commit=None if create_pr else head,
-        )  # fmt: skip
-    result.commit = commit.oid
-    result.commit_url = commit.commit_url
-    result.pr_url = commit.pr_url
-    result.uploaded = [op.path_in_repo for op in ops]
-    return result
+        return _committed(result, api, repo_id, ops, stage, message=message, create_pr=create_pr)
 
 
 def read_eval_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -342,15 +351,7 @@ def push_adapter(
             f"zupatch: {'update' if ADAPTER_WEIGHTS in remote else 'add'} PEFT adapter (rank {adapter.rank}, "
             f"layer{'s' if len(layers) != 1 else ''} {', '.join(map(str, layers))})"
         )
-        commit = _upload_and_commit(
-            api, repo_id, ops, stage, commit_message=message, revision=target, create_pr=create_pr,
-            parent_commit=None if create_pr else head,
-        )  # fmt: skip
-    result.commit = commit.oid
-    result.commit_url = commit.commit_url
-    result.pr_url = commit.pr_url
-    result.uploaded = [op.path_in_repo for op in ops]
-    return result
+        return _committed(result, api, repo_id, ops, stage, message=message, create_pr=create_pr)
 
 
 def push_checkpoint(

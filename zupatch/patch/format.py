@@ -241,6 +241,11 @@ class Patch:
     def base_revision(self) -> str | None:
         return self.steps[0].base_revision if self.steps else None
 
+    @property
+    def request_count(self) -> int:
+        """Forget requests over all steps (each step records its count, never the text)."""
+        return sum(int(s.requests.get("count", 0) or 0) for s in self.steps if isinstance(s.requests, dict))
+
     def stored_bytes(self) -> int:
         return sum(e.stored_bytes() for s in self.steps for e in s.entries)
 
