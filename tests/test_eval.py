@@ -70,14 +70,19 @@ def workdir(tmp_path: Path, fact_checkpoint: Path, _trained_fact_model) -> dict:
     retain = jsonl(tmp_path / "retain.jsonl", [record(f) for f in facts[2:48:5]])
     text = tmp_path / "text.txt"
     text.write_text("The currency of Marlo is drab .\nThe capital of Frix is a\n\n")
+    patch = damage_patch(fact_checkpoint, tmp_path / "damage.zup.safetensors", seed=0, noise=0.01)
+    return {"data": data, "retain": retain, "text": text, "patch": patch, "tmp": tmp_path}
+
+
+def damage_patch(fact_checkpoint: Path, path: Path, *, seed: int, noise: float) -> Path:
+    """A dense patch that replaces every MLP down projection of the fact model by small noise."""
     ckpt = Checkpoint(fact_checkpoint)
     base = {DOWN.format(i): (ckpt.read_bits(DOWN.format(i), np.uint32), nm.FLOAT_DTYPES["F32"]) for i in range(4)}
-    rng = np.random.default_rng(0)
-    edits = [DenseEdit(name, -bits.view(np.float32) + rng.normal(0, 0.01, bits.shape))
+    rng = np.random.default_rng(seed)
+    edits = [DenseEdit(name, -bits.view(np.float32) + rng.normal(0, noise, bits.shape))
              for name, (bits, _) in base.items()]  # fmt: skip
-    patch = tmp_path / "damage.zup.safetensors"
-    build_patch(edits, base, method="manual").save(patch)
-    return {"data": data, "retain": retain, "text": text, "patch": patch, "tmp": tmp_path}
+    build_patch(edits, base, method="manual").save(path)
+    return path
 
 
 def run_eval(*args: str) -> tuple[int, str]:

@@ -21,9 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.fact_model import FORGET
-from tests.test_eval import doc_schema, jsonl, record, run_eval
+from tests.test_eval import damage_patch, doc_schema, jsonl, record, run_eval
 from zupatch.checkpoint.apply import apply_to_checkpoint
-from zupatch.checkpoint.folder import Checkpoint
 from zupatch.engine.requests import parse_request_record
 from zupatch.errors import ZupatchError
 from zupatch.eval.attacks import ALL, parse_attacks
@@ -33,11 +32,7 @@ from zupatch.eval.attacks.chat import chat_replies, question_for
 from zupatch.eval.attacks import chat, quant, relearn
 from zupatch.eval.attacks.quant import round_trip
 from zupatch.eval.data import EvalData, Item, load_eval_data
-from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
-from zupatch.patch.ops import DenseEdit, build_patch
-
-DOWN = "model.layers.{}.mlp.down_proj.weight"
 
 
 def load_requests_from(records: list[dict]) -> list:
@@ -89,13 +84,7 @@ def attack_workdir(tmp_path: Path, fact_checkpoint: Path, _trained_fact_model) -
     retain = jsonl(tmp_path / "retain.jsonl", [record(f) for f in facts[3:48:5]])
     text = tmp_path / "text.txt"
     text.write_text("The currency of Marlo is drab .\nThe capital of Frix is a\n")
-    ckpt = Checkpoint(fact_checkpoint)
-    base = {DOWN.format(i): (ckpt.read_bits(DOWN.format(i), np.uint32), nm.FLOAT_DTYPES["F32"]) for i in range(4)}
-    rng = np.random.default_rng(1)
-    edits = [DenseEdit(name, -bits.view(np.float32) + rng.normal(0, 0.02, bits.shape))
-             for name, (bits, _) in base.items()]  # fmt: skip
-    patch = tmp_path / "damage.zup.safetensors"
-    build_patch(edits, base, method="manual").save(patch)
+    patch = damage_patch(fact_checkpoint, tmp_path / "damage.zup.safetensors", seed=1, noise=0.02)
     patched = tmp_path / "patched"
     apply_to_checkpoint(Patch.load(patch), fact_checkpoint, patched)
     return {"data": data, "retain": retain, "text": text, "patch": patch, "patched": patched}
