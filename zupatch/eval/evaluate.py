@@ -358,8 +358,8 @@ def fluency_windows(
 def _sampled_text_path(model: nn.Module, checkpoint: Checkpoint, config: EvalConfig) -> Path:
     from zupatch.models.smollm2 import default_cache_dir
 
-    files = [(name, (checkpoint.path / name).stat().st_size, (checkpoint.path / name).stat().st_mtime_ns)
-             for name in checkpoint.files]  # fmt: skip
+    stats = {name: (checkpoint.path / name).stat() for name in checkpoint.files}
+    files = [(name, st.st_size, st.st_mtime_ns) for name, st in stats.items()]
     parameter = next(model.parameters())
     key = json.dumps({"format": 1, "folder": str(checkpoint.path.resolve()), "files": files,
                       "device": parameter.device.type, "dtype": str(parameter.dtype),

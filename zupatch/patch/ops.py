@@ -176,6 +176,7 @@ class ChainRunner:
         writes values the entry's arithmetic does not explain.
         """
         change, before = self._total("change_sq"), self._total("before_sq")
+        fix_max, inverse_fix_max = self._total("fix_max", np.max), self._total("inverse_fix_max", np.max)
         numel = self.rows * self.cols
         out = []
         for k in range(len(self.chain)):
@@ -184,8 +185,8 @@ class ChainRunner:
                 out.append({
                     "relative_change": float(np.sqrt(change[k] / before[k])) if before[k] > 0 else
                     (0.0 if change[k] == 0 else float("inf")),
-                    "fix_max": float(self._total("fix_max", np.max)[k] / rms) if rms > 0 else 0.0,
-                    "inverse_fix_max": float(self._total("inverse_fix_max", np.max)[k] / rms) if rms > 0 else 0.0,
+                    "fix_max": float(fix_max[k] / rms) if rms > 0 else 0.0,
+                    "inverse_fix_max": float(inverse_fix_max[k] / rms) if rms > 0 else 0.0,
                 })  # fmt: skip
         return out
 
@@ -199,6 +200,7 @@ class ChainRunner:
 
     def check(self) -> None:
         """Raise if any stage's hash differs from what the patch promises, or a requested proof failed."""
+        not_undone, new_nonfinite = self._total("not_undone"), self._total("new_nonfinite")
         for k, (entry, got) in enumerate(zip(self.chain, self.hashes)):
             if got != entry.sha256_after:
                 raise PatchFormatError(
@@ -206,16 +208,16 @@ class ChainRunner:
                     "the patch is corrupt or was not made by a conforming implementation",
                     self.source,
                 )
-            if self._total("not_undone")[k]:
+            if not_undone[k]:
                 raise PatchFormatError(
                     f"entry {k} on tensor {entry.name!r} cannot be undone: its inverse (with its inverse_fix) "
                     "does not give back the bits it started from; refusing a patch whose undo would fail",
                     self.source,
                 )
-            if self._total("new_nonfinite")[k]:
+            if new_nonfinite[k]:
                 raise NonFiniteError(
-                    f"entry {k} writes {int(self._total('new_nonfinite')[k])} NaN/Inf value(s) into tensor {entry.name!r} where "
-                    "it held finite values (pass --allow-nonfinite to apply it anyway)",
+                    f"entry {k} writes {int(new_nonfinite[k])} NaN/Inf value(s) into tensor {entry.name!r} where it "
+                    "held finite values (pass --allow-nonfinite to apply it anyway)",
                     self.source,
                 )
 
