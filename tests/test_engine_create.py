@@ -243,3 +243,27 @@ def test_behind_a_post_mlp_norm_the_edit_moves_the_residual_towards_the_target(a
         weights = [norm**2 for norm in layer["residual_norm"]]
         total = sum(w * share for w, share in zip(weights, layer["residual_achieved"])) / sum(weights)
         assert 0.0 < total <= 1.05, layer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_skipping_the_unedited_layers_gives_the_same_edit(arch: str) -> None:
+    """The layer-input cache (default) against full forwards everywhere (layer_cache_mb=0)."""
+    config = dataclasses.replace(FAST, layers=(2, 3))
+    edits = []
+    for cache_mb in (None, 0):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+        result = compute_edit(
+            model, tiny_tokenizer(), REQUESTS, dataclasses.replace(config, layer_cache_mb=cache_mb), corpus=CORPUS
+        )
+        edits.append({e.tensor_name: dict(model.named_parameters())[e.tensor_name].detach() for e in result.layers})
+    cached, full = edits
+    assert cached.keys() == full.keys()
+    for name in cached:
+        torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_layer_cache_size_must_be_whole_mib(value) -> None:
+    with pytest.raises(ZupatchError, match="layer_cache_mb"):
+        CreateConfig(layer_cache_mb=value)

@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.tiny_models import tiny_config, tiny_tokenizer
-from zupatch.engine.architectures import down_proj_module, resolve_architecture
+from zupatch.engine.architectures import decoder_layers, down_proj_module, resolve_architecture
+from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
     OptimisationConfig,
@@ -160,6 +161,15 @@ def test_batched_optimisation_equals_one_at_a_time(tiny_llama, site: str) -> Non
         config=OptimisationConfig(max_steps=5, converged_nll=0.0, max_batch_rows=4),
     )
     torch.testing.assert_close(split.vectors, batched.vectors, rtol=1e-3, atol=1e-4)
+    # Steps that skip layer 0 (held inputs of layer 1) give the same result too.
+    cache = LayerInputCache(model, decoder_layers(model, spec), start=1, max_bytes=1 << 30)
+    cached = optimise_representations(
+        model, tokenizer, spec, REQUESTS, targets, site=site, layer=1, prefixes=prefixes, config=config,
+        layer_cache=cache,
+    )  # fmt: skip
+    assert cache.replays >= 5  # every step after the first pass
+    torch.testing.assert_close(cached.vectors, batched.vectors, rtol=1e-4, atol=1e-5)
+    assert cached.final_nll == pytest.approx(batched.final_nll, rel=1e-4)
 
 
 def test_optimisation_stops_early_and_respects_the_clamp(tiny_llama) -> None:
@@ -216,3 +226,41 @@ def test_neutral_targets_converge_for_every_fact(fact_model) -> None:
     assert all(result.converged), [(i, nll) for i, nll in enumerate(result.final_nll) if nll >= config.converged_nll]
     assert max(result.final_nll) < config.converged_nll
     assert max(result.steps) <= config.max_steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
+def test_layer_input_cache_replays_what_a_full_forward_gives(arch: str) -> None:
+    """After an edit of a layer at or past the cache's start, a replayed forward
+    (layers before the start skipped) gives the keys and block outputs of a
+    full forward of the edited model, and really skips those layers."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    spec = resolve_architecture(model)
+    layers = decoder_layers(model, spec)
+    prefixes = ["", "Some text. "]
+    cache = LayerInputCache(model, layers, start=1, max_bytes=1 << 30)
+    fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2, layer_cache=cache)  # records
+    assert cache.held_bytes > 0 and cache.replays == 0
+    with torch.no_grad():
+        weight = down_proj_module(model, spec, 1).weight
+        weight.add_(0.5 * torch.randn_like(weight))  # the edit: layer 1 changes, layer 0 does not
+    first_layer_runs = []
+    handle = next(layers[0].children()).register_forward_pre_hook(lambda *a: first_layer_runs.append(1))
+    replayed = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 2, 3, layer_cache=cache)
+    assert cache.replays > 0 and not first_layer_runs  # layer 0 was skipped
+    full = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 2, 3)
+    handle.remove()
+    assert first_layer_runs  # and the full forward did run it
+    torch.testing.assert_close(replayed.keys, full.keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(replayed.block_outputs, full.block_outputs, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(layer) for layer in layers)  # the skipped layers are restored
+
+
+def test_layer_input_cache_holds_no_more_than_its_budget(tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    cache = LayerInputCache(model, decoder_layers(model, spec), start=1, max_bytes=0)
+    for _ in range(2):
+        fact_activations(model, tokenizer, spec, REQUESTS, [""], 1, layer_cache=cache)
+    assert cache.held_bytes == 0 and cache.replays == 0

@@ -53,6 +53,7 @@ from zupatch.engine.architectures import (
     ArchitectureOverrides,
     ArchitectureSpec,
     check_layers,
+    decoder_layers,
     default_layers,
     down_proj_module,
     down_proj_weight_math,
@@ -62,6 +63,7 @@ from zupatch.engine.architectures import (
     resolve_architecture,
 )
 from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
+from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
@@ -157,6 +159,10 @@ class CreateConfig:
     an accelerator), "float32", "bfloat16", "float16". ``method`` "ga" / "npo"
     are the fine-tuning baselines (settings in ``baseline``); they use only
     ``layers``, ``baseline``, ``overrides``, ``device`` and ``dtype``.
+    ``layer_cache_mb``: memory (MiB) for the hidden states entering the first
+    edited layer, so that the loop's repeated forwards of the same prompts
+    skip the layers the edit does not change (:class:`LayerInputCache`);
+    ``None``: a quarter of the model's bytes, at least 256 MiB; 0: off.
     """
 
     layers: tuple[int, ...] | None = None
@@ -179,8 +185,13 @@ class CreateConfig:
     overrides: ArchitectureOverrides = field(default_factory=ArchitectureOverrides)
     device: str = "auto"
     dtype: str = "auto"
+    layer_cache_mb: int | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_cache_mb is not None and (
+            not isinstance(self.layer_cache_mb, int) or isinstance(self.layer_cache_mb, bool) or self.layer_cache_mb < 0
+        ):
+            raise ZupatchError("layer_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off)")
         if self.method not in METHODS:
             raise ZupatchError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         problem = neutral_target_problem(self.neutral_target)
@@ -428,6 +439,7 @@ def compute_edit(
     missing = [layer for layer in layers if layer not in statistics]
     if missing:
         raise ZupatchError(f"no key statistics for layer(s) {missing}")
+    cache_bytes = _layer_cache_bytes(model, config)  # each cache: the states entering its first layer
     with _timed(timings, "neutral_targets"):
         neutral = optimise_representations(
             model,
@@ -441,6 +453,7 @@ def compute_edit(
             config=config.neutral,
             progress=progress,
             phase="neutral targets",
+            layer_cache=LayerInputCache(model, decoder_layers(model, spec), last_layer, cache_bytes),
         )
     Z = neutral.vectors.to(torch.float64)
     answers = [r.target for r in requests]
@@ -453,6 +466,7 @@ def compute_edit(
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
     similar_keys: dict[int, torch.Tensor] = {}
+    layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], cache_bytes)
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
     max_passes = config.refine.max_passes if closed_form else 1
@@ -460,18 +474,24 @@ def compute_edit(
         passes += 1
         for j, layer in enumerate(layers):
             with _timed(timings, "keys"):
-                activations = fact_activations(model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer)
+                activations = fact_activations(
+                    model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer, layer_cache=layer_cache
+                )
             keys, H_L = activations.keys[:, :n], activations.block_outputs[:, :n]
             retain_keys = activations.keys[:, n:]
             if similar:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
                         contexts = prefixes if config.neighbours.similar_in_contexts else [""]
-                        similar_keys[layer] = fact_activations(model, tokenizer, spec, similar, contexts, layer).keys
+                        similar_keys[layer] = fact_activations(
+                            model, tokenizer, spec, similar, contexts, layer, layer_cache=layer_cache
+                        ).keys
                 retain_keys = torch.cat([retain_keys, similar_keys[layer]], dim=1)
             if variants:
                 with _timed(timings, "keys"):
-                    variant_keys = fact_activations(model, tokenizer, spec, variants, prefixes, layer).keys
+                    variant_keys = fact_activations(
+                        model, tokenizer, spec, variants, prefixes, layer, layer_cache=layer_cache
+                    ).keys
                 keys = _mean_over_variants(keys, variant_keys, owners, config.phrasings.weight)
             O = None
             original_summary = None
@@ -489,6 +509,7 @@ def compute_edit(
                         config=config.original,
                         progress=progress,
                         phase=f"original representations (layer {layer})",
+                        layer_cache=layer_cache,
                     )
                 O = original.vectors.to(solve_device, torch.float64)
                 original_summary = original.summary()
@@ -655,6 +676,13 @@ class _Probes:
     def after(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
         """``{"n", "unchanged"}`` on the model as it is now."""
         return top1_unchanged(self.tokens, next_token_ids(model, tokenizer, self.prompts) if self.prompts else [])
+
+
+def _layer_cache_bytes(model: nn.Module, config: CreateConfig) -> int:
+    if config.layer_cache_mb is not None:
+        return config.layer_cache_mb << 20
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(256 << 20, model_bytes // 4)
 
 
 def _with_retain_keys(C: torch.Tensor, retain_keys: torch.Tensor, config: CreateConfig) -> torch.Tensor:

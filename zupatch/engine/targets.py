@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from zupatch.engine.architectures import (
     down_proj_bias,
     down_proj_module,
 )
-from zupatch.engine.hooks import edit_output, on_inputs, on_outputs, run_until_stopped
+from zupatch.engine.hooks import LayerInputCache, edit_output, on_inputs, on_outputs, run_until_stopped
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.stats import (
     ProgressCallback,
@@ -369,11 +370,14 @@ def fact_activations(
     key_layer: int,
     block_layer: int | None = None,
     batch_rows: int = 256,
+    layer_cache: LayerInputCache | None = None,
 ) -> FactActivations:
     """Down-proj inputs at ``key_layer`` (averaged over ``prefixes``) and, optionally,
     outputs of block ``block_layer`` for the bare prompt, at each fact token.
 
-    One batched forward, stopped after the deeper of the two sites.
+    One batched forward, stopped after the deeper of the two sites; with
+    ``layer_cache``, one that skips the layers before the cache's start where
+    it holds the prompts' states there.
     """
     if block_layer is not None and block_layer < key_layer:
         raise ValueError("block_layer must not precede key_layer")
@@ -386,35 +390,42 @@ def fact_activations(
             ends.append(end)
             owners.append(index)
     encoded = encode_prompts(tokenizer, texts, ends)
-    captured: dict[str, list[torch.Tensor]] = {"keys": [], "block": []}
+    n = len(requests)
     key_module = {"keys": down_proj_module(model, spec, key_layer)}
     block_module = {} if block_layer is None else {"block": decoder_layers(model, spec)[block_layer]}
+    keys: torch.Tensor | None = None  # per request: keys summed over its contexts
+    blocks: list[torch.Tensor] = []
     with _PreparedModel(model), torch.no_grad():
         for start in range(0, len(encoded), batch_rows):  # bounded memory whatever the number of rows
             chunk = encoded[start : start + batch_rows]
             ids, mask = pad_right([e.prompt_ids for e in chunk], pad_token_id(tokenizer), device)
             rows = torch.arange(len(chunk), device=device)
             facts = torch.tensor([e.fact_index for e in chunk], device=device)
+            owner = torch.tensor(owners[start : start + batch_rows], device=device)
 
             def keep(name: str, tensor: torch.Tensor) -> None:
-                captured[name].append(tensor[rows, facts].detach().to(torch.float64))
+                nonlocal keys
+                found = tensor[rows, facts].detach().to(torch.float64)
+                if name == "block":
+                    blocks.append(found)
+                    return
+                if keys is None:
+                    keys = torch.zeros(n, found.shape[1], dtype=torch.float64, device=device)
+                keys.index_add_(0, owner, found)
 
             with (
+                layer_cache.batch(ids, mask) if layer_cache is not None else nullcontext(),
                 on_inputs(key_module, keep, stop_at=None if block_module else "keys"),
                 on_outputs(block_module, keep, stop_at="block"),
             ):
                 run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
-    captured = {name: torch.cat(parts) for name, parts in captured.items() if parts}
-    owner = torch.tensor(owners, device=device)
-    n = len(requests)
-    keys = torch.zeros(n, captured["keys"].shape[1], dtype=torch.float64, device=device)
-    keys.index_add_(0, owner, captured["keys"])
-    keys /= len(prefixes)
+    if keys is None:
+        raise ValueError("no prompts to read keys from")
     block_outputs = None
     if block_module:
         bare = torch.tensor([i * len(prefixes) + prefixes.index("") for i in range(n)], device=device)
-        block_outputs = captured["block"][bare].T.cpu()
-    return FactActivations(keys.T.cpu(), block_outputs)
+        block_outputs = torch.cat(blocks)[bare].T.cpu()
+    return FactActivations((keys / len(prefixes)).T.cpu(), block_outputs)
 
 
 def target_nll(
@@ -530,12 +541,15 @@ def optimise_representations(
     config: OptimisationConfig = OptimisationConfig(),
     progress: ProgressCallback | None = None,
     phase: str = "target optimisation",
+    layer_cache: LayerInputCache | None = None,
 ) -> RepresentationResult:
     """Vectors at ``site`` of ``layer`` (fact token) that make the model say ``targets[i]``.
 
     ``site="down_proj"``: the down-proj output without bias (O, the true
     answers). ``site="block"``: the decoder block's output (Z, the neutral
     target). Returns init + optimised delta, d×n, float32, and diagnostics.
+    With ``layer_cache`` (starting at or before ``layer``), the steps skip
+    the layers before its start.
     """
     if len(requests) != len(targets):
         raise ValueError("one target per request")
@@ -577,7 +591,7 @@ def optimise_representations(
             spans[r] = (len(gather_pos), len(gather_pos) + len(positions))
             gather_rows += [local[r]] * len(positions)
             gather_pos += positions
-        with edit_output(module, add_delta):
+        with edit_output(module, add_delta), layer_cache.batch(ids, mask) if layer_cache else nullcontext():
             logits = _logits_at(
                 model, ids, mask, torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)
             )
