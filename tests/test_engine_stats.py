@@ -242,6 +242,36 @@ def test_lazy_statistics_read_one_layer_when_asked_with_the_same_bits(tmp_path: 
         hit[1]
 
 
+def test_shared_statistics_are_checked_up_front_and_read_one_layer_at_a_time(tmp_path: Path,
+                                                                            model_and_tokenizer) -> None:  # fmt: skip
+    """``create --stats``: statistics_for checks every needed file's sha256 before any work, then
+    reads (and checks) a layer's matrix only when it is asked for."""
+    from zupatch.engine.shared_stats import StatsFolder, bundle_files
+    from zupatch.engine.stats import LazyKeyStatistics
+
+    model, tokenizer = model_and_tokenizer
+    spec = resolve_architecture(model)
+    plain = compute_key_statistics(model, tokenizer, spec, [1, 2], TextCorpus(TEXTS), SMALL)
+    _, files = bundle_files(model, spec, plain, model_name="tiny", revision=None, corpus={"kind": "text"})
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    fetched = []
+    local = StatsFolder.local(tmp_path)
+    folder = StatsFolder(local.manifest, local.source, lambda name: fetched.append(name) or tmp_path / name)
+    shared = folder.statistics_for(model, spec, [1, 2])
+    assert isinstance(shared, LazyKeyStatistics) and len(fetched) == 2  # both files hashed, none loaded
+    for layer in (1, 2):
+        assert torch.equal(shared[layer].second_moment, plain[layer].second_moment)
+        assert shared.token_count(layer) == shared[layer].token_count == plain[layer].token_count
+    damaged = bytearray((tmp_path / "layer-002.safetensors").read_bytes())
+    damaged[-1] ^= 1
+    (tmp_path / "layer-002.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(ZupatchError, match="does not match the sha256"):
+        folder.statistics_for(model, spec, [1, 2])
+    with pytest.raises(ZupatchError, match="does not match the sha256"):
+        shared[2]  # changed after the check: refused when read
+
+
 def test_default_cache_root_follows_the_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path))
     assert default_stats_cache_root() == tmp_path / "stats"

@@ -419,7 +419,7 @@ def compute_edit(
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (
-            dict(key_statistics)
+            key_statistics  # read, never changed: a lazy mapping stays lazy
             if key_statistics is not None
             else compute_key_statistics(
                 model, tokenizer, spec, layers, corpus, config.stats, stats_cache, model_identity, progress,

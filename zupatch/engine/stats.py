@@ -637,48 +637,60 @@ class StatsCache:
         return removed
 
 
-class CachedKeyStatistics(Mapping[int, KeyStatistics]):
-    """Key statistics by layer, read from a :class:`StatsCache` each time a layer is asked for.
+class LazyKeyStatistics(Mapping[int, KeyStatistics]):
+    """Key statistics by layer, read (``read(layer)``) each time a layer is asked for.
 
-    Nothing f×f is held: ``statistics[layer]`` reads that layer's file and
-    returns a fresh :class:`KeyStatistics`, which is freed as soon as the
-    caller drops it. ``create`` solves one layer at a time, so it holds one
-    layer's matrix instead of all of them (on a 1B-shaped model, 512 MiB
-    instead of 1.5 GiB). ``in``, ``len``, iteration and :meth:`token_count`
-    read nothing. Statistics computed without a cache can be held here too
-    (``held``); they are returned as they are.
+    Nothing f×f is held: ``statistics[layer]`` returns a fresh
+    :class:`KeyStatistics`, freed as soon as the caller drops it. ``create``
+    solves one layer at a time, so it holds one layer's matrix instead of all
+    of them (on a 1B-shaped model, 512 MiB instead of 1.5 GiB). ``in``,
+    ``len``, iteration and :meth:`token_count` read nothing. Statistics
+    already in memory can be held here too (``held``); they are returned as
+    they are.
     """
 
-    def __init__(self, cache: StatsCache, descriptions: Mapping[int, dict], token_counts: Mapping[int, int],
+    def __init__(self, read: Callable[[int], KeyStatistics], token_counts: Mapping[int, int],
                  held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
-        self.cache = cache
-        self._descriptions = {layer: descriptions[layer] for layer in token_counts}
+        self._read = read
         self._token_counts = dict(token_counts)
         self._held = dict(held or {})
 
     def __getitem__(self, layer: int) -> KeyStatistics:
         if layer in self._held:
             return self._held[layer]
-        if layer not in self._descriptions:
+        if layer not in self._token_counts:
             raise KeyError(layer)
+        return self._read(layer)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._held or layer in self._token_counts
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({*self._held, *self._token_counts}))
+
+    def __len__(self) -> int:
+        return len({*self._held, *self._token_counts})
+
+    def token_count(self, layer: int) -> int:
+        """The number of tokens behind ``layer``'s statistics, without reading its matrix."""
+        return self._held[layer].token_count if layer in self._held else self._token_counts[layer]
+
+
+class CachedKeyStatistics(LazyKeyStatistics):
+    """:class:`LazyKeyStatistics` read from a :class:`StatsCache` (``descriptions``: each layer's key)."""
+
+    def __init__(self, cache: StatsCache, descriptions: Mapping[int, dict], token_counts: Mapping[int, int],
+                 held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
+        self.cache = cache
+        self._descriptions = {layer: descriptions[layer] for layer in token_counts}
+        super().__init__(self._load, token_counts, held)
+
+    def _load(self, layer: int) -> KeyStatistics:
         loaded = self.cache.load(self._descriptions[layer])
         if loaded is None:
             raise ZupatchError(f"the cached key statistics of layer {layer} were removed or changed while in use; "
                                "run again", self.cache.path_for(self._descriptions[layer]))  # fmt: skip
         return loaded
-
-    def __contains__(self, layer: object) -> bool:
-        return layer in self._held or layer in self._descriptions
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted({*self._held, *self._descriptions}))
-
-    def __len__(self) -> int:
-        return len({*self._held, *self._descriptions})
-
-    def token_count(self, layer: int) -> int:
-        """The number of tokens behind ``layer``'s statistics, without reading its matrix."""
-        return self._held[layer].token_count if layer in self._held else self._token_counts[layer]
 
 
 def describe_statistics(
