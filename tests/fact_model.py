@@ -40,10 +40,45 @@ def synthetic_facts() -> list[ForgetRequest]:
     return facts
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Whole words as tokens, BOS added like Llama's tokenizer."""
+#: Syllables of the invented words of :func:`many_facts` (capitalised, 2-3 syllables, none a real word).
+_SYLLABLES = ("ba", "ko", "ri", "zu", "mel", "tan", "vo", "shi", "pra", "gol", "ne", "dux", "fi", "lor", "qua", "ste")
+
+
+def many_facts(subjects: int = 72, seed: int = 1) -> tuple[list[ForgetRequest], PreTrainedTokenizerFast]:
+    """``4 × subjects`` facts (288 by default) about invented subjects, and their word tokenizer.
+
+    The three relations of :data:`RELATIONS` and "The leader of {}", each with
+    its own invented answer words, one per subject (shuffled, as in
+    :func:`synthetic_facts`): enough facts for hundreds of requests in one
+    edit with others left to check (48 facts are not). The words are drawn
+    from syllables with ``seed`` and are distinct from each other and from
+    the 48-fact vocabulary.
+    """
+    rng = random.Random(seed)
+    taken = {*SUBJECTS, *" ".join(RELATIONS.values()).split()}
+    words: list[str] = []
+    while len(words) < 5 * subjects:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    names, answer_words = words[:subjects], words[subjects:]
+    templates = [*RELATIONS, "The leader of {}"]
+    facts = []
+    for r, template in enumerate(templates):
+        answers = answer_words[r * subjects : (r + 1) * subjects]
+        rng.shuffle(answers)
+        facts += [ForgetRequest(template, subject, answer) for subject, answer in zip(names, answers)]
+    return facts, word_tokenizer(names, answer_words, ("leader",))
+
+
+def word_tokenizer(
+    subjects: list[str] = SUBJECTS, answers: list[str] | None = None, relation_words: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Whole words as tokens, BOS added like Llama's tokenizer (default: the 48 facts' words)."""
     words = ["<unk>", "<s>", "</s>", "<pad>", ".", "a", "is", "The", "of", "capital", "language", "currency"]
-    words += SUBJECTS + [a for answers in RELATIONS.values() for a in answers.split()]
+    answers = answers if answers is not None else [a for answers in RELATIONS.values() for a in answers.split()]
+    words += [*relation_words, *subjects, *answers]
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -53,19 +88,21 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def train_fact_model(
-    facts: list[ForgetRequest], tokenizer: PreTrainedTokenizerFast, steps: int = 300
+    facts: list[ForgetRequest], tokenizer: PreTrainedTokenizerFast, steps: int = 300, width: int = 64,
+    lr: float = 3e-3,
 ) -> LlamaForCausalLM:
-    """A 4-layer Llama that memorises every fact (~300 full-batch Adam steps)."""
+    """A 4-layer Llama that memorises every fact (~300 full-batch Adam steps); hidden size
+    ``width``, MLP ``4 × width``."""
     encoded = [tokenizer(f"{fact.text} {fact.target} .")["input_ids"] + [tokenizer.eos_token_id] for fact in facts]
     ids = torch.tensor(encoded)  # all facts have the same number of words
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         optimiser.zero_grad()

@@ -12,10 +12,17 @@ from transformers import AutoModelForCausalLM
 from tests.fact_model import FORGET, answered
 from tests.tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import resolve_architecture
-from zupatch.engine.create import CreateConfig, compute_edit, resolve_device, resolve_dtype, restore_weights
+from zupatch.engine.create import (
+    CreateConfig,
+    _with_retain_keys,
+    compute_edit,
+    resolve_device,
+    resolve_dtype,
+    restore_weights,
+)
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.solvers import ClosedFormParams
-from zupatch.engine.stats import StatsConfig, TextCorpus, compute_key_statistics
+from zupatch.engine.stats import StatsCache, StatsConfig, TextCorpus, compute_key_statistics
 from zupatch.engine.subjects import similar_subjects
 from zupatch.engine.targets import ContextConfig, NeighbourConfig, OptimisationConfig
 from zupatch.errors import ZupatchError
@@ -100,6 +107,42 @@ def test_precomputed_statistics_and_missing_layers() -> None:
         compute_edit(
             model, tokenizer, REQUESTS, CreateConfig(**{**FAST.__dict__, "layers": (2,)}), key_statistics=statistics
         )
+
+
+def test_statistics_from_the_cache_are_read_layer_by_layer_and_give_the_same_edit(tmp_path, monkeypatch) -> None:
+    """From the cache, create reads a layer's f×f statistics when it solves that layer (again in
+    each refinement pass) instead of holding all of them; the edit is bit for bit the one the
+    same statistics give when passed in as a dict."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    tokenizer = tiny_tokenizer()
+    spec = resolve_architecture(model)
+    cache = StatsCache(tmp_path)
+    held = compute_key_statistics(model, tokenizer, spec, [0, 1, 2], CORPUS, FAST.stats, cache)
+    reads = []
+    load = StatsCache.load
+    monkeypatch.setattr(StatsCache, "load", lambda self, d: reads.append(d["layer"]) or load(self, d))
+    from_cache = compute_edit(model, tokenizer, REQUESTS, FAST, corpus=CORPUS, stats_cache=cache)
+    restore_weights(model, from_cache)
+    passes = from_cache.diagnostics["verification"]["passes"]
+    assert reads == [0, 1, 2] * passes, (reads, passes)  # one layer at a time, re-read in every pass
+    passed_in = compute_edit(model, tokenizer, REQUESTS, FAST, key_statistics=held)
+    restore_weights(model, passed_in)
+    for a, b in zip(from_cache.layers, passed_in.layers, strict=True):
+        assert a.factors.scale == b.factors.scale
+        assert torch.equal(a.factors.U, b.factors.U) and torch.equal(a.factors.B, b.factors.B)
+    assert from_cache.diagnostics["layers"] == passed_in.diagnostics["layers"]
+
+
+def test_retain_keys_are_added_to_the_statistics_with_the_bits_of_the_plain_formula() -> None:
+    generator = torch.Generator().manual_seed(0)
+    C = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    C, R = C @ C.T, torch.randn(16, 5, generator=generator, dtype=torch.float64)
+    weight = FAST.retain_key_weight * FAST.closed_form.lambda_forget / FAST.closed_form.lambda_retain
+    kept = C.clone()
+    assert torch.equal(_with_retain_keys(C, R, FAST), C + weight * (R @ R.T))
+    assert torch.equal(C, kept)  # the caller's statistics are not changed in place
+    assert torch.equal(_with_retain_keys(C, R.float(), FAST), C + weight * (R.float() @ R.float().T))
 
 
 def test_config_errors() -> None:

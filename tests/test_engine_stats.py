@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from tests.tiny_models import tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import down_proj_module, resolve_architecture
 from zupatch.engine.stats import (
+    CachedKeyStatistics,
     FileCorpus,
     SampledCorpus,
     StatsCache,
@@ -207,6 +208,68 @@ def test_damaged_cache_file_is_a_miss(tmp_path: Path, model_and_tokenizer) -> No
     assert cache.entries()[0].description == {"error": "unreadable"}
     result = compute_key_statistics(model, tokenizer, spec, [1], TextCorpus(TEXTS), SMALL, cache)
     assert result[1].second_moment.shape == (128, 128)
+
+
+def test_lazy_statistics_read_one_layer_when_asked_with_the_same_bits(tmp_path: Path, model_and_tokenizer,
+                                                                     monkeypatch) -> None:  # fmt: skip
+    """``lazy=True`` (what create uses) holds no f×f matrix: a layer's is read from the cache
+    file each time it is asked for, and it is the matrix the dict of a plain call holds."""
+    model, tokenizer = model_and_tokenizer
+    spec = resolve_architecture(model)
+    cache = StatsCache(tmp_path)
+    reads = []
+    load = StatsCache.load
+    monkeypatch.setattr(StatsCache, "load", lambda self, d: reads.append(d["layer"]) or load(self, d))
+    computed = compute_key_statistics(model, tokenizer, spec, [2, 1], TextCorpus(TEXTS), SMALL, cache, lazy=True)
+    assert isinstance(computed, CachedKeyStatistics) and reads == []  # computed, written, dropped
+    assert list(computed) == [1, 2] and len(computed) == 2 and 1 in computed and 3 not in computed
+    hit = compute_key_statistics(model, tokenizer, spec, [1, 2], TextCorpus(TEXTS), SMALL, cache, lazy=True)
+    assert isinstance(hit, CachedKeyStatistics) and reads == []  # a hit reads only the files' headers
+    plain = compute_key_statistics(model, tokenizer, spec, [1, 2], TextCorpus(TEXTS), SMALL, cache)
+    reads.clear()
+    for layer in (1, 2):
+        for lazy in (computed, hit):
+            assert torch.equal(lazy[layer].second_moment, plain[layer].second_moment)
+            assert lazy.token_count(layer) == lazy[layer].token_count == plain[layer].token_count
+    assert reads == [1, 1, 1, 1, 2, 2, 2, 2]  # read on every access, never kept
+    with pytest.raises(KeyError):
+        hit[3]
+    # Without a cache there is nothing to read back: the plain dict.
+    assert isinstance(compute_key_statistics(model, tokenizer, spec, [1], TextCorpus(TEXTS), SMALL, lazy=True), dict)
+    # A file removed while in use is one clear error, not a crash.
+    cache.clear()
+    with pytest.raises(ZupatchError, match="removed or changed while in use"):
+        hit[1]
+
+
+def test_shared_statistics_are_checked_up_front_and_read_one_layer_at_a_time(tmp_path: Path,
+                                                                            model_and_tokenizer) -> None:  # fmt: skip
+    """``create --stats``: statistics_for checks every needed file's sha256 before any work, then
+    reads (and checks) a layer's matrix only when it is asked for."""
+    from zupatch.engine.shared_stats import StatsFolder, bundle_files
+    from zupatch.engine.stats import LazyKeyStatistics
+
+    model, tokenizer = model_and_tokenizer
+    spec = resolve_architecture(model)
+    plain = compute_key_statistics(model, tokenizer, spec, [1, 2], TextCorpus(TEXTS), SMALL)
+    _, files = bundle_files(model, spec, plain, model_name="tiny", revision=None, corpus={"kind": "text"})
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    fetched = []
+    local = StatsFolder.local(tmp_path)
+    folder = StatsFolder(local.manifest, local.source, lambda name: fetched.append(name) or tmp_path / name)
+    shared = folder.statistics_for(model, spec, [1, 2])
+    assert isinstance(shared, LazyKeyStatistics) and len(fetched) == 2  # both files hashed, none loaded
+    for layer in (1, 2):
+        assert torch.equal(shared[layer].second_moment, plain[layer].second_moment)
+        assert shared.token_count(layer) == shared[layer].token_count == plain[layer].token_count
+    damaged = bytearray((tmp_path / "layer-002.safetensors").read_bytes())
+    damaged[-1] ^= 1
+    (tmp_path / "layer-002.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(ZupatchError, match="does not match the sha256"):
+        folder.statistics_for(model, spec, [1, 2])
+    with pytest.raises(ZupatchError, match="does not match the sha256"):
+        shared[2]  # changed after the check: refused when read
 
 
 def test_default_cache_root_follows_the_environment(monkeypatch, tmp_path: Path) -> None:

@@ -428,12 +428,13 @@ def compute_edit(
         variants, owners = phrasing_variants(requests, config.phrasings.derived) if use_phrasings else ([], [])
         use_similar = closed_form and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
-    with _timed(timings, "statistics"):
+    with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (
-            dict(key_statistics)
+            key_statistics  # read, never changed: a lazy mapping stays lazy
             if key_statistics is not None
             else compute_key_statistics(
-                model, tokenizer, spec, layers, corpus, config.stats, stats_cache, model_identity, progress
+                model, tokenizer, spec, layers, corpus, config.stats, stats_cache, model_identity, progress,
+                lazy=True,
             )
         )
     missing = [layer for layer in layers if layer not in statistics]
@@ -520,9 +521,12 @@ def compute_edit(
                 K_f = keys.to(solve_device)
                 residual = (Z - H_L) / (len(layers) - j)  # this layer's share of the way to Z
                 residual = (residual * pending.to(residual.dtype)).to(solve_device)  # the rest: keep as they are
+                layer_statistics = statistics[layer]  # read now if it comes from the cache
+                statistics_tokens = layer_statistics.token_count
                 C = _with_retain_keys(
-                    statistics[layer].second_moment.to(solve_device), retain_keys.to(solve_device), config
+                    layer_statistics.second_moment.to(solve_device), retain_keys.to(solve_device), config
                 )
+                del layer_statistics  # one f×f matrix (C) from here on
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
                 V_star = Y + residual if gain is None else outputs_for_residual(Y, residual, gain.to(solve_device))
@@ -530,6 +534,7 @@ def compute_edit(
                 achieved = _residual_achieved(factors, W, K_f, residual, gain)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
+                del C, W, K_f, Y, V_star  # before the next layer's keys and statistics
 
             with _timed(timings, "apply"):
                 name = down_proj_weight_name(spec, layer)
@@ -546,7 +551,7 @@ def compute_edit(
                 "rank": factors.rank,
                 "scale": factors.scale,
                 "retain_keys": int(retain_keys.shape[1]),
-                "statistics_tokens": statistics[layer].token_count,
+                "statistics_tokens": statistics_tokens,
             }
             if original_summary is not None:
                 diagnostics["original_representations"] = original_summary
@@ -693,7 +698,10 @@ def _with_retain_keys(C: torch.Tensor, retain_keys: torch.Tensor, config: Create
     if retain_keys.shape[1] == 0 or config.retain_key_weight == 0:
         return C
     weight = config.retain_key_weight * config.closed_form.lambda_forget / max(config.closed_form.lambda_retain, 1e-12)
-    return C + weight * (retain_keys @ retain_keys.T)
+    # C + weight·(R Rᵀ) with one f×f temporary instead of three; the same bits (IEEE + commutes).
+    retain = retain_keys @ retain_keys.T
+    retain.mul_(weight)
+    return retain.add_(C) if retain.dtype == C.dtype else C + retain
 
 
 def _solve(

@@ -40,7 +40,7 @@ from safetensors.torch import save
 from torch import nn
 
 from zupatch.engine.architectures import ArchitectureSpec, down_proj_module, down_proj_weight_math
-from zupatch.engine.stats import KeyStatistics, weights_fingerprints
+from zupatch.engine.stats import KeyStatistics, LazyKeyStatistics, weights_fingerprints
 from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
 
@@ -258,10 +258,21 @@ class StatsFolder:
                 f"{differing[0]} differ (another model or revision)", self.source)
 
     def statistics_for(self, model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int],
-                       model_identity: str | None = None) -> dict[int, KeyStatistics]:  # fmt: skip
-        """The statistics of ``layers``, after :meth:`check` accepted them for ``model``."""
+                       model_identity: str | None = None) -> LazyKeyStatistics:  # fmt: skip
+        """The statistics of ``layers``, after :meth:`check` accepted them for ``model``.
+
+        Each layer's file is fetched and its sha256 checked now (a damaged file is
+        refused before any work); its matrix is read, and checked again, each time
+        the layer is asked for, so ``create`` holds one layer's f×f matrix at a time.
+        """
         self.check(model, spec, layers, model_identity)
-        return {layer: self.read(layer) for layer in sorted(set(layers))}
+        needed = sorted(set(layers))
+        for layer in needed:
+            entry = self.manifest.entry(layer)
+            if _file_sha256(self.fetch(entry.file)) != entry.sha256:
+                raise ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)",
+                                   self.source)  # fmt: skip
+        return LazyKeyStatistics(self.read, {layer: self.manifest.entry(layer).token_count for layer in needed})
 
 
 def _short(identity: str) -> str:

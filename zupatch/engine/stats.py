@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -504,11 +504,13 @@ def collect_key_statistics(
 # --------------------------------------------------------------------------- identity
 
 
-def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> memoryview:
+    """The tensor's bytes for hashing: a view of its memory where it is a contiguous CPU tensor
+    of that dtype (no copy: the embedding of a 1B model is 1 GB), else of a converted copy."""
     flat = tensor.detach().contiguous().cpu().reshape(-1)
     if dtype is not None and flat.dtype != dtype:
         flat = flat.to(dtype)
-    return flat.view(torch.uint8).numpy().tobytes()
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def weights_fingerprints(
@@ -577,15 +579,24 @@ class StatsCache:
         return self.root / f"{self.key(description)}.safetensors"
 
     def load(self, description: dict) -> KeyStatistics | None:
+        return self._read(description, matrix=True)
+
+    def token_count(self, description: dict) -> int | None:
+        """The token count of the entry ``description`` names, reading only the file's header
+        (not its f×f matrix); None where :meth:`load` would miss."""
+        found = self._read(description, matrix=False)
+        return found.token_count if found is not None else None
+
+    def _read(self, description: dict, matrix: bool) -> KeyStatistics | None:
         path = self.path_for(description)
         if not path.exists():
             return None
         try:
             with safe_open(str(path), framework="pt") as handle:
                 stored = json.loads(handle.metadata()[self.METADATA_KEY])
-                if stored != description:
+                if stored != description or "second_moment" not in handle.keys():
                     return None
-                second_moment = handle.get_tensor("second_moment")
+                second_moment = handle.get_tensor("second_moment") if matrix else torch.empty(0)
                 token_count = int(handle.metadata()["token_count"])
         except Exception:  # a damaged cache file is a miss, not an error
             return None
@@ -626,6 +637,62 @@ class StatsCache:
         return removed
 
 
+class LazyKeyStatistics(Mapping[int, KeyStatistics]):
+    """Key statistics by layer, read (``read(layer)``) each time a layer is asked for.
+
+    Nothing f×f is held: ``statistics[layer]`` returns a fresh
+    :class:`KeyStatistics`, freed as soon as the caller drops it. ``create``
+    solves one layer at a time, so it holds one layer's matrix instead of all
+    of them (on a 1B-shaped model, 512 MiB instead of 1.5 GiB). ``in``,
+    ``len``, iteration and :meth:`token_count` read nothing. Statistics
+    already in memory can be held here too (``held``); they are returned as
+    they are.
+    """
+
+    def __init__(self, read: Callable[[int], KeyStatistics], token_counts: Mapping[int, int],
+                 held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
+        self._read = read
+        self._token_counts = dict(token_counts)
+        self._held = dict(held or {})
+
+    def __getitem__(self, layer: int) -> KeyStatistics:
+        if layer in self._held:
+            return self._held[layer]
+        if layer not in self._token_counts:
+            raise KeyError(layer)
+        return self._read(layer)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._held or layer in self._token_counts
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({*self._held, *self._token_counts}))
+
+    def __len__(self) -> int:
+        return len({*self._held, *self._token_counts})
+
+    def token_count(self, layer: int) -> int:
+        """The number of tokens behind ``layer``'s statistics, without reading its matrix."""
+        return self._held[layer].token_count if layer in self._held else self._token_counts[layer]
+
+
+class CachedKeyStatistics(LazyKeyStatistics):
+    """:class:`LazyKeyStatistics` read from a :class:`StatsCache` (``descriptions``: each layer's key)."""
+
+    def __init__(self, cache: StatsCache, descriptions: Mapping[int, dict], token_counts: Mapping[int, int],
+                 held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
+        self.cache = cache
+        self._descriptions = {layer: descriptions[layer] for layer in token_counts}
+        super().__init__(self._load, token_counts, held)
+
+    def _load(self, layer: int) -> KeyStatistics:
+        loaded = self.cache.load(self._descriptions[layer])
+        if loaded is None:
+            raise ZupatchError(f"the cached key statistics of layer {layer} were removed or changed while in use; "
+                               "run again", self.cache.path_for(self._descriptions[layer]))  # fmt: skip
+        return loaded
+
+
 def describe_statistics(
     model_identity: str,
     spec: ArchitectureSpec,
@@ -660,12 +727,20 @@ def compute_key_statistics(
     model_identity: str | None = None,
     progress: ProgressCallback | None = None,
     ranks: Ranks = Ranks(),
-) -> dict[int, KeyStatistics]:
+    *,
+    lazy: bool = False,
+) -> dict[int, KeyStatistics] | CachedKeyStatistics:
     """Statistics for ``layers`` from ``corpus`` (default: self-sampled), using ``cache``.
 
     ``model_identity`` (e.g. ``"repo-id@revision"``) names the model in the
     cache key; without it, the weights the keys depend on are hashed.
     Layers already in the cache are not recomputed; the rest share one pass.
+
+    ``lazy`` (with a ``cache``, on rank 0): return a
+    :class:`CachedKeyStatistics` that reads each layer's matrix from the cache
+    when it is asked for, instead of a dict holding every layer's f×f matrix;
+    the layers computed here are written to the cache and dropped. The
+    matrices read are the bits the dict would hold.
 
     Called on every rank of a process group (``ranks``), the ranks share the
     sampling and the pass (:func:`collect_key_statistics`); rank 0 decides
@@ -680,6 +755,7 @@ def compute_key_statistics(
     windows: TokenWindows | None = None
     descriptions: dict[int, dict] = {}
     results: dict[int, KeyStatistics] = {}
+    token_counts: dict[int, int] = {}  # lazy: the cached layers, not read yet
     if cache is not None and ranks.is_main:  # only rank 0 reads and writes the cache
         if sampled:
             fingerprint = corpus.fingerprint(tokenizer, config)
@@ -695,12 +771,18 @@ def compute_key_statistics(
             descriptions[layer] = describe_statistics(
                 identities[layer], spec, layer, fingerprint, config, budget, dtype
             )
+            if lazy:
+                tokens = cache.token_count(descriptions[layer])
+                if tokens is not None:
+                    token_counts[layer] = tokens
+                continue
             hit = cache.load(descriptions[layer])
             if hit is not None:
                 results[layer] = hit
-    missing = ranks.broadcast_object([layer for layer in layers if layer not in results])
+    lazy = lazy and cache is not None and ranks.is_main
+    missing = ranks.broadcast_object([layer for layer in layers if layer not in results and layer not in token_counts])
     if not missing:
-        return results
+        return CachedKeyStatistics(cache, descriptions, token_counts) if lazy else results
     if windows is None:
         windows = (
             TokenWindows(sample_windows(model, tokenizer, config, progress, ranks), "", "self-sampled")
@@ -711,9 +793,14 @@ def compute_key_statistics(
         model, spec, missing, windows.windows, config.batch_size, pad_token_id(tokenizer), progress=progress,
         ranks=ranks,
     )  # fmt: skip
-    for layer, statistics in computed.items():
-        results[layer] = statistics
+    for layer in list(computed):
+        statistics = computed[layer]
         if cache is not None and ranks.is_main:
             statistics.description = descriptions[layer]
             cache.store(descriptions[layer], statistics)
-    return results
+        if lazy:  # read back from the file when the layer is solved
+            token_counts[layer] = statistics.token_count
+            del computed[layer], statistics
+        else:
+            results[layer] = statistics
+    return CachedKeyStatistics(cache, descriptions, token_counts) if lazy else results
