@@ -13,7 +13,8 @@ Measures side by side, in one run:
    all requests in one batched call vs one call per request, n = 1, 10, 50;
 3. end to end: `zupatch create` for 10 requests with a warm statistics cache
    (a first run fills a temporary $ZUPATCH_CACHE, the second is timed): wall
-   time and peak RSS of the process.
+   time and peak RSS of the process; and the same with the layer-input cache
+   off (``--set layer_cache_mb=0``: every forward from the first layer).
 
 Usage: python benchmarks/create.py [--tokens 8192] [--steps 5] [--quick]
 """
@@ -128,7 +129,9 @@ def bench_end_to_end(folder: Path, n: int, tokens: int, work: Path) -> dict:
            "--device", "cpu", "--dtype", "float32", "--force", "-q"]  # fmt: skip
     cold = measure(cmd, env)
     warm = measure(cmd, env)
-    return {"cold": cold, "warm": warm, "patch_bytes": (work / "out.zup.safetensors").stat().st_size}
+    full = measure([*cmd, "--set", "layer_cache_mb=0"], env)  # every forward from the first layer
+    return {"cold": cold, "warm": warm, "no_layer_cache": full,
+            "patch_bytes": (work / "out.zup.safetensors").stat().st_size}  # fmt: skip
 
 
 def main() -> None:
@@ -184,6 +187,9 @@ def main() -> None:
         print(f"{'run':<34} {'wall s':>7} {'peak RSS MB':>12}")
         print(f"{'cold (samples + fills stats cache)':<34} {e['cold']['seconds']:>7.1f} {e['cold']['peak_rss_mb']:>12.0f}")
         print(f"{'warm (statistics from cache)':<34} {e['warm']['seconds']:>7.1f} {e['warm']['peak_rss_mb']:>12.0f}")
+        full = e["no_layer_cache"]
+        print(f"{'warm, layer_cache_mb=0':<34} {full['seconds']:>7.1f} {full['peak_rss_mb']:>12.0f}")
+        print(f"layer-input cache: {full['seconds'] / e['warm']['seconds']:.2f}x faster")
         print(f"patch: {e['patch_bytes'] / 1e6:.2f} MB")
     print(f"\nbenchmark wall time: {time.perf_counter() - started:.0f} s")
 

@@ -7,8 +7,10 @@ Data (benchmarks/data/):
   model answers. ``create`` gets them **without** their paraphrases (so the
   generalization figure measures what the engine derives itself); ``eval``
   scores the paraphrases.
-- quality_retain.jsonl: 40 facts to keep, the *tuning* set. The defaults were
-  chosen by looking at this set only. ``--retain`` runs get every other one.
+- quality_retain.jsonl: 91 facts to keep, the *tuning* set (the first 40
+  since 2026-11-23, 51 more of the same templates added 2026-11-30, same
+  subjects as the forget facts in other relations included). The defaults
+  were chosen by looking at this set only. ``--retain`` runs get every other one.
 - heldout_facts.jsonl: 165 facts the base model answers (108 share a template
   with a forgotten fact). Never used in any tuning run; only this script reads
   it, and only to report.
@@ -22,14 +24,14 @@ Runs (``--runs``, all through the real CLI, no retain file unless named):
 
 Each create is timed in a wrapper process (wall time, peak RSS), after the
 statistics cache was filled once. One ``zupatch eval --json`` scores all
-patches with the 40 tuning facts and tests/data/ordinary_text.txt; a second
+patches with the tuning facts and tests/data/ordinary_text.txt; a second
 scores them on the held-out facts and on the base model's own sampled text.
 Prints a Markdown table (docs/benchmarks.md keeps the figures) and writes the
 raw reports to ``--out`` (``python benchmarks/plots.py --quality FILE`` draws
 its rows as docs/images/quality-tradeoff.png).
 
 ``--attacks quant:Q8_0,chat,...`` (or ``all``) adds ``--attack`` to the first
-eval (so relearn trains on the 40 tuning facts and chat also asks them) and
+eval (so relearn trains on the tuning facts and chat also asks them) and
 prints a second table: for every run and attack, forget prompts and
 paraphrases answered, tuning facts kept, probes unchanged and the perplexity
 change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
@@ -183,7 +185,7 @@ def print_table(rows: list[dict], tuned: dict, held: dict) -> None:
     print(f"SmolLM2-135M-Instruct, {data['forget']} facts to forget ({data['paraphrases']} paraphrases, not given "
           f"to create), {data['retain']} tuning facts, {held['data']['retain']} held-out facts, "
           f"{tuned['settings']['device']}\n")  # fmt: skip
-    print("| run | forget answered | paraphrases answered | kept: tuning 40 | kept: held-out | kept: held-out, "
+    print("| run | forget answered | paraphrases answered | kept: tuning | kept: held-out | kept: held-out, "
           "same template | probes unchanged | perplexity | create time | peak RSS | patch |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
