@@ -154,3 +154,15 @@ def test_another_model_gets_a_built_in_fact_it_answers(fact_checkpoint: Path) ->
     assert (chosen.prompt, chosen.subject, chosen.target, chosen.alternatives) == (*alternative[:3], ())
     assert DemoConfig().with_fact("The capital of {} is", "Spain", "Madrid").alternatives == ()
     assert DemoConfig().with_fact(paraphrases=["France's capital is"]).alternatives == ()
+
+
+def test_demo_caches_the_statistics_create_reads() -> None:
+    """One token budget for demo (library and CLI) and create, so the demo warms create's cache."""
+    import inspect
+
+    from zupatch.cli.demo_cli import demo as demo_command
+    from zupatch.demo import DEFAULT_TOKENS, DemoConfig
+    from zupatch.engine.stats import StatsConfig
+
+    assert DEFAULT_TOKENS == DemoConfig().tokens == StatsConfig().sampled_token_budget
+    assert inspect.signature(demo_command).parameters["tokens"].default == DEFAULT_TOKENS

@@ -62,7 +62,9 @@ DEFAULT_UNRELATED: tuple[tuple[str, str], ...] = (
     ("The chemical symbol of gold is", "Au"),
     ("The opposite of hot is", "cold"),
 )
-DEFAULT_TOKENS = 4096
+#: create's sampled statistics budget (``StatsConfig.sampled_token_budget``, kept equal by a
+#: test), so the statistics the demo caches are the ones a later ``create`` reads.
+DEFAULT_TOKENS = 16_384
 DEFAULT_NEW_TOKENS = 10
 DEFAULT_OUTPUT_DIR = Path("zupatch-demo")
 

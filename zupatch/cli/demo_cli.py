@@ -25,7 +25,7 @@ def demo(
     paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", help="Another wording of the fact to show (repeatable; {} allowed). Default: one for the built-in fact, none for your own.")] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="New folder for the patches and checkpoints the demo writes.")] = Path("zupatch-demo"),
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo's output folder.")] = False,
-    tokens: Annotated[int, typer.Option("--tokens", help="Token budget of the key statistics (sampled from the model, cached).")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="Token budget of the key statistics (sampled from the model, cached; the default is create's, so a later create reads the same cache).")] = 16_384,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report (generations, sizes, seconds, hashes) as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors and the exit code only.")] = False,
