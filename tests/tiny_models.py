@@ -49,9 +49,21 @@ MLP_DOWN_PROJ: dict[str, str] = {
     "gpt_neox": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
 }
 
+#: Multimodal checkpoints (kept out of :data:`TINY_ARCHITECTURES`: their files name the
+#: language model's tensors differently from the loaded model's ``state_dict``). A tiny
+#: Gemma 3 4B/12B/27B: ``Gemma3Config`` with a tiny text config (as "gemma3" above) and a
+#: tiny SigLIP vision tower; transformers 5 loads it as Gemma3ForConditionalGeneration.
+MULTIMODAL_ARCHITECTURES: tuple[str, ...] = ("gemma3_multimodal",)
+
+#: Layer ``i``'s down projection in a multimodal checkpoint, as the loaded model names it
+#: and as ``save_pretrained`` (and Google's checkpoints) name it in the files.
+MULTIMODAL_DOWN_PROJ = {"gemma3_multimodal": "model.language_model.layers.{i}.mlp.down_proj.weight"}
+MULTIMODAL_FILE_DOWN_PROJ = {"gemma3_multimodal": "language_model.model.layers.{i}.mlp.down_proj.weight"}
+VISION_HIDDEN_SIZE = 32
+
 #: The ``model_type`` of each tiny architecture where it differs from its name (the
 #: text-only Gemma 3, ``Gemma3ForCausalLM``, is "gemma3_text").
-MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}
+MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text", "gemma3_multimodal": "gemma3"}
 
 #: Architectures whose projections are GPT-2 ``Conv1D`` modules, stored as
 #: ``(in_features, out_features)``: the down projection is ``(intermediate, hidden)``
@@ -106,7 +118,16 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def tiny_config(arch: str) -> PretrainedConfig:
-    """The config of the tiny model for ``arch`` (one of :data:`TINY_ARCHITECTURES`)."""
+    """The config of the tiny model for ``arch`` (:data:`TINY_ARCHITECTURES`, :data:`MULTIMODAL_ARCHITECTURES`)."""
+    if arch == "gemma3_multimodal":
+        from transformers import Gemma3Config
+
+        # 28-pixel images in 14-pixel patches: 2×2 patches, pooled to mm_tokens_per_image = 4.
+        # The image tokens keep Gemma 3's ids, beyond this vocabulary: text never contains them.
+        vision = {"hidden_size": VISION_HIDDEN_SIZE, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "image_size": 28, "patch_size": 14}  # fmt: skip
+        text = tiny_config("gemma3").to_dict()
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **_TOKEN_IDS)
     if arch not in _CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {TINY_ARCHITECTURES}")
     return AutoConfig.for_model(MODEL_TYPES.get(arch, arch), vocab_size=VOCAB_SIZE, **_TOKEN_IDS, **_CONFIGS[arch])

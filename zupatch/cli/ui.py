@@ -165,9 +165,15 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
                   soft_wrap=True)  # fmt: skip
 
 
+#: Prefixes the entries table leaves out (the sha256 list below it gives full names): the
+#: base model's, and the language model's in a multimodal Gemma 3 checkpoint's files.
+_SHORT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
+
+
 def _short(name: str) -> str:
     """``model.layers.17.mlp.down_proj.weight`` -> ``layers.17.mlp.down_proj`` (the table fits 80 columns)."""
-    return name.removeprefix("model.").removesuffix(".weight")
+    prefix = next((p for p in _SHORT_PREFIXES if name.startswith(p)), "")
+    return name.removeprefix(prefix).removesuffix(".weight")
 
 
 def _percent(value: float | None) -> str:

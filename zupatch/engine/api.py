@@ -33,6 +33,7 @@ from zupatch.engine.architectures import (
     down_proj_weight_name,
     num_layers,
     resolve_architecture,
+    stored_tensor_name,
 )
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
 from zupatch.engine.precheck import (
@@ -284,8 +285,13 @@ def create(
     missing = [e.tensor_name for e in edit.layers if e.tensor_name not in base]
     if missing:
         raise ZupatchError(f"the edit touched unexpected tensors: {missing}")
-    patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
-                            include_request_text=include_request_text)  # fmt: skip
+    # the patch names tensors as the model's checkpoint files do (multimodal Gemma 3:
+    # language_model.model.layers...), so it applies to the folder as well as to the model
+    spec = resolve_architecture(model, config.overrides)
+    stored = {name: stored_tensor_name(spec, name) for name in base}
+    patch = patch_from_edit(edit, {stored[n]: bits for n, bits in base.items()}, requests, base_model=base_model,
+                            base_revision=base_revision, include_request_text=include_request_text,
+                            tensor_names=stored)  # fmt: skip
     if not return_report:
         return patch
     return CreateReport(patch=patch, edit=edit, seconds={"total": time.perf_counter() - started}, target_checks=checks)

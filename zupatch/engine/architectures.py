@@ -54,6 +54,10 @@ class ArchitectureSpec:
     #: decoder layer (Gemma 2/3: ``post_feedforward_layernorm``); None when the
     #: down projection's output is added to the residual stream as it is.
     post_mlp_norm: str | None = None
+    #: Where the decoder layers are in the checkpoint's files when transformers renames them
+    #: at load (multimodal Gemma 3: ``language_model.model.layers`` on disk, loaded as
+    #: ``model.language_model.layers``); None when the files use ``layers_path``.
+    stored_layers_path: str | None = None
 
 
 _LLAMA_LIKE = dict(layers_path="model.layers", down_proj="mlp.down_proj")
@@ -70,6 +74,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     # Gemma 3 checkpoints (270M, 1B; Gemma3ForCausalLM) have model_type "gemma3_text".
     ArchitectureSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     ArchitectureSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
+    # Gemma 3 4B/12B/27B are multimodal (model_type "gemma3", Gemma3ForConditionalGeneration):
+    # the same decoder layers under model.language_model, a SigLIP vision tower beside it
+    # that the edit never touches; the layer count and sizes are in config.text_config.
+    ArchitectureSpec(
+        "gemma3_multimodal",
+        ("gemma3",),
+        layers_path="model.language_model.layers",
+        down_proj="mlp.down_proj",
+        final_norm_path="model.language_model.norm",
+        embedding_path="model.language_model.embed_tokens",
+        post_mlp_norm="post_feedforward_layernorm",
+        stored_layers_path="language_model.model.layers",
+    ),
     ArchitectureSpec("phi3", ("phi3",), **_LLAMA_LIKE),
     ArchitectureSpec(
         "gpt2",
@@ -184,8 +201,16 @@ def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
     return layers
 
 
-def num_layers(model_or_config: Any, spec: ArchitectureSpec) -> int:
+def text_config(model_or_config: Any) -> Any:
+    """The config of the language model: ``text_config`` for a multimodal model, else the config itself."""
     config = _config_of(model_or_config)
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def num_layers(model_or_config: Any, spec: ArchitectureSpec) -> int:
+    """Decoder layers of the language model (read from ``text_config`` in a multimodal config)."""
+    config = text_config(model_or_config)
     value = getattr(config, spec.num_layers_attr, None)
     if value is None:
         value = getattr(config, "num_hidden_layers", None)
@@ -241,21 +266,32 @@ def down_proj_weight_name(spec: ArchitectureSpec, layer: int) -> str:
     return f"{spec.layers_path}.{layer}.{spec.down_proj}.weight"
 
 
+def stored_tensor_name(spec: ArchitectureSpec, state_dict_name: str) -> str:
+    """The name checkpoint files give a decoder-layer tensor, by the family's convention.
+
+    What ``save_pretrained`` writes (and what a patch made on a model in memory
+    names, so that it applies to the model's checkpoint folder); with the files
+    at hand, :func:`checkpoint_tensor_name` looks the name up instead.
+    """
+    if spec.stored_layers_path and state_dict_name.startswith(spec.layers_path + "."):
+        return spec.stored_layers_path + state_dict_name[len(spec.layers_path) :]
+    return state_dict_name
+
+
 def checkpoint_tensor_name(model: nn.Module, state_dict_name: str, checkpoint_names: Collection[str]) -> str:
     """The name a state-dict tensor has in a checkpoint's files.
 
     Usually the same; older checkpoints omit the base-model prefix
-    (``h.0.mlp.c_proj.weight`` for GPT-2's ``transformer.h.0.mlp.c_proj.weight``).
+    (``h.0.mlp.c_proj.weight`` for GPT-2's ``transformer.h.0.mlp.c_proj.weight``),
+    and multimodal Gemma 3 files name the language model ``language_model.model.*``
+    where transformers 5 loads it as ``model.language_model.*``
+    (:data:`zupatch.patch.module.CHECKPOINT_PREFIXES`).
     """
+    from zupatch.patch.module import other_spellings
+
     if state_dict_name in checkpoint_names:
         return state_dict_name
-    prefix = getattr(model, "base_model_prefix", "")
-    candidates = []
-    if prefix and state_dict_name.startswith(prefix + "."):
-        candidates.append(state_dict_name[len(prefix) + 1 :])
-    if prefix:
-        candidates.append(f"{prefix}.{state_dict_name}")
-    for name in candidates:
+    for name in other_spellings(state_dict_name, getattr(model, "base_model_prefix", "")):
         if name in checkpoint_names:
             return name
     raise ZupatchError(f"tensor {state_dict_name!r} not found in the checkpoint")

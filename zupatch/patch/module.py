@@ -54,14 +54,39 @@ def write_bits(t: "torch.Tensor", bits: np.ndarray) -> None:
         t.copy_(src.reshape(t.shape).to(t.device))
 
 
+#: Prefixes that name the same tensors in a loaded model and in checkpoint files, as
+#: (model's ``state_dict`` prefix, prefix in the files). transformers 5 loads the language
+#: model of a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration) as
+#: ``model.language_model.*``, while its files (Google's, and what ``save_pretrained``
+#: writes) name it ``language_model.model.*``.
+CHECKPOINT_PREFIXES: tuple[tuple[str, str], ...] = (("model.language_model.", "language_model.model."),)
+
+
+def other_spellings(name: str, base_model_prefix: str = "") -> list[str]:
+    """The names ``name`` may have on the other side (model <-> checkpoint files), most likely first.
+
+    Without or with the model's base prefix (``h.0...`` for GPT-2's
+    ``transformer.h.0...``), and across :data:`CHECKPOINT_PREFIXES` in both directions.
+    """
+    spellings: list[str] = []
+    for model_prefix, file_prefix in CHECKPOINT_PREFIXES:
+        for a, b in ((model_prefix, file_prefix), (file_prefix, model_prefix)):
+            if name.startswith(a):
+                spellings.append(b + name[len(a) :])
+    if base_model_prefix:
+        if name.startswith(base_model_prefix + "."):
+            spellings.append(name[len(base_model_prefix) + 1 :])
+        spellings.append(f"{base_model_prefix}.{name}")
+    return [s for i, s in enumerate(spellings) if s != name and s not in spellings[:i]]
+
+
 def find_parameter(model: "torch.nn.Module", name: str) -> "torch.Tensor":
-    """The parameter (or buffer) a checkpoint tensor name refers to, with or without the model's prefix."""
+    """The parameter (or buffer) a checkpoint tensor name refers to (see :func:`other_spellings`)."""
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     if name in params:
         return params[name]
-    prefix = getattr(model, "base_model_prefix", "")
-    for candidate in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+    for candidate in other_spellings(name, getattr(model, "base_model_prefix", "")):
         if candidate in params:
             return params[candidate]
     raise ZupatchError(f"the model has no parameter {name!r}")
