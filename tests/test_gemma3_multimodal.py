@@ -216,3 +216,26 @@ def test_a_request_longer_than_the_text_context_is_refused(world: dict, tmp_path
                         f"{forget}:1", "more than its context of 256 tokens (max_position_embeddings)",
                         inputs=[forget], output=out)  # fmt: skip
     assert "Traceback" not in line
+
+
+def test_the_peft_export_loads_into_the_multimodal_model(world: dict, tmp_path: Path) -> None:
+    """The adapter names the files' modules (language_model.model.layers.N.mlp.down_proj); PEFT
+    loads it into the model transformers 5 builds (model.language_model...), adding U·B exactly."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    patch = Patch.load(world["patch"])
+    code, out = zup("export", str(world["patch"]), "--to", "peft", "-o", str(tmp_path / "adapter"))
+    assert code == 0, out
+    base = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32).eval()
+    weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    for name in patch.tensor_names:
+        (entry,) = patch.chain(name)
+        assert entry.scale == 1.0
+        model_name = name.replace("language_model.model.", "model.language_model.", 1)
+        expected = weights[model_name].double() + torch.from_numpy(entry.U @ entry.B)
+        torch.testing.assert_close(dict(merged.named_parameters())[model_name].double(), expected, atol=1e-6, rtol=0)
+    untouched = [n for n in weights if n.replace("model.language_model.", "language_model.model.", 1) not in patch.tensor_names]
+    params = dict(merged.named_parameters())
+    assert all(torch.equal(params[n], weights[n]) for n in untouched if n in params)
