@@ -29,6 +29,7 @@ from tests.tiny_models import MULTIMODAL_DOWN_PROJ, MULTIMODAL_FILE_DOWN_PROJ, N
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.cli.main import app
 from zupatch.engine.architectures import (
+    ArchitectureOverrides,
     checkpoint_tensor_name,
     default_layers,
     down_proj_weight_name,
@@ -102,6 +103,12 @@ def test_the_architecture_is_read_from_the_text_config(tiny_checkpoint) -> None:
     assert spec.post_mlp_norm == "post_feedforward_layernorm"
     assert num_layers(config, spec) == NUM_LAYERS  # config.text_config.num_hidden_layers
     assert context_length(config) == (256, "max_position_embeddings")  # from text_config too
+    # --layers-path naming the same layers keeps the files' names; another path has none known
+    same = resolve_architecture(config, ArchitectureOverrides(layers_path="model.language_model.layers"))
+    assert same.stored_layers_path == "language_model.model.layers"
+    other = resolve_architecture(config, ArchitectureOverrides(layers_path="language_model.model.layers"))
+    assert other.stored_layers_path is None
+    assert stored_tensor_name(other, "language_model.model.layers.1.mlp.down_proj.weight").startswith("language_model.")
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -157,10 +157,13 @@ def resolve_architecture(model_or_config: Any, overrides: ArchitectureOverrides 
             embedding_path="",
         )
     elif overrides:
+        layers_path = overrides.layers_path or spec.layers_path
         spec = replace(
             spec,
-            layers_path=overrides.layers_path or spec.layers_path,
+            layers_path=layers_path,
             down_proj=overrides.down_proj or spec.down_proj,
+            # the files' name for the layers is known only for the family's own path
+            stored_layers_path=spec.stored_layers_path if layers_path == spec.layers_path else None,
         )
     if isinstance(model_or_config, nn.Module):
         spec = _checked_against_model(spec, model_or_config)
