@@ -331,6 +331,8 @@ def load_model(
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target) if isinstance(dtype, str) else dtype
     try:
+        # A multimodal Gemma 3 config (model_type "gemma3") gives Gemma3ForConditionalGeneration here,
+        # as AutoModelForImageTextToText would (transformers 5): its language model runs on text alone.
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001
         raise ZupatchError(f"cannot load the model ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
