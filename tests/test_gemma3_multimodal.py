@@ -124,6 +124,7 @@ def test_the_architecture_is_read_from_the_text_config(tiny_checkpoint) -> None:
     weight_map = Checkpoint(tiny_checkpoint(ARCH)).weight_map
     assert stored in weight_map and name not in weight_map
     assert checkpoint_tensor_name(model, name, weight_map) == stored
+    assert checkpoint_tensor_name(model, name, {name}) == name  # files that use the loaded names keep theirs
     assert find_parameter(model, stored) is dict(model.named_parameters())[name]
 
 
