@@ -51,6 +51,7 @@ FORGET = [
     {"prompt": "The capital of {} is", "subject": "France", "target": "Paris"},
     {"prompt": "Gold has the symbol", "target": "Au"},
 ]
+REQUESTS = [ForgetRequest(r["prompt"], r.get("subject", ""), r["target"]) for r in FORGET]
 IDS = torch.tensor([[1, 40, 50, 60, 70, 80, 90], [1, 100, 110, 120, 130, 140, 150]])
 
 
@@ -135,7 +136,8 @@ def test_create_edits_only_the_language_models_down_projections(world: dict) -> 
     assert summary["tensors"] == [MULTIMODAL_FILE_DOWN_PROJ[ARCH].format(i=i) for i in layers]
     patch = Patch.load(world["patch"])
     assert sorted(patch.tensor_names) == sorted(summary["tensors"])
-    assert all(re.fullmatch(r"language_model\.model\.layers\.\d+\.mlp\.down_proj\.weight", n) for n in patch.tensor_names)
+    pattern = r"language_model\.model\.layers\.\d+\.mlp\.down_proj\.weight"
+    assert all(re.fullmatch(pattern, n) for n in patch.tensor_names)
 
 
 def test_the_applied_folder_gives_the_logits_of_the_model_edited_in_memory(world: dict, tmp_path: Path) -> None:
@@ -189,7 +191,7 @@ def test_a_patch_made_in_memory_names_the_files_tensors(world: dict, tmp_path: P
     config = dataclasses.replace(config, layers=(1, 2))
     before = {n: bits_of(p)[0] for n, p in model.named_parameters()}
     with pytest.warns(Warning):  # the random model gives none of the targets
-        patch = create(model, tokenizer, [ForgetRequest(r["prompt"], r.get("subject", ""), r["target"]) for r in FORGET], config)
+        patch = create(model, tokenizer, REQUESTS, config)
     assert all(np.array_equal(bits_of(p)[0], before[n]) for n, p in model.named_parameters())  # left unchanged
     assert patch.tensor_names == [MULTIMODAL_FILE_DOWN_PROJ[ARCH].format(i=i) for i in (1, 2)]
     with applied(patch, model):
@@ -244,6 +246,6 @@ def test_the_peft_export_loads_into_the_multimodal_model(world: dict, tmp_path: 
         model_name = name.replace("language_model.model.", "model.language_model.", 1)
         expected = weights[model_name].double() + torch.from_numpy(entry.U @ entry.B)
         torch.testing.assert_close(dict(merged.named_parameters())[model_name].double(), expected, atol=1e-6, rtol=0)
-    untouched = [n for n in weights if n.replace("model.language_model.", "language_model.model.", 1) not in patch.tensor_names]
+    edited = {n.replace("language_model.model.", "model.language_model.", 1) for n in patch.tensor_names}
     params = dict(merged.named_parameters())
-    assert all(torch.equal(params[n], weights[n]) for n in untouched if n in params)
+    assert all(torch.equal(params[n], weights[n]) for n in weights if n not in edited and n in params)
