@@ -157,17 +157,26 @@ def main() -> None:
     if tuned.get("attacks"):
         print_attack_table(tuned, ["base", *runs])
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "created": created, "eval": tuned, "eval_held_out": held},
+        facts = {"forget": tuned["data"]["forget"], "paraphrases": tuned["data"]["paraphrases"],
+                 "tuning": tuned["data"]["retain"], "held_out": held["data"]["retain"],
+                 "held_out_same_template": len(_same_template_facts())}  # fmt: skip
+        args.out.write_text(json.dumps({"facts": facts, "rows": rows, "created": created, "eval": tuned,
+                                        "eval_held_out": held},
                                        indent=2, ensure_ascii=False))  # fmt: skip
+
+
+def _same_template_facts() -> list[str]:
+    """The held-out facts (JSONL lines) whose prompt is a forget fact's prompt."""
+    forget_templates = {json.loads(line)["prompt"] for line in FORGET.read_text().splitlines() if line.strip()}
+    return [line for line in HELD_OUT.read_text().splitlines()
+            if line.strip() and json.loads(line)["prompt"] in forget_templates]  # fmt: skip
 
 
 def _same_template_kept(held: dict, runs: list[str]) -> dict[str, float]:
     """Held-out facts sharing a forget template: re-scored here from the eval's own
     per-fact figures is not possible (the report holds shares), so a third eval
     run on that subset gives them."""
-    forget_templates = {json.loads(line)["prompt"] for line in FORGET.read_text().splitlines() if line.strip()}
-    subset = [line for line in HELD_OUT.read_text().splitlines()
-              if line.strip() and json.loads(line)["prompt"] in forget_templates]  # fmt: skip
+    subset = _same_template_facts()
     path = Path(tempfile.mkdtemp(prefix="zupatch-quality-")) / "same_template.jsonl"
     path.write_text("\n".join(subset) + "\n")
     patches = [a for m in held["models"][1:] for a in ("-p", m["patch"]["ref"])]
