@@ -16,6 +16,7 @@ from zupatch.engine.targets import (
     encode_prompts,
     fact_activations,
     generate_context_prefixes,
+    greedy_continuations,
     optimise_representations,
 )
 
@@ -264,3 +265,15 @@ def test_layer_input_cache_holds_no_more_than_its_budget(tiny_llama) -> None:
     for _ in range(2):
         fact_activations(model, tokenizer, spec, REQUESTS, [""], 1, layer_cache=cache)
     assert cache.held_bytes == 0 and cache.replays == 0
+
+
+def test_a_continuation_stops_after_its_first_stop_string(tiny_llama) -> None:
+    """stop_at ends generation once the text holds a stop string; what precedes it is unchanged."""
+    model, tokenizer = tiny_llama
+    full = greedy_continuations(model, tokenizer, ["The capital of France is"], 24)[0]
+    assert len(full) > 6
+    stop = full[4:6]  # a string the untruncated continuation holds
+    (stopped,) = greedy_continuations(model, tokenizer, ["The capital of France is"], 24, stop_at=(stop,))
+    assert stop in stopped and full.startswith(stopped)
+    assert stopped.split(stop)[0] == full.split(stop)[0]
+    assert len(stopped) < len(full)

@@ -293,13 +293,26 @@ class NeighbourConfig:
     similar_in_contexts: bool = True
 
 
-def greedy_continuations(model: nn.Module, tokenizer: Any, texts: Sequence[str], new_tokens: int) -> list[str]:
+def greedy_continuations(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], new_tokens: int, stop_at: Sequence[str] = ()
+) -> list[str]:
     """Greedy continuations (text only) of ``texts``, each as a fresh document.
 
     For a few short prompts (context prefixes, neighbour lists): each runs on
-    its own through ``generate`` (KV cache, no padding to get right).
+    its own through ``generate`` (KV cache, no padding to get right). With
+    ``stop_at``, a continuation ends at the first token after which its text
+    holds one of those strings (what comes before it is the same as without).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, start: int):
+            self.start = start
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            text = tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
+            done = any(stop in text for stop in stop_at)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     device = model_device(model)
     prefix = document_start_ids(tokenizer)
@@ -315,13 +328,21 @@ def greedy_continuations(model: nn.Module, tokenizer: Any, texts: Sequence[str],
         for text in texts:
             prompt = prefix + list(tokenizer(text, add_special_tokens=False)["input_ids"])
             ids = torch.tensor([prompt], device=device)
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+            stopping = StoppingCriteriaList([StopAfter(len(prompt))] if stop_at else [])
+            output = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation,
+                stopping_criteria=stopping,
+            )  # fmt: skip
             sequence = output[0].tolist()
             # Decode whole and cut, so SentencePiece keeps the space before the first new word.
             prompt_text = tokenizer.decode(sequence[len(prefix) : len(prompt)], skip_special_tokens=True)
             full_text = tokenizer.decode(sequence[len(prefix) :], skip_special_tokens=True)
             continuations.append(full_text[len(prompt_text) :])
     return continuations
+
+
+#: Where a listed-subjects continuation ends: the first line break, or sentence end.
+_LIST_ENDS = ("\n", ". ")
 
 
 def propose_neighbour_subjects(
@@ -337,8 +358,9 @@ def propose_neighbour_subjects(
     if not subjects or config.subjects <= 0:
         return []
     prompt = "Examples: " + ", ".join(subjects) + ","
-    (continuation,) = greedy_continuations(model, tokenizer, [prompt], config.new_tokens)
-    text = re.sub(r"\([^)]*\)?", " ", continuation.split("\n")[0].split(". ")[0])
+    # Only the first line's first sentence is read: generating past it would be wasted.
+    (continuation,) = greedy_continuations(model, tokenizer, [prompt], config.new_tokens, stop_at=_LIST_ENDS)
+    text = re.sub(r"\([^)]*\)?", " ", continuation.split(_LIST_ENDS[0])[0].split(_LIST_ENDS[1])[0])
     proposed: list[str] = []
     taken = {s.casefold() for s in subjects}
     for item in re.split(r"[,;:]|\band\b|\bor\b", text):
