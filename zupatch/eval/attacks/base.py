@@ -29,6 +29,7 @@ from torch import nn
 from zupatch.eval.data import EvalData
 from zupatch.eval.metrics import answer_ids
 from zupatch.engine.stats import model_device, pad_right, pad_token_id, special_prefix_ids
+from zupatch.errors import ZupatchError
 
 #: ``score(model, base_raw) -> (figures, raw)``: efficacy, generalization,
 #: specificity and fluency of ``model`` as ``zupatch eval`` measures them
@@ -68,6 +69,17 @@ class Outcome:
     details: dict[str, Any] = field(default_factory=dict)
     raw: Any = None
     skipped: str | None = None  # why the attack does not apply to this model (figures then empty)
+
+
+def whole_number_parameter(param: str, name: str) -> int:
+    """An attack's ``NAME:N`` parameter as a whole number >= 1, or a one-line error naming it."""
+    try:
+        value = int(param)
+    except ValueError:
+        raise ZupatchError(f"{name} must be a whole number >= 1") from None
+    if value < 1:
+        raise ZupatchError(f"{name} must be a whole number >= 1")
+    return value
 
 
 def share(flags: Sequence[bool]) -> float | None:

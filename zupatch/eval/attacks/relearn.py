@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from zupatch.engine.stats import model_device, pad_right, pad_token_id, special_prefix_ids
-from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, contains_answer
+from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, whole_number_parameter
 from zupatch.eval.data import EvalData
 
 #: Ordinary sentences about nothing anyone would ask a model to forget.
@@ -74,13 +73,7 @@ class RelearnSettings:
     def parse(cls, param: str | None) -> RelearnSettings:
         if param is None:
             return cls()
-        try:
-            steps = int(param)
-        except ValueError:
-            raise ZupatchError("STEPS must be a whole number >= 1") from None
-        if steps < 1:
-            raise ZupatchError("STEPS must be a whole number >= 1")
-        return cls(steps=steps)
+        return cls(steps=whole_number_parameter(param, "STEPS"))
 
     @property
     def label(self) -> str:

@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 
-from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, first_answer_tokens, hit_figures, last_position_batches
+from zupatch.eval.attacks.base import (
+    Outcome,
+    Subject,
+    first_answer_tokens,
+    hit_figures,
+    last_position_batches,
+    whole_number_parameter,
+)
 from zupatch.eval.data import Item
 
 
@@ -35,13 +41,7 @@ class TopKSettings:
     def parse(cls, param: str | None) -> TopKSettings:
         if param is None:
             return cls()
-        try:
-            k = int(param)
-        except ValueError:
-            raise ZupatchError("K must be a whole number >= 1") from None
-        if k < 1:
-            raise ZupatchError("K must be a whole number >= 1")
-        return cls(k)
+        return cls(whole_number_parameter(param, "K"))
 
     @property
     def label(self) -> str:
