@@ -310,3 +310,20 @@ def test_skipping_the_unedited_layers_gives_the_same_edit(arch: str) -> None:
 def test_layer_cache_size_must_be_whole_mib(value) -> None:
     with pytest.raises(ZupatchError, match="layer_cache_mb"):
         CreateConfig(layer_cache_mb=value)
+
+
+def test_progress_reaches_the_end_of_every_phase(fact_model) -> None:
+    """Every phase longer than a moment reports through ``progress``, each stage's count
+    never goes back within a pass, and each stage ends at its total."""
+    model, tokenizer, facts = fact_model
+    events: list[tuple[str, int, int]] = []
+    config = dataclasses.replace(FAST, neighbours=NeighbourConfig(subjects=4, similar=8))
+    compute_edit(model, tokenizer, facts[:1], config, lambda *event: events.append(event), corpus=CORPUS)
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages[:2] == ["preparing", "key statistics"], stages
+    assert {"neutral targets", "probes", "similar keys", "layers"} <= set(stages), stages
+    for stage in stages:
+        counts = [(done, total) for s, done, total in events if s == stage]
+        assert counts[-1][0] == counts[-1][1] > 0, (stage, counts)
+        if stage != "layers":  # layers start again with each refinement pass
+            assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), (stage, counts)

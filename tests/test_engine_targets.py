@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -13,6 +15,7 @@ from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
     OptimisationConfig,
+    _listed_subjects,
     encode_prompts,
     fact_activations,
     generate_context_prefixes,
@@ -277,3 +280,45 @@ def test_a_continuation_stops_after_its_first_stop_string(tiny_llama) -> None:
     assert stop in stopped and full.startswith(stopped)
     assert stopped.split(stop)[0] == full.split(stop)[0]
     assert len(stopped) < len(full)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
+def test_batched_continuations_equal_one_at_a_time(arch: str) -> None:
+    """One left-padded generate call gives each text the continuation it gets alone
+    (texts of different lengths, so the padding is really there)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    texts = ["The capital of France is", "Paris", "Danielle Darrieux was a French actress; her mother tongue is"]
+    alone = greedy_continuations(model, tokenizer, texts, 12)
+    assert any(alone)
+    assert len({len(tokenizer(t)["input_ids"]) for t in texts}) == len(texts)
+    assert greedy_continuations(model, tokenizer, texts, 12, batched=True) == alone
+    assert greedy_continuations(model, tokenizer, [], 12, batched=True) == []
+    with pytest.raises(ValueError):
+        greedy_continuations(model, tokenizer, texts, 12, stop_at=(".",), batched=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["Spain", "the UK", "Bosnia and Herzegovina", "Rome (Italy", ")", "Paris", " or",
+                              " and", ",", ", ", ";", ":", " ", "3", "Oregon", "andorra", ".", "\n"]),  # fmt: skip
+             max_size=30),
+    st.integers(1, 8),
+)
+def test_a_listing_read_while_generated_only_grows(pieces: list[str], limit: int) -> None:
+    """What propose_neighbour_subjects reads from a listing still being generated
+    (complete items only) is a prefix of what it reads from any longer listing, so
+    stopping once ``limit`` items are complete changes nothing."""
+    text = "".join(pieces)
+    full, _ = _listed_subjects(text, ["France"], limit)
+    for cut in range(len(text) + 1):
+        early, _ = _listed_subjects(text[:cut], ["France"], limit, complete_only=True)
+        assert full[: len(early)] == early, (text[:cut], early, full)
+
+
+def test_a_listing_that_loops_is_seen_as_such() -> None:
+    items, repeats = _listed_subjects(" Croatia, Slovenia, Croatia, Croatia, Croatia, Croatia", ["Serbia"], 8)
+    assert items == ["Croatia", "Slovenia"] and repeats == 4
+    items, repeats = _listed_subjects(" Croatia, Slovenia, Croatia, Hungary", ["Serbia"], 8)
+    assert items == ["Croatia", "Slovenia", "Hungary"] and repeats == 0

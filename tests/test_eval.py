@@ -388,6 +388,10 @@ def test_probes_never_use_forget_or_protected_subjects(fact_model) -> None:
             assert not any(_words(subject) & _words(s) for s in created), (skip, subject)
             assert all(half_of(w) == "probe" for w in vocabulary_words(tokenizer) if w.casefold() in _words(subject))
     assert derive_probe_prompts(model, tokenizer, forget) == derive_probe_prompts(model, tokenizer, forget)
+    # create hands over the list it made instead of having it made again: the same probes
+    assert derive_probe_prompts(model, tokenizer, forget, protected=created) == derive_probe_prompts(
+        model, tokenizer, forget
+    )
     assert derive_probe_prompts(model, tokenizer, forget, proposed=0, vocabulary=0) == []
     assert derive_probe_prompts(model, tokenizer, [ForgetRequest("The capital of Zorvia", "", "Plim")]) == []
     with pytest.raises(ZupatchError, match="probe counts must be >= 0"):

@@ -293,7 +293,7 @@ def run_demo(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.demo-partial-", dir=parent))
     try:
         with _step("generate before", seconds, notify):
-            before = _generate(folder, [p for _, p, _ in prompts], config)
+            before = _generate(folder, [p for _, p, _ in prompts], config, progress or _quiet, "answers before")
         with _step("create", seconds, notify):
             cfg = with_settings(
                 CreateConfig(device=config.device),
@@ -308,7 +308,8 @@ def run_demo(
         with _step("apply", seconds, notify):
             apply_to_checkpoint(patch, folder, work / UNLEARNED_DIR, progress=progress or _quiet)
         with _step("generate after", seconds, notify):
-            after = _generate(work / UNLEARNED_DIR, [p for _, p, _ in prompts], config)
+            after = _generate(work / UNLEARNED_DIR, [p for _, p, _ in prompts], config, progress or _quiet,
+                              "answers after")  # fmt: skip
         with _step("invert", seconds, notify):
             inverse = invert(patch)
             inverse.save(work / INVERSE_FILE)
@@ -453,14 +454,24 @@ def _fact_the_model_gives(folder: Path, config: DemoConfig) -> DemoConfig:
     return config
 
 
-def _generate(folder: Path, prompts: list[str], config: DemoConfig) -> list[str]:
-    """Greedy continuations of ``prompts`` by the checkpoint in ``folder``."""
-    from zupatch.engine.api import load_model
+def _generate(
+    folder: Path, prompts: list[str], config: DemoConfig, progress: ProgressFn, stage: str
+) -> list[str]:
+    """Greedy continuations of ``prompts`` by the checkpoint in ``folder``, in one batch.
+    ``progress(stage, ...)`` moves after the tokenizer, the weights (the first load in a
+    process also imports most of transformers) and the answers."""
+    from zupatch.engine.api import load_model, load_tokenizer_and_config
     from zupatch.engine.targets import greedy_continuations
 
-    model, tokenizer = load_model(folder, "auto", config.device)
+    progress(stage, 0, 3)
+    tokenizer, _ = load_tokenizer_and_config(folder)
+    progress(stage, 1, 3)
+    model, tokenizer = load_model(folder, "auto", config.device, tokenizer=tokenizer)
+    progress(stage, 2, 3)
     try:
-        return greedy_continuations(model, tokenizer, prompts, config.new_tokens)
+        answers = greedy_continuations(model, tokenizer, prompts, config.new_tokens, batched=True)
+        progress(stage, 3, 3)
+        return answers
     finally:
         del model
 

@@ -337,6 +337,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------- the edit
 
 
+def _no_progress(stage: str, done: int, total: int) -> None:
+    """The ``progress`` callback when the caller gives none."""
+
+
 @contextmanager
 def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     """Add the wall time of the ``with`` block to ``seconds[phase]``."""
@@ -415,11 +419,16 @@ def compute_edit(
     n = len(requests)
     retain = _retain_prompts(requests, retain_requests, config.use_neighbours) if config.retain_key_weight > 0 else []
 
+    report = progress or _no_progress
     with _timed(timings, "contexts"):
+        report("preparing", 0, 3)
         prefixes = generate_context_prefixes(model, tokenizer, config.contexts)
+        report("preparing", 1, 3)
+        proposed: list[str] = []  # the model's own list of other subjects: protected, never probed
         if config.retain_key_weight > 0 and config.neighbours.subjects > 0:
             proposed = propose_neighbour_subjects(model, tokenizer, requests, config.neighbours)
             retain += neighbour_requests(requests, proposed)
+        report("preparing", 2, 3)
         # Phrasings, similar subjects and refinement were measured for the closed form; ZeroUnlearn-GD
         # keeps its single solve on the prompts (with them, the fact model forgot 16 of 20 requests
         # instead of 18 and kept 23 of 28 other facts instead of 28: docs/create.md).
@@ -428,6 +437,7 @@ def compute_edit(
         variants, owners = phrasing_variants(requests, config.phrasings.derived) if use_phrasings else ([], [])
         use_similar = closed_form and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
+        report("preparing", 3, 3)
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (
             key_statistics  # read, never changed: a lazy mapping stays lazy
@@ -460,13 +470,22 @@ def compute_edit(
     answers = [r.target for r in requests]
     answer_nll_before = target_nll(model, tokenizer, requests, answers)
     with _timed(timings, "probes"):
-        probes = _Probes.before(model, tokenizer, requests, config)
+        report("probes", 0, 2)
+        probes = _Probes.before(model, tokenizer, requests, config, proposed)
+        report("probes", 1, 2)
 
     factors_of: dict[int, Factors] = {}
     original_weights: dict[str, torch.Tensor] = {}
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
     similar_keys: dict[int, torch.Tensor] = {}
+    similar_contexts = prefixes if config.neighbours.similar_in_contexts else [""]
+    similar_rows = [0, len(similar) * len(similar_contexts) * len(layers)]  # read so far, in all
+
+    def similar_read(rows: int) -> None:
+        similar_rows[0] += rows
+        report("similar keys", similar_rows[0], similar_rows[1])
+
     layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], cache_bytes)
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
@@ -478,15 +497,16 @@ def compute_edit(
                 activations = fact_activations(
                     model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer, layer_cache=layer_cache
                 )
+            report("layers", 3 * j + 1, 3 * len(layers))  # three updates a layer: keys, other keys, solve
             keys, H_L = activations.keys[:, :n], activations.block_outputs[:, :n]
             retain_keys = activations.keys[:, n:]
             if similar:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
-                        contexts = prefixes if config.neighbours.similar_in_contexts else [""]
                         similar_keys[layer] = fact_activations(
-                            model, tokenizer, spec, similar, contexts, layer, layer_cache=layer_cache
-                        ).keys
+                            model, tokenizer, spec, similar, similar_contexts, layer, layer_cache=layer_cache,
+                            on_batch=similar_read,
+                        ).keys  # fmt: skip
                 retain_keys = torch.cat([retain_keys, similar_keys[layer]], dim=1)
             if variants:
                 with _timed(timings, "keys"):
@@ -494,6 +514,7 @@ def compute_edit(
                         model, tokenizer, spec, variants, prefixes, layer, layer_cache=layer_cache
                     ).keys
                 keys = _mean_over_variants(keys, variant_keys, owners, config.phrasings.weight)
+            report("layers", 3 * j + 2, 3 * len(layers))
             O = None
             original_summary = None
             if config.needs_original_representations():
@@ -556,8 +577,7 @@ def compute_edit(
             if original_summary is not None:
                 diagnostics["original_representations"] = original_summary
             layer_diagnostics.append(diagnostics)
-            if progress:
-                progress("layers", j + 1, len(layers))
+            report("layers", 3 * j + 3, 3 * len(layers))
         checks = check_targets(model, tokenizer, requests)  # one forward: greedy answers and their NLL
         answer_nll_after = [check.nll for check in checks]
         pending = torch.tensor([c.given or c.nll < config.refine.forgotten_nll for c in checks])
@@ -583,6 +603,7 @@ def compute_edit(
     }
     with _timed(timings, "probes"):
         verification["probes"] = probes.after(model, tokenizer)
+        report("probes", 2, 2)
     timings["total"] = time.perf_counter() - started
     hyperparameters = config.hyperparameters()
     hyperparameters.update(layers=list(layers), neutral_target=neutral_target, context_prefixes=len(prefixes))
@@ -669,13 +690,22 @@ class _Probes:
     tokens: list[int]
 
     @classmethod
-    def before(cls, model: nn.Module, tokenizer: Any, requests: Sequence[ForgetRequest], config: CreateConfig) -> _Probes:
+    def before(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: Sequence[ForgetRequest],
+        config: CreateConfig,
+        protected: Sequence[str] | None = None,
+    ) -> _Probes:
+        """``protected``: the subjects create had the model list and protects (never
+        probed); None (the baselines): the list it would make, made here."""
         if config.probes <= 0:
             return cls([], [])
-        skip = config.neighbours.subjects  # the subjects create has the model propose and protects
         prompts = derive_probe_prompts(
-            model, tokenizer, requests, proposed=config.probes, vocabulary=config.probes, skip_proposed=skip
-        )
+            model, tokenizer, requests, proposed=config.probes, vocabulary=config.probes,
+            skip_proposed=config.neighbours.subjects, protected=protected,
+        )  # fmt: skip
         return cls(prompts, next_token_ids(model, tokenizer, prompts) if prompts else [])
 
     def after(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:

@@ -98,6 +98,7 @@ def derive_probes(
     proposed: int = 16,
     vocabulary: int = 16,
     skip_proposed: int | None = None,
+    protected: Sequence[str] | None = None,
 ) -> ProbeSet:
     """Templates of ``requests`` and up to ``proposed`` + ``vocabulary`` other subjects for them.
 
@@ -108,7 +109,9 @@ def derive_probes(
     Then the model is asked to go on, the subjects listed so far appended to
     the examples, for up to four rounds (small models end or repeat a list
     after a few items). Proposed subjects with a protect-half vocabulary word
-    or a word of a request's subject or answer are dropped.
+    or a word of a request's subject or answer are dropped. ``create`` hands
+    its own list as ``protected`` (then ``skip_proposed`` is not used), which
+    spares generating it again.
     """
     if proposed < 0 or vocabulary < 0 or (skip_proposed is not None and skip_proposed < 0):
         raise ZupatchError("probe counts must be >= 0")
@@ -120,7 +123,9 @@ def derive_probes(
     banned = excluded_words(requests)
     # create's own list, exactly: never a probe. Its last item may be cut short by the
     # token budget, so a subject it begins is out too.
-    protected = propose_neighbour_subjects(model, tokenizer, requests, replace(default, subjects=skip)) if skip else []
+    if protected is None:
+        protected = propose_neighbour_subjects(model, tokenizer, requests, replace(default, subjects=skip)) if skip else []
+    protected = list(protected)
     for subject in protected:
         banned |= _words(subject)
     cut = protected[-1].casefold() if protected else None
@@ -161,12 +166,14 @@ def derive_probe_prompts(
     proposed: int = 16,
     vocabulary: int = 16,
     skip_proposed: int | None = None,
+    protected: Sequence[str] | None = None,
 ) -> list[str]:
     """Same-pattern probe prompts: the requests' templates filled with other subjects
     (see :func:`derive_probes`); empty when no request has a ``{}`` template."""
     probes = derive_probes(
-        model, tokenizer, requests, proposed=proposed, vocabulary=vocabulary, skip_proposed=skip_proposed
-    )
+        model, tokenizer, requests, proposed=proposed, vocabulary=vocabulary, skip_proposed=skip_proposed,
+        protected=protected,
+    )  # fmt: skip
     return probes.prompts
 
 

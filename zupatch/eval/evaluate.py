@@ -265,7 +265,7 @@ def _score(
         neighbour_tokens=next_token_ids(model, tokenizer, data.unlabelled_neighbours, config.batch_size),
         probe_tokens=next_token_ids(model, tokenizer, probes, config.batch_size),
         perplexity=token_perplexity(model, windows) if windows else None,
-        generations=greedy_continuations(model, tokenizer, shown, config.new_tokens) if shown else [],
+        generations=greedy_continuations(model, tokenizer, shown, config.new_tokens, batched=True) if shown else [],
     )
 
 
