@@ -56,3 +56,27 @@ def test_revision_means_the_models_revision_everywhere() -> None:
 
     result = CliRunner().invoke(app, ["inspect", "p.zup.safetensors", "--revision", "v1"])
     assert result.exit_code == 1 and "--patch-revision" in result.output
+
+
+def test_help_shows_plain_placeholders() -> None:
+    """Flags show no value placeholder (Typer's own help prints ``--json <bool>``), options
+    a plain one: TEXT, PATH, N, NUMBER, or their choices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    for args in (["create", "-h"], ["eval", "-h"], ["apply", "-h"], ["stats", "compute", "-h"], ["-h"]):
+        shown = subprocess.run([sys.executable, "-m", "zupatch", *args], capture_output=True, text=True, env=env)
+        assert shown.returncode == 0, shown.stderr
+        for typer_label in ("<bool>", "<int>", "<float>", "<path>", "<list[", "<auto|"):
+            assert typer_label not in shown.stdout, (args, typer_label)
+    create = subprocess.run([sys.executable, "-m", "zupatch", "create", "-h"], capture_output=True, text=True, env=env)
+    rows = {}  # option -> the words after it and its short form: placeholder (if any), then help
+    for line in create.stdout.splitlines():
+        words = line.strip("│ *").split()
+        if words and words[0].startswith("--"):
+            rows[words[0]] = [w for w in words[1:] if not (w.startswith("-") and len(w) == 2)]
+    assert rows["--tokens"][0] == "N" and rows["--model"][0] == "TEXT" and rows["--forget"][0] == "PATH"
+    assert rows["--method"][0] == "[zerounlearn|zerounlearn-gd|ga|npo]" and rows["--lr"][0] == "NUMBER"
+    assert rows["--json"][0] == "Print" and rows["--help"][0] == "Show", (rows["--json"], rows["--help"])

@@ -315,12 +315,47 @@ export_cli.register(app)
 hub_cli.register(app)
 
 
+#: Placeholders ``--help`` shows for an option's value, by Typer's type label.
+_PLACEHOLDERS = {"<str>": "TEXT", "<path>": "PATH", "<int>": "N", "<float>": "NUMBER",
+                 "<list[str]>": "TEXT", "<list[Path]>": "PATH"}  # fmt: skip
+
+
+def _plain_placeholders(command: Any) -> None:
+    """Flags show no value placeholder (Typer prints ``<bool>``), other options a plain
+    one (``TEXT``, ``PATH``, ``N``, ``NUMBER``, choices as ``[a|b]``), arguments their
+    name in capitals (``PATCH``), unless set."""
+    context = typer.Context(command, help_option_names=["-h", "--help"])
+    options = [p for p in [*command.params, command.get_help_option(context)] if isinstance(p, typer.core.TyperOption)]
+    for option in options:
+        if option.metavar is not None:
+            continue
+        shown = option.display_type(context)
+        if option.is_flag:
+            option.metavar = ""
+        elif shown in _PLACEHOLDERS:
+            option.metavar = _PLACEHOLDERS[shown]
+        elif "|" in shown:  # an enumeration: its choices
+            option.metavar = "[" + shown.strip("<>") + "]"
+    for argument in command.params:
+        if isinstance(argument, typer.core.TyperArgument) and argument.metavar is None:
+            argument.metavar = argument.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _plain_placeholders(sub)
+
+
+def command() -> Any:
+    """The click command tree of ``app`` as ``zupatch`` runs it (plain ``--help`` placeholders)."""
+    tree = typer.main.get_command(app)
+    _plain_placeholders(tree)
+    return tree
+
+
 def main() -> None:
     """Run the command line (the ``zupatch`` command starts here through :mod:`zupatch.__main__`)."""
     # A polite kill (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        app()
+        command()()
     except KeyboardInterrupt:  # before typer's own handling (building the command tree)
         ui.console.print("[red]interrupted[/]: nothing was written")
         raise SystemExit(130) from None
