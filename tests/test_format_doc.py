@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from zupatch.patch import numerics as nm
-from zupatch.patch.format import METADATA_KEY
+from zupatch.patch.format import METADATA_KEY, metadata_schema
 from zupatch.patch.ops import DenseEdit, LowRankEdit, build_patch, invert, run_chain_in_memory, stack
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
@@ -23,6 +23,7 @@ def doc_schema() -> dict:
     assert block, "docs/format.md section 7 has no JSON block"
     schema = json.loads(block.group(1))
     jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema == metadata_schema(), "docs/format.md §8 differs from zupatch/patch/metadata.schema.json"
     return schema
 
 

@@ -131,3 +131,24 @@ def test_documented_limits_are_the_enforced_ones() -> None:
     assert f"each 1 to 2^{fmt.MAX_DIM.bit_length() - 1}" in section
     assert f"2^{fmt.MAX_NUMEL.bit_length() - 1} elements" in section
     assert f"at most {safetensors_file.MAX_HEADER_BYTES >> 20} MiB" in section
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda m: m.update(created=5), "metadata.created"),
+        (lambda m: m.update(tool={"name": ["zupatch"]}), "metadata.tool.name"),
+    ],
+)
+def test_metadata_the_reader_lets_through_still_meets_the_schema(mutate, where: str, base: Path, tmp_path: Path) -> None:
+    """Fields the reader itself does not need are held to the documented JSON Schema at load
+    (one source of truth, shipped as zupatch/patch/metadata.schema.json): one line, via the CLI too."""
+    random_patch(base, [DOWN]).save(tmp_path / "good.zup.safetensors")
+    meta = json.loads(metadata_text(tmp_path / "good.zup.safetensors"))
+    mutate(meta)
+    bad = rewrite_metadata(tmp_path / "good.zup.safetensors", tmp_path / "bad.zup.safetensors", json.dumps(meta))
+    with pytest.raises(PatchFormatError, match=rf"{where}: does not match the format's schema"):
+        Patch.load(bad)
+    result = runner.invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "bad.zup.safetensors" in result.output and where in result.output

@@ -15,12 +15,14 @@ arrays (factors, deltas, corrections) are tensors of the same file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +511,10 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
     unused = set(st.tensors) - r.used
     if unused:
         raise r.fail("tensors", f"not referenced by the metadata: {', '.join(sorted(unused)[:3])}")
+    # The documented contract, checked last: the reader above names most problems more plainly.
+    problem = _schema_problem(meta)
+    if problem:
+        raise r.fail(*problem)
     patch = Patch(
         steps=steps,
         source=str(path),
@@ -520,6 +526,34 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
     except ValueError as exc:
         raise PatchFormatError(str(exc), path) from None
     return patch
+
+
+@functools.cache
+def metadata_schema() -> dict[str, Any]:
+    """The JSON Schema of format version 1's metadata, shipped with the package
+    (``zupatch/patch/metadata.schema.json``; docs/format.md §8 shows the same)."""
+    return json.loads(resources.files("zupatch.patch").joinpath("metadata.schema.json").read_text())
+
+
+@functools.cache
+def _metadata_validator() -> Any:
+    import jsonschema  # imported when a patch is first read: --help stays fast
+
+    return jsonschema.Draft202012Validator(metadata_schema())
+
+
+def _schema_problem(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """``(where, problem)`` for the first way ``meta`` breaks the schema (the most
+    relevant, by jsonschema's ``best_match``), or None. About 2 ms for a
+    three-tensor patch (docs/benchmarks.md)."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_metadata_validator().iter_errors(meta))
+    if error is None:
+        return None
+    where = "metadata" + error.json_path[1:]
+    message = error.message if len(error.message) <= 160 else error.message[:160] + "..."
+    return where, f"does not match the format's schema: {message}"
 
 
 def validate_chain(patch: Patch) -> None:
