@@ -12,6 +12,7 @@ residuals), and is tested to give the same keys as a full forward.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
@@ -121,7 +122,8 @@ class LayerInputCache:
     accelerate (``hf_device_map``, whose hooks own each layer's forward) is
     never cached. The results are those of a full forward up to the float
     reassociation of kernels batched differently (tested against full
-    forwards for every architecture family).
+    forwards for every architecture family). :meth:`prefill` records many
+    rows that begin alike at the cost of one shared start.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], start: int, max_bytes: int):
@@ -133,6 +135,79 @@ class LayerInputCache:
         self._rows: dict[bytes, torch.Tensor] = {}
         self._output: tuple[bool, int] | None = None  # a skipped layer's output: (is a tuple, its length)
 
+    def prefill(self, model: nn.Module, groups: Sequence[Sequence[Sequence[int]]], pad_id: int,
+                batch_rows: int = 256) -> None:  # fmt: skip
+        """Record the rows (token ids) not held yet, running what a group's rows share
+        at their start once.
+
+        The rows of a group (one context prefix followed by many prompts) share
+        their first tokens: those run once with the model's attention cache
+        kept, and each row's own tokens run on a copy of that cache, layers
+        before ``start`` only. Rows of a group that share nothing run whole.
+        The held states are those of a full forward up to float reassociation
+        (attention over the shared part is read from the cache). Nothing is
+        done unless every new row fits in the budget: :meth:`batch` replays
+        only when all its rows are held.
+        """
+        if self.start == 0 or self.max_bytes <= 0:
+            return
+        groups = [[list(r) for r in dict.fromkeys(tuple(r) for r in g if _row_key(r) not in self._rows)] for g in groups]
+        width = next(p for p in model.parameters()).element_size() * _hidden_size(self.layers, model)
+        if self.held_bytes + sum(len(r) for g in groups for r in g) * width > self.max_bytes:
+            return
+        from transformers import DynamicCache
+
+        device = next(model.parameters()).device
+        config = getattr(model, "config", None)
+        # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
+        cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise StopForward
+
+        def shape_of(module: nn.Module, args: tuple, output: Any) -> None:
+            is_tensor = isinstance(output, torch.Tensor)
+            self._output = (not is_tensor, 1 if is_tensor else len(output))
+
+        def run(rows: list[list[int]], shared: list[int], cache: Any = None) -> None:
+            """Rows that all begin with ``shared`` (its states and ``cache`` given when non-empty)."""
+            for begin in range(0, len(rows), batch_rows):
+                chunk = rows[begin : begin + batch_rows]
+                own = [r[len(shared) :] for r in chunk]
+                ids = torch.full((len(chunk), max(map(len, own))), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), len(shared) + ids.shape[1]), dtype=torch.long)
+                for i, tokens in enumerate(own):
+                    ids[i, : len(tokens)] = torch.tensor(tokens)
+                    mask[i, : len(shared) + len(tokens)] = 1
+                options: dict[str, Any] = {"attention_mask": mask.to(device), "use_cache": cache is not None}
+                if cache is not None:
+                    batch_cache = DynamicCache(config=config)
+                    for index, keys, values in _cache_layers(cache):
+                        batch_cache.update(keys.expand(len(chunk), -1, -1, -1).contiguous(),
+                                           values.expand(len(chunk), -1, -1, -1).contiguous(), index)  # fmt: skip
+                    options[cache_kwarg] = batch_cache
+                run_until_stopped(lambda: model(input_ids=ids.to(device), **options))
+                for i, r in enumerate(chunk):
+                    own_states = seen["hidden"][i, : len(r) - len(shared)]
+                    self._rows[_row_key(r)] = torch.cat([seen["start"], own_states]) if shared else own_states.clone()
+                    self.held_bytes += len(r) * width
+
+        with ExitStack() as stack, torch.no_grad():
+            stack.callback(self.layers[self.start].register_forward_pre_hook(grab, with_kwargs=True).remove)
+            stack.callback(self.layers[self.start - 1].register_forward_hook(shape_of).remove)
+            for rows in groups:
+                shared = _shared_start(rows) if len(rows) > 1 else 0
+                if not shared:
+                    run(rows, [])
+                    continue
+                cache = DynamicCache(config=config)
+                ids = torch.tensor([rows[0][:shared]], device=device)
+                run_until_stopped(lambda: model(input_ids=ids, use_cache=True, **{cache_kwarg: cache}))
+                seen["start"] = seen["hidden"][0]
+                run(rows, rows[0][:shared], cache)
+
     @staticmethod
     def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[bytes, int]]:
         ids = input_ids.detach().cpu()
@@ -141,7 +216,7 @@ class LayerInputCache:
             if attention_mask is not None
             else [ids.shape[1]] * ids.shape[0]
         )
-        return [(ids[row, :length].numpy().tobytes(), int(length)) for row, length in enumerate(lengths)]
+        return [(_row_key(ids[row, :length]), int(length)) for row, length in enumerate(lengths)]
 
     @contextmanager
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[None]:
@@ -190,3 +265,35 @@ class LayerInputCache:
                     stack.callback(delattr, layer, "forward")
                 stack.callback(target.register_forward_pre_hook(replay, with_kwargs=True).remove)
             yield
+
+
+def _row_key(tokens: Sequence[int] | torch.Tensor) -> bytes:
+    """A held row's key: its token ids as int64 bytes."""
+    return torch.as_tensor(tokens, dtype=torch.long).cpu().numpy().tobytes()
+
+
+def _hidden_size(layers: Sequence[nn.Module], model: nn.Module) -> int:
+    """Width of the hidden states entering a decoder layer (the model config's ``hidden_size``)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+
+
+def _shared_start(rows: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all ``rows`` share, leaving each row at least one of its own."""
+    if not rows:
+        return 0
+    shared = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        n = 0
+        while n < shared and r[n] == first[n]:
+            n += 1
+        shared = n
+    return max(shared, 0)
+
+
+def _cache_layers(cache: Any) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(index, keys, values) of each filled layer of a transformers ``DynamicCache``."""
+    return [(i, layer.keys, layer.values) for i, layer in enumerate(cache.layers)
+            if getattr(layer, "keys", None) is not None and layer.keys.numel()]  # fmt: skip

@@ -502,6 +502,9 @@ def fact_activations(
     keys: torch.Tensor | None = None  # per request: keys summed over its contexts
     blocks: list[torch.Tensor] = []
     with _PreparedModel(model), torch.no_grad():
+        if layer_cache is not None:  # each context prefix runs once, not once per request
+            groups = [[e.prompt_ids for e in encoded[p :: len(prefixes)]] for p in range(len(prefixes))]
+            layer_cache.prefill(model, groups, pad_token_id(tokenizer), batch_rows)
         for start in range(0, len(encoded), batch_rows):  # bounded memory whatever the number of rows
             chunk = encoded[start : start + batch_rows]
             ids, mask = pad_right([e.prompt_ids for e in chunk], pad_token_id(tokenizer), device)
