@@ -78,7 +78,8 @@ def require_engine(command: str) -> None:
 
 STAGES = {"hash": "checking base hashes", "copy": "copying untouched files (MB)",
           "compute": "computing patched tensors (rows)", "preparing": "contexts, other subjects",
-          "probes": "same-pattern probes", "similar keys": "similar subjects' keys (rows)", "layers": "editing layers (keys, solve)", "answers before": "base model's answers",
+          "probes": "same-pattern probes", "similar keys": "similar subjects' keys (rows)",
+          "layers": "editing layers (keys, solve)", "answers before": "base model's answers",
           "answers after": "patched model's answers"}  # fmt: skip
 
 

@@ -152,24 +152,21 @@ class LayerInputCache:
         if self.start == 0 or self.max_bytes <= 0:
             return
         groups = [[list(r) for r in dict.fromkeys(tuple(r) for r in g if _row_key(r) not in self._rows)] for g in groups]
-        width = next(p for p in model.parameters()).element_size() * _hidden_size(self.layers, model)
+        first = next(model.parameters())
+        width = first.element_size() * model.get_input_embeddings().embedding_dim  # bytes per held token
         if self.held_bytes + sum(len(r) for g in groups for r in g) * width > self.max_bytes:
             return
         from transformers import DynamicCache
 
-        device = next(model.parameters()).device
+        device = first.device
         config = getattr(model, "config", None)
         # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
         cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         seen: dict[str, torch.Tensor] = {}
 
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen["hidden"] = _hidden_input(args, kwargs).detach()
             raise StopForward
-
-        def shape_of(module: nn.Module, args: tuple, output: Any) -> None:
-            is_tensor = isinstance(output, torch.Tensor)
-            self._output = (not is_tensor, 1 if is_tensor else len(output))
 
         def run(rows: list[list[int]], shared: list[int], cache: Any = None) -> None:
             """Rows that all begin with ``shared`` (its states and ``cache`` given when non-empty)."""
@@ -196,7 +193,7 @@ class LayerInputCache:
 
         with ExitStack() as stack, torch.no_grad():
             stack.callback(self.layers[self.start].register_forward_pre_hook(grab, with_kwargs=True).remove)
-            stack.callback(self.layers[self.start - 1].register_forward_hook(shape_of).remove)
+            stack.callback(self.layers[self.start - 1].register_forward_hook(self._note_output).remove)
             for rows in groups:
                 shared = _shared_start(rows) if len(rows) > 1 else 0
                 if not shared:
@@ -207,6 +204,12 @@ class LayerInputCache:
                 run_until_stopped(lambda: model(input_ids=ids, use_cache=True, **{cache_kwarg: cache}))
                 seen["start"] = seen["hidden"][0]
                 run(rows, rows[0][:shared], cache)
+
+    def _note_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on the layer before ``start``: the form of its output, which a
+        skipped layer's stand-in returns (a tensor, or a tuple of that length)."""
+        is_tensor = isinstance(output, torch.Tensor)
+        self._output = (not is_tensor, 1 if is_tensor else len(output))
 
     @staticmethod
     def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[bytes, int]]:
@@ -231,19 +234,15 @@ class LayerInputCache:
             if not replay_all:
 
                 def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                    hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+                    hidden = _hidden_input(args, kwargs).detach()
                     for row, (key, length) in enumerate(rows):
                         size = length * hidden.shape[-1] * hidden.element_size()
                         if key not in self._rows and self.held_bytes + size <= self.max_bytes:
                             self._rows[key] = hidden[row, :length].clone()
                             self.held_bytes += size
 
-                def shape_of(module: nn.Module, args: tuple, output: Any) -> None:
-                    is_tensor = isinstance(output, torch.Tensor)
-                    self._output = (not is_tensor, 1 if is_tensor else len(output))
-
                 stack.callback(target.register_forward_pre_hook(record, with_kwargs=True).remove)
-                stack.callback(self.layers[self.start - 1].register_forward_hook(shape_of).remove)
+                stack.callback(self.layers[self.start - 1].register_forward_hook(self._note_output).remove)
             else:
                 self.replays += 1
                 is_tuple, length = self._output  # type: ignore[misc]
@@ -252,7 +251,7 @@ class LayerInputCache:
                     return (hidden_states, *([None] * (length - 1))) if is_tuple else hidden_states
 
                 def replay(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                    given = args[0] if args else kwargs["hidden_states"]
+                    given = _hidden_input(args, kwargs)
                     held = torch.zeros_like(given)
                     for row, (key, size) in enumerate(rows):
                         held[row, :size] = self._rows[key]
@@ -272,11 +271,9 @@ def _row_key(tokens: Sequence[int] | torch.Tensor) -> bytes:
     return torch.as_tensor(tokens, dtype=torch.long).cpu().numpy().tobytes()
 
 
-def _hidden_size(layers: Sequence[nn.Module], model: nn.Module) -> int:
-    """Width of the hidden states entering a decoder layer (the model config's ``hidden_size``)."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer is called with (positional, or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _shared_start(rows: Sequence[Sequence[int]]) -> int:
