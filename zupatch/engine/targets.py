@@ -347,11 +347,7 @@ def greedy_continuations(
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation,
                 stopping_criteria=stopping,
             )  # fmt: skip
-            sequence = output[0].tolist()
-            # Decode whole and cut, so SentencePiece keeps the space before the first new word.
-            prompt_text = tokenizer.decode(sequence[len(prefix) : len(prompt)], skip_special_tokens=True)
-            full_text = tokenizer.decode(sequence[len(prefix) :], skip_special_tokens=True)
-            continuations.append(full_text[len(prompt_text) :])
+            continuations.append(_new_text(tokenizer, output[0].tolist(), len(prefix), len(prompt)))
     return continuations
 
 
@@ -378,12 +374,16 @@ def _batched_continuations(model: nn.Module, tokenizer: Any, texts: Sequence[str
         new = output[row, width:].tolist()
         if tokenizer.eos_token_id in new:  # what follows a finished row is padding
             new = new[: new.index(tokenizer.eos_token_id) + 1]
-        sequence = prompt + new
-        # Decode whole and cut, so SentencePiece keeps the space before the first new word.
-        prompt_text = tokenizer.decode(sequence[len(prefix) : len(prompt)], skip_special_tokens=True)
-        full_text = tokenizer.decode(sequence[len(prefix) :], skip_special_tokens=True)
-        continuations.append(full_text[len(prompt_text) :])
+        continuations.append(_new_text(tokenizer, prompt + new, len(prefix), len(prompt)))
     return continuations
+
+
+def _new_text(tokenizer: Any, sequence: list[int], prefix: int, prompt: int) -> str:
+    """The text of ``sequence[prompt:]``, the generated part of a sequence whose first
+    ``prefix`` tokens are the document start and the rest up to ``prompt`` the prompt.
+    Decoded whole and cut, so SentencePiece keeps the space before the first new word."""
+    prompt_text = tokenizer.decode(sequence[prefix:prompt], skip_special_tokens=True)
+    return tokenizer.decode(sequence[prefix:], skip_special_tokens=True)[len(prompt_text) :]
 
 
 #: Where a listed-subjects continuation ends: the first line break, or sentence end.
