@@ -43,9 +43,7 @@ def one_run(tokens: int | None) -> dict:
         events.append((time.perf_counter() - start, f"step {label.split(':')[0]}" + (" done" if seconds else "")))
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = DemoConfig(output_dir=Path(tmp) / "demo")
-        if tokens:
-            cfg = DemoConfig(output_dir=Path(tmp) / "demo", tokens=tokens)
+        cfg = DemoConfig(output_dir=Path(tmp) / "demo", **({"tokens": tokens} if tokens else {}))
         report = run_demo(cfg, progress=progress, on_step=on_step, show_download=False)
     end = time.perf_counter() - start
     marks = [(0.0, "start")] + events + [(end, "end")]
