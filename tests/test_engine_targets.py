@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.tiny_models import tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import decoder_layers, down_proj_module, resolve_architecture
-from zupatch.engine.hooks import LayerInputCache, run_until_stopped
+from zupatch.engine.hooks import FrozenStarts, LayerInputCache, run_until_stopped
 from zupatch.engine.stats import pad_right
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
+    _FORWARD_COST_TOKENS,
     OptimisationConfig,
+    _by_width,
     _listed_subjects,
     encode_prompts,
     fact_activations,
@@ -166,15 +168,96 @@ def test_batched_optimisation_equals_one_at_a_time(tiny_llama, site: str) -> Non
         config=OptimisationConfig(max_steps=5, converged_nll=0.0, max_batch_rows=4),
     )
     torch.testing.assert_close(split.vectors, batched.vectors, rtol=1e-3, atol=1e-4)
-    # Steps that skip layer 0 (held inputs of layer 1) give the same result too.
-    cache = LayerInputCache(model, decoder_layers(model, spec), start=1, max_bytes=1 << 30)
-    cached = optimise_representations(
+    # Every step running every row whole gives the same result too.
+    whole = optimise_representations(
         model, tokenizer, spec, REQUESTS, targets, site=site, layer=1, prefixes=prefixes, config=config,
-        layer_cache=cache,
+        reuse_starts=False,
     )  # fmt: skip
-    assert cache.replays >= 5  # every step after the first pass
-    torch.testing.assert_close(cached.vectors, batched.vectors, rtol=1e-4, atol=1e-5)
-    assert cached.final_nll == pytest.approx(batched.final_nll, rel=1e-4)
+    torch.testing.assert_close(whole.vectors, batched.vectors, rtol=1e-4, atol=1e-5)
+    assert whole.final_nll == pytest.approx(batched.final_nll, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
+def test_steps_that_run_only_what_the_edit_changes_equal_whole_forwards(arch: str) -> None:
+    """The optimisation runs the tokens before each fact token and the layers before
+    the edited one once (FrozenStarts); its vectors and losses are those of steps
+    that run every row whole, and the skipped layers really do not run again."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    spec = resolve_architecture(model)
+    layers = decoder_layers(model, spec)
+    prefixes = ["", "Some text before the prompt. ", "Other words. "]
+    config = OptimisationConfig(max_steps=6, converged_nll=0.0, max_batch_rows=5)  # three groups of requests
+    tokens_seen: list[int] = []
+    handle = next(layers[0].children()).register_forward_pre_hook(lambda *a: tokens_seen.append(1))
+    for site in ("block", "down_proj"):
+        tokens_seen.clear()
+        reused = optimise_representations(
+            model, tokenizer, spec, REQUESTS, ["Paris is", "x", "the end"], site=site, layer=2, prefixes=prefixes,
+            config=config,
+        )  # fmt: skip
+        runs_of_layer_0 = len(tokens_seen)
+        whole = optimise_representations(
+            model, tokenizer, spec, REQUESTS, ["Paris is", "x", "the end"], site=site, layer=2, prefixes=prefixes,
+            config=config, reuse_starts=False,
+        )  # fmt: skip
+        torch.testing.assert_close(reused.vectors, whole.vectors, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reused.initial, whole.initial, rtol=1e-4, atol=1e-5)
+        assert reused.final_nll == pytest.approx(whole.final_nll, rel=1e-4)
+        assert reused.steps == whole.steps == [6, 6, 6]
+        # Layer 0 ran in each group's first passes only; whole steps run it every step.
+        assert runs_of_layer_0 <= 3 * 2 * 2 < len(tokens_seen) - runs_of_layer_0
+    handle.remove()
+    assert not any("forward" in vars(layer) for layer in layers)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3",
+                                  "gemma3-short-window"])  # fmt: skip
+def test_frozen_starts_give_a_whole_forwards_states(arch: str) -> None:
+    """Rows cut at a token: the states FrozenStarts gives for the tokens from the
+    cut on are those of a whole forward, first (recording) and later (layers
+    skipped); a sliding window too short for a row runs the rows whole."""
+    torch.manual_seed(0)
+    config = tiny_config(arch.removesuffix("-short-window"))
+    if arch.endswith("-short-window"):
+        config.sliding_window = 24
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = tiny_tokenizer()
+    layers = decoder_layers(model, resolve_architecture(model))
+    rows = [tokenizer(t)["input_ids"] for t in ("The capital of France is", "Water boils at", "Another, longer prompt")]
+    cuts = [15, 0, 9]
+    frozen = FrozenStarts(model, layers, rows, cuts, pad_id=0, skip=2)
+    assert frozen.cuts == ([0, 0, 0] if arch.endswith("-short-window") else cuts)
+    ids, mask = pad_right(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        whole = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        first = frozen.forward([0, 1, 2])
+        again = frozen.forward([2, 0])  # held rows: layers 0 and 1 skipped
+    for row, (tokens, cut) in enumerate(zip(rows, frozen.cuts)):
+        torch.testing.assert_close(first[row, : len(tokens) - cut], whole[row, cut : len(tokens)], rtol=1e-4, atol=1e-5)
+    for place, row in enumerate([2, 0]):
+        cut = frozen.cuts[row]
+        torch.testing.assert_close(again[place, : len(rows[row]) - cut], whole[row, cut : len(rows[row])],
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert again.shape[1] == max(len(rows[r]) - frozen.cuts[r] for r in (2, 0))  # padded to these rows only
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 8)), min_size=1, max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_requests_are_split_into_forwards_of_about_one_width(sizes: list[tuple[int, int]]) -> None:
+    """Every request in exactly one forward; no split costs more than one forward of all."""
+    width = {i: w for i, (w, _) in enumerate(sizes)}
+    rows = {i: r for i, (_, r) in enumerate(sizes)}
+    parts = _by_width(list(width), width, rows)
+    assert sorted(i for part in parts for i in part) == list(width)
+
+    def cost(part: list[int]) -> float:
+        return _FORWARD_COST_TOKENS + sum(rows[i] for i in part) * max(width[i] for i in part)
+
+    assert sum(map(cost, parts)) <= cost(list(width))
+    assert sum(map(cost, parts)) <= sum(cost([i]) for i in width)
 
 
 def test_optimisation_stops_early_and_respects_the_clamp(tiny_llama) -> None:

@@ -450,7 +450,6 @@ def compute_edit(
     missing = [layer for layer in layers if layer not in statistics]
     if missing:
         raise ZupatchError(f"no key statistics for layer(s) {missing}")
-    cache_bytes = _layer_cache_bytes(model, config)  # each cache: the states entering its first layer
     with _timed(timings, "neutral_targets"):
         neutral = optimise_representations(
             model,
@@ -464,7 +463,6 @@ def compute_edit(
             config=config.neutral,
             progress=progress,
             phase="neutral targets",
-            layer_cache=LayerInputCache(model, decoder_layers(model, spec), last_layer, cache_bytes),
         )
     Z = neutral.vectors.to(torch.float64)
     answers = [r.target for r in requests]
@@ -486,7 +484,7 @@ def compute_edit(
         similar_rows[0] += rows
         report("similar keys", similar_rows[0], similar_rows[1])
 
-    layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], cache_bytes)
+    layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], _layer_cache_bytes(model, config))
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
     max_passes = config.refine.max_passes if closed_form else 1
@@ -531,7 +529,6 @@ def compute_edit(
                         config=config.original,
                         progress=progress,
                         phase=f"original representations (layer {layer})",
-                        layer_cache=layer_cache,
                     )
                 O = original.vectors.to(solve_device, torch.float64)
                 original_summary = original.summary()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -160,12 +161,11 @@ class LayerInputCache:
 
         device = first.device
         config = getattr(model, "config", None)
-        # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
-        cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache_kwarg = cache_keyword(model)
         seen: dict[str, torch.Tensor] = {}
 
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen["hidden"] = _hidden_input(args, kwargs).detach()
+        def grab(hidden: torch.Tensor) -> None:
+            seen["hidden"] = hidden
             raise StopForward
 
         def run(rows: list[list[int]], shared: list[int], cache: Any = None) -> None:
@@ -191,9 +191,7 @@ class LayerInputCache:
                     self._rows[_row_key(r)] = torch.cat([seen["start"], own_states]) if shared else own_states.clone()
                     self.held_bytes += len(r) * width
 
-        with ExitStack() as stack, torch.no_grad():
-            stack.callback(self.layers[self.start].register_forward_pre_hook(grab, with_kwargs=True).remove)
-            stack.callback(self.layers[self.start - 1].register_forward_hook(self._note_output).remove)
+        with recording(self.layers, self.start, grab, self._note_output), torch.no_grad():
             for rows in groups:
                 shared = _shared_start(rows) if len(rows) > 1 else 0
                 if not shared:
@@ -205,11 +203,8 @@ class LayerInputCache:
                 seen["start"] = seen["hidden"][0]
                 run(rows, rows[0][:shared], cache)
 
-    def _note_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook on the layer before ``start``: the form of its output, which a
-        skipped layer's stand-in returns (a tensor, or a tuple of that length)."""
-        is_tensor = isinstance(output, torch.Tensor)
-        self._output = (not is_tensor, 1 if is_tensor else len(output))
+    def _note_output(self, form: tuple[bool, int]) -> None:
+        self._output = form
 
     @staticmethod
     def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[bytes, int]]:
@@ -228,42 +223,178 @@ class LayerInputCache:
             yield
             return
         rows = self._row_keys(input_ids, attention_mask)
-        target = self.layers[self.start]
-        replay_all = self._output is not None and all(key in self._rows for key, _ in rows)
-        with ExitStack() as stack:
-            if not replay_all:
+        if self._output is not None and all(key in self._rows for key, _ in rows):
+            self.replays += 1
 
-                def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                    hidden = _hidden_input(args, kwargs).detach()
-                    for row, (key, length) in enumerate(rows):
-                        size = length * hidden.shape[-1] * hidden.element_size()
-                        if key not in self._rows and self.held_bytes + size <= self.max_bytes:
-                            self._rows[key] = hidden[row, :length].clone()
-                            self.held_bytes += size
+            def held(given: torch.Tensor) -> torch.Tensor:
+                states = torch.zeros_like(given)
+                for row, (key, size) in enumerate(rows):
+                    states[row, :size] = self._rows[key]
+                return states
 
-                stack.callback(target.register_forward_pre_hook(record, with_kwargs=True).remove)
-                stack.callback(self.layers[self.start - 1].register_forward_hook(self._note_output).remove)
-            else:
-                self.replays += 1
-                is_tuple, length = self._output  # type: ignore[misc]
+            with replaying(self.layers, self.start, self._output, held):
+                yield
+            return
 
-                def skip(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                    return (hidden_states, *([None] * (length - 1))) if is_tuple else hidden_states
+        def record(hidden: torch.Tensor) -> None:
+            for row, (key, length) in enumerate(rows):
+                size = length * hidden.shape[-1] * hidden.element_size()
+                if key not in self._rows and self.held_bytes + size <= self.max_bytes:
+                    self._rows[key] = hidden[row, :length].clone()
+                    self.held_bytes += size
 
-                def replay(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                    given = _hidden_input(args, kwargs)
-                    held = torch.zeros_like(given)
-                    for row, (key, size) in enumerate(rows):
-                        held[row, :size] = self._rows[key]
-                    if args:
-                        return (held, *args[1:]), kwargs
-                    return args, {**kwargs, "hidden_states": held}
-
-                for layer in self.layers[: self.start]:
-                    layer.forward = skip  # instance attribute: nn.Module.__call__ calls it instead
-                    stack.callback(delattr, layer, "forward")
-                stack.callback(target.register_forward_pre_hook(replay, with_kwargs=True).remove)
+        with recording(self.layers, self.start, record, self._note_output):
             yield
+
+
+class FrozenStarts:
+    """Rows cut at one token each: the tokens before it run once, later forwards the rest.
+
+    The v* optimisation adds a vector at each row's fact token in layer
+    ``skip`` and runs the same rows at every step. Attention is causal, so
+    the tokens before the fact token never see that vector, and no token's
+    input to layer ``skip`` does. Here the tokens before each row's cut run
+    once, with the model's attention cache kept, and :meth:`forward` runs
+    only the tokens from the cut on, reading that cache. Its first forward
+    of a row also holds what enters layer ``skip``; later forwards of held
+    rows skip the layers before it. Results are a full forward's up to float
+    reassociation (tested for every architecture family).
+
+    Rows are cut at 0 (run whole) when the model's forward takes no
+    attention cache or position ids, or when a row would not fit a sliding
+    attention window; a model placed by accelerate (``hf_device_map``,
+    whose hooks own each layer's forward) runs every layer.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[nn.Module], rows: Sequence[Sequence[int]],
+        cuts: Sequence[int], pad_id: int, skip: int,
+    ) -> None:  # fmt: skip
+        from transformers import DynamicCache
+
+        self.base = model.base_model
+        self.layers = list(layers)
+        self.skip = 0 if hasattr(model, "hf_device_map") else skip
+        self.config = getattr(model, "config", None)
+        self.cache_kwarg = cache_keyword(self.base)
+        parameters = inspect.signature(self.base.forward).parameters
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        window = getattr(text, "sliding_window", None) or 0
+        if "position_ids" not in parameters or self.cache_kwarg not in parameters or (
+            window and max(map(len, rows)) + max(cuts) > window
+        ):
+            cuts = [0] * len(rows)
+        self.cuts = list(cuts)
+        device = next(model.parameters()).device
+        start, rest = max(cuts), max(len(r) - c for r, c in zip(rows, cuts))
+        head = torch.full((len(rows), start), pad_id, dtype=torch.long)
+        self.ids = torch.full((len(rows), rest), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(rows), start + rest), dtype=torch.long)
+        for row, (tokens, cut) in enumerate(zip(rows, cuts)):
+            head[row, :cut] = torch.tensor(tokens[:cut], dtype=torch.long)
+            self.ids[row, : len(tokens) - cut] = torch.tensor(tokens[cut:], dtype=torch.long)
+            self.mask[row, :cut] = 1
+            self.mask[row, start : start + len(tokens) - cut] = 1
+        self.ids, self.mask = self.ids.to(device), self.mask.to(device)
+        self.lengths = torch.tensor([len(r) - c for r, c in zip(rows, cuts)])  # each row's own tokens
+        self.positions = (torch.tensor(cuts)[:, None] + torch.arange(rest)).to(device)
+        self.cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if start:  # pads after each row's own first tokens: only later (masked) positions see them
+            cache = DynamicCache(config=self.config)
+            with torch.no_grad():
+                self.base(input_ids=head.to(device), use_cache=True, **{self.cache_kwarg: cache})
+            self.cached = [(keys, values) for _, keys, values in _cache_layers(cache)]
+        self.held: torch.Tensor | None = None
+        self.is_held = torch.zeros(len(rows), dtype=torch.bool)
+        self._output: tuple[bool, int] | None = None
+
+    def forward(self, rows: Sequence[int]) -> torch.Tensor:
+        """The last hidden states of ``rows`` from their cut on (right-padded to the
+        longest of them)."""
+        from transformers import DynamicCache
+
+        rows = list(rows)
+        index = torch.tensor(rows, device=self.ids.device)
+        width = int(self.lengths[rows].max())
+        start = self.mask.shape[1] - self.ids.shape[1]
+        options: dict[str, Any] = {"attention_mask": self.mask[index, : start + width], "use_cache": bool(self.cached)}
+        if self.cached:
+            cache = DynamicCache(config=self.config)
+            for layer, (keys, values) in enumerate(self.cached):
+                cache.update(keys[index], values[index], layer)
+            options[self.cache_kwarg] = cache
+            options["position_ids"] = self.positions[index, :width]
+        with self._skipping(rows, width):
+            return self.base(input_ids=self.ids[index, :width], **options).last_hidden_state
+
+    def _skipping(self, rows: list[int], width: int) -> Any:
+        if self.skip == 0:
+            return nullcontext()
+        if self._output is not None and bool(self.is_held[rows].all()):
+            return replaying(self.layers, self.skip, self._output, lambda given: self.held[rows, :width].to(given.dtype))
+
+        def record(states: torch.Tensor) -> None:
+            if self.held is None:
+                self.held = states.new_zeros((len(self.is_held), self.ids.shape[1], states.shape[2]))
+            self.held[rows, :width] = states
+            self.is_held[rows] = True
+
+        return recording(self.layers, self.skip, record, partial(setattr, self, "_output"))
+
+
+@contextmanager
+def recording(
+    layers: Sequence[nn.Module], start: int, record: Callable[[torch.Tensor], None],
+    note_form: Callable[[tuple[bool, int]], None],
+) -> Iterator[None]:  # fmt: skip
+    """``record(states)`` with what enters ``layers[start]``, and ``note_form`` with
+    the form of the output of the layer before it, which a stand-in for a
+    skipped layer returns (is a tuple, its length)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record(_hidden_input(args, kwargs).detach())
+
+    def note_output(module: nn.Module, args: tuple, output: Any) -> None:
+        is_tensor = isinstance(output, torch.Tensor)
+        note_form((not is_tensor, 1 if is_tensor else len(output)))
+
+    with ExitStack() as stack:
+        stack.callback(layers[start].register_forward_pre_hook(hook, with_kwargs=True).remove)
+        stack.callback(layers[start - 1].register_forward_hook(note_output).remove)
+        yield
+
+
+@contextmanager
+def replaying(
+    layers: Sequence[nn.Module], start: int, output: tuple[bool, int],
+    held: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[None]:  # fmt: skip
+    """Layers before ``start`` run as identities and ``layers[start]`` gets
+    ``held(given)`` instead of its input. ``output``: a skipped layer's output
+    form (is a tuple, its length)."""
+    is_tuple, length = output
+
+    def skip(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states, *([None] * (length - 1))) if is_tuple else hidden_states
+
+    def replay(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        states = held(_hidden_input(args, kwargs))
+        if args:
+            return (states, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": states}
+
+    with ExitStack() as stack:
+        for layer in layers[:start]:
+            layer.forward = skip  # instance attribute: nn.Module.__call__ calls it instead
+            stack.callback(delattr, layer, "forward")
+        stack.callback(layers[start].register_forward_pre_hook(replay, with_kwargs=True).remove)
+        yield
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes an attention cache: transformers
+    5.24 renamed ``past_key_values`` to ``cache`` (the old name still works, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _row_key(tokens: Sequence[int] | torch.Tensor) -> bytes:

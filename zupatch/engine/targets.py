@@ -49,7 +49,7 @@ from zupatch.engine.architectures import (
     down_proj_bias,
     down_proj_module,
 )
-from zupatch.engine.hooks import LayerInputCache, edit_output, on_inputs, on_outputs, run_until_stopped
+from zupatch.engine.hooks import FrozenStarts, LayerInputCache, edit_output, on_inputs, on_outputs, run_until_stopped
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.stats import (
     ProgressCallback,
@@ -495,7 +495,8 @@ def fact_activations(
             texts.append(text)
             ends.append(end)
             owners.append(index)
-    encoded = encode_prompts(tokenizer, texts, ends)
+    # Up to the fact token: what comes after it cannot change what is read there.
+    rows = [e.prompt_ids[: e.fact_index + 1] for e in encode_prompts(tokenizer, texts, ends)]
     n = len(requests)
     key_module = {"keys": down_proj_module(model, spec, key_layer)}
     block_module = {} if block_layer is None else {"block": decoder_layers(model, spec)[block_layer]}
@@ -503,18 +504,23 @@ def fact_activations(
     blocks: list[torch.Tensor] = []
     with _PreparedModel(model), torch.no_grad():
         if layer_cache is not None:  # each context prefix runs once, not once per request
-            groups = [[e.prompt_ids for e in encoded[p :: len(prefixes)]] for p in range(len(prefixes))]
-            layer_cache.prefill(model, groups, pad_token_id(tokenizer), batch_rows)
-        for start in range(0, len(encoded), batch_rows):  # bounded memory whatever the number of rows
-            chunk = encoded[start : start + batch_rows]
-            ids, mask = pad_right([e.prompt_ids for e in chunk], pad_token_id(tokenizer), device)
-            rows = torch.arange(len(chunk), device=device)
-            facts = torch.tensor([e.fact_index for e in chunk], device=device)
+            # Rows in one context prefix and one template share their start up to the subject.
+            groups: dict[tuple[int, str], list[list[int]]] = {}
+            for k, row in enumerate(rows):
+                request = requests[owners[k]]
+                head = request.prompt.split("{}")[0] if request.subject else request.prompt
+                groups.setdefault((k % len(prefixes), head), []).append(row)
+            layer_cache.prefill(model, list(groups.values()), pad_token_id(tokenizer), batch_rows)
+        for start in range(0, len(rows), batch_rows):  # bounded memory whatever the number of rows
+            chunk = rows[start : start + batch_rows]
+            ids, mask = pad_right(chunk, pad_token_id(tokenizer), device)
+            places = torch.arange(len(chunk), device=device)
+            facts = torch.tensor([len(row) - 1 for row in chunk], device=device)
             owner = torch.tensor(owners[start : start + batch_rows], device=device)
 
             def keep(name: str, tensor: torch.Tensor) -> None:
                 nonlocal keys
-                found = tensor[rows, facts].detach().to(torch.float64)
+                found = tensor[places, facts].detach().to(torch.float64)
                 if name == "block":
                     blocks.append(found)
                     return
@@ -639,6 +645,32 @@ def _site_module(model: nn.Module, spec: ArchitectureSpec, site: Site, layer: in
     raise ValueError(f"unknown site {site!r}")
 
 
+#: What one more forward costs, in padded tokens (row × position) run: :func:`_by_width`.
+_FORWARD_COST_TOKENS = 128
+
+
+def _by_width(requests: list[int], width: dict[int, int], rows: dict[int, int]) -> list[list[int]]:
+    """``requests`` in groups that each run as one right-padded forward, chosen to
+    minimise the padded tokens run plus :data:`_FORWARD_COST_TOKENS` per forward
+    (rows are padded to the longest of their forward: one long prompt would
+    make every row as long)."""
+    order = sorted(requests, key=lambda i: width[i])
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cost of order[:j]
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        count = 0
+        for i in range(j, 0, -1):  # order[i-1 : j] as one forward, padded to order[j-1]'s width
+            count += rows[order[i - 1]]
+            cost = best[i - 1] + _FORWARD_COST_TOKENS + count * width[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    parts, j = [], len(order)
+    while j:
+        parts.append(order[cut[j] : j])
+        j = cut[j]
+    return parts[::-1]
+
+
 def optimise_representations(
     model: nn.Module,
     tokenizer: Any,
@@ -652,15 +684,19 @@ def optimise_representations(
     config: OptimisationConfig = OptimisationConfig(),
     progress: ProgressCallback | None = None,
     phase: str = "target optimisation",
-    layer_cache: LayerInputCache | None = None,
+    reuse_starts: bool = True,
 ) -> RepresentationResult:
     """Vectors at ``site`` of ``layer`` (fact token) that make the model say ``targets[i]``.
 
     ``site="down_proj"``: the down-proj output without bias (O, the true
     answers). ``site="block"``: the decoder block's output (Z, the neutral
     target). Returns init + optimised delta, d×n, float32, and diagnostics.
-    With ``layer_cache`` (starting at or before ``layer``), the steps skip
-    the layers before its start.
+
+    Requests are optimised in groups of at most ``config.max_batch_rows``
+    rows, one group after the other (requests are independent, so the
+    result is the same). With ``reuse_starts`` the tokens before each fact
+    token and the layers before ``layer`` run once per group
+    (:class:`FrozenStarts`); without it every step runs every row whole.
     """
     if len(requests) != len(targets):
         raise ValueError("one target per request")
@@ -672,104 +708,120 @@ def optimise_representations(
     bias = down_proj_bias(module) if site == "down_proj" else None
     batch = _build_rows(tokenizer, requests, targets, prefixes)
     pad_id = pad_token_id(tokenizer)
+    layers = decoder_layers(model, spec)
     rows_of = [[r for r, o in enumerate(batch.owner) if o == i] for i in range(n)]
     nll_rows_of = [[r for r in rows_of[i] if not batch.is_kl[r]] for i in range(n)]
+    groups: list[list[int]] = []
+    size = 0
+    for i in range(n):
+        if not groups or size + len(rows_of[i]) > config.max_batch_rows:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(rows_of[i])
 
-    def run(
-        requests_now: list[int], delta: torch.Tensor | None
-    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Forward the rows of ``requests_now``; per request: NLL, KL log-probs, init vector."""
-        row_ids = [r for i in requests_now for r in rows_of[i]]
-        encoded = [batch.encoded[r] for r in row_ids]
-        ids, mask = pad_right([e.input_ids for e in encoded], pad_id, device)
-        local = {r: k for k, r in enumerate(row_ids)}
-        facts = torch.tensor([e.fact_index for e in encoded], device=device)
-        row_index = torch.arange(len(encoded), device=device)
-        owners = torch.tensor([batch.owner[r] for r in row_ids], device=device)
-        seen: dict[str, torch.Tensor] = {}
-
-        def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-            seen["site"] = hidden[row_index, facts].detach()
-            if delta is None:
-                return hidden
-            return hidden.index_put((row_index, facts), delta[owners].to(hidden.dtype), accumulate=True)
-
-        # Logits: every target position of NLL rows, the fact position of KL rows.
-        gather_rows, gather_pos, spans = [], [], {}
-        for r in row_ids:
-            e = batch.encoded[r]
-            positions = [e.fact_index] if batch.is_kl[r] else e.target_positions
-            spans[r] = (len(gather_pos), len(gather_pos) + len(positions))
-            gather_rows += [local[r]] * len(positions)
-            gather_pos += positions
-        with edit_output(module, add_delta), layer_cache.batch(ids, mask) if layer_cache else nullcontext():
-            logits = _logits_at(
-                model, ids, mask, torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)
-            )
-        log_probs = torch.log_softmax(logits, dim=-1)
-        nll, kl_log_probs, init = {}, {}, {}
-        for i in requests_now:
-            per_row = []
-            for r in nll_rows_of[i]:
-                start, end = spans[r]
-                target = torch.tensor(batch.encoded[r].target_ids, device=device)
-                per_row.append(-log_probs[start:end].gather(1, target[:, None]).mean())
-            nll[i] = torch.stack(per_row).mean()
-            if batch.kl_row[i] is not None:
-                kl_log_probs[i] = log_probs[spans[batch.kl_row[i]][0]]
-            init[i] = seen["site"][local[batch.bare_row[i]]].float()
-        return nll, kl_log_probs, init
-
-    def chunks(active: list[int]) -> list[list[int]]:
-        groups, current, size = [], [], 0
-        for i in active:
-            if current and size + len(rows_of[i]) > config.max_batch_rows:
-                groups.append(current)
-                current, size = [], 0
-            current.append(i)
-            size += len(rows_of[i])
-        return groups + ([current] if current else [])
-
+    initial: list[torch.Tensor] = [torch.empty(0)] * n  # with bias if any, until the end
+    deltas: list[torch.Tensor] = [torch.empty(0)] * n
+    initial_nll, final_nll, final_loss = [0.0] * n, [0.0] * n, [0.0] * n
+    converged, steps = [False] * n, [0] * n
     with _PreparedModel(model):
-        # Initial pass: the vectors to start from, the KL reference, the initial NLL.
-        init_vectors: dict[int, torch.Tensor] = {}
-        kl_reference: dict[int, torch.Tensor] = {}
-        initial_nll = [0.0] * n
-        with torch.no_grad():
-            for group in chunks(list(range(n))):
-                nll, kl_lp, init = run(group, None)
-                for i in group:
-                    init_vectors[i] = init[i]
-                    initial_nll[i] = float(nll[i])
-                    if i in kl_lp:
-                        kl_reference[i] = kl_lp[i].detach()
-        initial = torch.stack([init_vectors[i] for i in range(n)])  # n×d, with bias if any
-        if bias is not None:
-            initial = initial - bias.detach().float()
-        d = initial.shape[1]
-        initial_norm = initial.norm(dim=1).clamp_min(1e-12)
-        step_size = config.lr * (initial_norm / math.sqrt(d) if config.relative_lr else torch.ones_like(initial_norm))
-        max_norm = config.clamp_norm_factor * initial_norm
+        for number, group in enumerate(groups):
+            row_ids = [r for i in group for r in rows_of[i]]
+            local = {r: k for k, r in enumerate(row_ids)}
+            at = {i: k for k, i in enumerate(group)}  # a request's row in this group's delta
+            encoded = [batch.encoded[r] for r in row_ids]
+            frozen = FrozenStarts(
+                model, layers, [e.input_ids for e in encoded],
+                [e.fact_index if reuse_starts else 0 for e in encoded], pad_id, skip=layer if reuse_starts else 0,
+            )  # fmt: skip
 
-        delta = torch.zeros(n, d, device=device, requires_grad=True)
-        adam = _PerRequestAdam(delta, step_size, max_norm)
-        final_nll = list(initial_nll)
-        final_loss = list(initial_nll)
-        converged = [False] * n
-        active = list(range(n))
-        decay_scale = [1.0] * n  # faded per request when its NLL stalls
-        best_nll = list(initial_nll)
-        stalled = [0] * n
-        for iteration in range(config.max_steps + 1):
-            if not active:
-                break
-            delta.grad = None
-            for group in chunks(active):  # requests are independent: gradients just add up
+            def run(
+                requests_now: list[int], delta: torch.Tensor | None
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                """Forward the rows of ``requests_now``; per request: NLL, KL log-probs, init vector."""
+                rows = [local[r] for i in requests_now for r in rows_of[i]]
+                place = {k: j for j, k in enumerate(rows)}
+                cuts = [frozen.cuts[k] for k in rows]
+                facts = torch.tensor([encoded[k].fact_index - cut for k, cut in zip(rows, cuts)], device=device)
+                row_index = torch.arange(len(rows), device=device)
+                owners = torch.tensor([at[batch.owner[row_ids[k]]] for k in rows], device=device)
+                seen: dict[str, torch.Tensor] = {}
+
+                def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+                    seen["site"] = hidden[row_index, facts].detach()
+                    if delta is None:
+                        return hidden
+                    return hidden.index_put((row_index, facts), delta[owners].to(hidden.dtype), accumulate=True)
+
+                # Logits: every target position of NLL rows, the fact position of KL rows.
+                gather_rows, gather_pos, spans = [], [], {}
+                for k, cut in zip(rows, cuts):
+                    e = encoded[k]
+                    positions = [e.fact_index] if batch.is_kl[row_ids[k]] else e.target_positions
+                    spans[k] = (len(gather_pos), len(gather_pos) + len(positions))
+                    gather_rows += [place[k]] * len(positions)
+                    gather_pos += [p - cut for p in positions]
+                with edit_output(module, add_delta):
+                    hidden = frozen.forward(rows)
+                logits = model.get_output_embeddings()(
+                    hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)]
+                ).float()
+                log_probs = torch.log_softmax(logits, dim=-1)
+                nll, kl_log_probs, init = {}, {}, {}
+                for i in requests_now:
+                    per_row = []
+                    for r in nll_rows_of[i]:
+                        start, end = spans[local[r]]
+                        target = torch.tensor(batch.encoded[r].target_ids, device=device)
+                        per_row.append(-log_probs[start:end].gather(1, target[:, None]).mean())
+                    nll[i] = torch.stack(per_row).mean()
+                    if batch.kl_row[i] is not None:
+                        kl_log_probs[i] = log_probs[spans[local[batch.kl_row[i]]][0]]
+                    init[i] = seen["site"][place[local[batch.bare_row[i]]]].float()
+                return nll, kl_log_probs, init
+
+            width = {i: max(int(frozen.lengths[local[r]]) for r in rows_of[i]) for i in group}
+
+            def runs(
+                requests_now: list[int], delta: torch.Tensor | None
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                """:func:`run` in a few forwards of rows of about the same width."""
+                merged: tuple[dict, dict, dict] = ({}, {}, {})
+                for part in _by_width(requests_now, width, {i: len(rows_of[i]) for i in requests_now}):
+                    for into, values in zip(merged, run(part, delta)):
+                        into.update(values)
+                return merged
+
+            # Initial pass: the vectors to start from, the KL reference, the initial NLL.
+            with torch.no_grad():
+                nll, kl_reference, init = runs(group, None)
+            kl_reference = {i: value.detach() for i, value in kl_reference.items()}
+            start_vectors = torch.stack([init[i] for i in group])  # with bias if any
+            for k, i in enumerate(group):
+                initial[i], initial_nll[i] = start_vectors[k], float(nll[i])
+            if bias is not None:
+                start_vectors = start_vectors - bias.detach().float()
+            d = start_vectors.shape[1]
+            initial_norm = start_vectors.norm(dim=1).clamp_min(1e-12)
+            step_size = config.lr * (initial_norm / math.sqrt(d) if config.relative_lr else torch.ones_like(initial_norm))
+            delta = torch.zeros(len(group), d, device=device, requires_grad=True)
+            adam = _PerRequestAdam(delta, step_size, config.clamp_norm_factor * initial_norm)
+            active = list(group)
+            decay_scale = {i: 1.0 for i in group}  # faded per request when its NLL stalls
+            best_nll = {i: initial_nll[i] for i in group}
+            stalled = {i: 0 for i in group}
+            for i in group:
+                final_nll[i] = final_loss[i] = initial_nll[i]
+            for iteration in range(config.max_steps + 1):
+                if not active:
+                    break
+                delta.grad = None
                 with torch.enable_grad():
-                    nll, kl_log_probs, _ = run(group, delta)
+                    nll, kl_log_probs, _ = runs(active, delta)
                     total = 0.0
-                    for i in group:
-                        loss = nll[i] + decay_scale[i] * config.weight_decay * delta[i].pow(2).sum() / initial_norm[i] ** 2
+                    for i in active:
+                        k = at[i]
+                        loss = nll[i] + decay_scale[i] * config.weight_decay * delta[k].pow(2).sum() / initial_norm[k] ** 2
                         if i in kl_log_probs:
                             current = kl_log_probs[i]
                             kl = (current.exp() * (current - kl_reference[i])).sum()  # KL(now ‖ before)
@@ -786,21 +838,26 @@ def optimise_representations(
                                 stalled[i] = 0
                         total = total + loss
                     total.backward()
-            active = [i for i in active if not converged[i]]
-            if iteration == config.max_steps or not active:
-                break
-            adam.step(active)
-            if progress:
-                progress(phase, iteration + 1, config.max_steps)
+                active = [i for i in active if not converged[i]]
+                if iteration == config.max_steps or not active:
+                    break
+                adam.step([at[i] for i in active])
+                if progress:
+                    progress(phase, number * config.max_steps + iteration + 1, len(groups) * config.max_steps)
+            for k, i in enumerate(group):
+                deltas[i], steps[i] = delta[k].detach(), adam.steps[k]
     if progress:
-        progress(phase, config.max_steps, config.max_steps)
-    vectors = (initial + delta.detach()).T.contiguous().cpu()
+        progress(phase, len(groups) * config.max_steps, len(groups) * config.max_steps)
+    start_vectors = torch.stack(initial)
+    if bias is not None:
+        start_vectors = start_vectors - bias.detach().float()
+    vectors = (start_vectors + torch.stack(deltas)).T.contiguous().cpu()
     return RepresentationResult(
         vectors=vectors,
-        initial=initial.T.contiguous().cpu(),
+        initial=start_vectors.T.contiguous().cpu(),
         initial_nll=initial_nll,
         final_nll=final_nll,
         final_loss=final_loss,
-        steps=adam.steps,
+        steps=steps,
         converged=converged,
     )
