@@ -13,6 +13,7 @@ from tests.tiny_models import tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import decoder_layers, down_proj_module, resolve_architecture
 from zupatch.engine.hooks import FrozenStarts, LayerInputCache, run_until_stopped
 from zupatch.engine.stats import pad_right
+from zupatch.engine.probes import next_token_ids
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
     _FORWARD_COST_TOKENS,
@@ -345,39 +346,71 @@ def test_layer_input_cache_replays_what_a_full_forward_gives(arch: str) -> None:
     assert not any("forward" in vars(layer) for layer in layers)  # the skipped layers are restored
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
-def test_a_shared_context_runs_once_and_gives_the_full_forwards_states(arch: str) -> None:
-    """prefill runs the start the rows of a group share once (its attention cache kept)
-    and each row's own tokens on it: the held states are a full forward's, and the
-    first layer sees the shared tokens once instead of once per row."""
+def plain_last_states(model, rows: list[list[int]], module, is_input: bool) -> torch.Tensor:
+    """The reference: one plain forward per row, the module's input or output at its last token."""
+    seen = []
+
+    def hook(module, args, output):
+        seen.append((args[0] if is_input else (output if isinstance(output, torch.Tensor) else output[0]))[0, -1])
+
+    handle = module.register_forward_hook(hook)
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor([row]), use_cache=False)
+    handle.remove()
+    return torch.stack(seen)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3"])
+def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> None:
+    """Rows of a group run what they share once (its attention cache kept) and their
+    own tokens on it: the states at each row's last token are a plain forward's,
+    whether nothing is held, the rows are recorded, or replayed after an edit of
+    a layer past the cache's start (the layers before it skipped)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
     tokenizer = tiny_tokenizer()
-    layers = decoder_layers(model, resolve_architecture(model))
+    spec = resolve_architecture(model)
+    layers = decoder_layers(model, spec)
     context = tokenizer("Because the weather was fine, we went out. ")["input_ids"]
-    own = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("The capital of France is", "Water boils at")]
-    groups = [[context + o for o in own], [o for o in own]]  # the second group shares nothing
-    tokens_seen = []
+    own = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("The capital of France", "Water boils", "A")]
+    rows = [context + o for o in own] + own  # the second group shares nothing
+    groups = ["context"] * 3 + ["alone"] * 3
+    sites = {"keys": (down_proj_module(model, spec, 2), True), "block": (layers[3], False)}
+    tokens_seen: list[int] = []
     handle = layers[0].register_forward_pre_hook(
         lambda module, args, kwargs: tokens_seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
         with_kwargs=True,
     )
-    shared = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)
-    shared.prefill(model, groups, pad_id=0)
+    plain = {name: plain_last_states(model, rows, module, is_input) for name, (module, is_input) in sites.items()}
+    tokens_seen.clear()
+    nothing_held = LayerInputCache(model, layers, start=0, max_bytes=1 << 30)
+    states = nothing_held.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
+    assert tokens_seen[0] == len(context) and tokens_seen[1] == max(len(o) for o in own[:2])  # the context ran once
+    assert nothing_held.held_bytes == 0
+    cache = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)
+    recorded = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
+    width = 4 * model.get_input_embeddings().embedding_dim
+    assert cache.held_bytes == (len(context) + sum(map(len, own)) + sum(map(len, own))) * width
+    for name in sites:
+        torch.testing.assert_close(states[name], plain[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(recorded[name], plain[name], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        weight = down_proj_module(model, spec, 2).weight
+        weight.add_(0.5 * torch.randn_like(weight))  # the edit: layer 2 changes, layers 0 and 1 do not
+    edited = {name: plain_last_states(model, rows, module, is_input) for name, (module, is_input) in sites.items()}
     handle.remove()
-    assert tokens_seen[0] == len(context) and tokens_seen[1] == max(map(len, own))  # the context ran once
-    full = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)
-    for group in groups:
-        ids, mask = pad_right(group, 0, torch.device("cpu"))
-        with full.batch(ids, mask), torch.no_grad():
-            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
-    assert shared._rows.keys() == full._rows.keys() and len(full._rows) == 4
-    for key, states in full._rows.items():
-        torch.testing.assert_close(shared._rows[key], states, rtol=1e-5, atol=1e-5)
-    assert shared.held_bytes == full.held_bytes
-    tight = LayerInputCache(model, layers, start=2, max_bytes=full.held_bytes - 1)
-    tight.prefill(model, groups, pad_id=0)  # not all fit: nothing is done, batch() records what fits
-    assert tight.held_bytes == 0
+    first_layer_runs = []
+    handle = next(layers[0].children()).register_forward_pre_hook(lambda *a: first_layer_runs.append(1))
+    replayed = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
+    handle.remove()
+    assert cache.replays > 0 and not first_layer_runs  # layer 0 was skipped
+    for name in sites:
+        torch.testing.assert_close(replayed[name], edited[name], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(layer) for layer in layers)  # the skipped layers are restored
+    tight = LayerInputCache(model, layers, start=2, max_bytes=cache.held_bytes - 1)
+    tight.last_token_states(model, rows, groups, sites, pad_id=0)
+    assert 0 < tight.held_bytes < cache.held_bytes  # one group held, the other did not fit
 
 
 def test_layer_input_cache_holds_no_more_than_its_budget(tiny_llama) -> None:
@@ -441,3 +474,20 @@ def test_a_listing_that_loops_is_seen_as_such() -> None:
     assert items == ["Croatia", "Slovenia"] and repeats == 4
     items, repeats = _listed_subjects(" Croatia, Slovenia, Croatia, Hungary", ["Serbia"], 8)
     assert items == ["Croatia", "Slovenia", "Hungary"] and repeats == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_multimodal", "gpt2"])
+def test_next_tokens_are_those_of_the_full_logits(arch: str) -> None:
+    """next_token_ids reads the head at each prompt's last token only, in padded
+    batches: the tokens are the argmax of the model's own logits, one prompt at a
+    time (Gemma 2 soft-caps its logits)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    prompts = ["The capital of France is", "Water", "A longer prompt, with a comma, ends here"]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+            expected.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+    assert next_token_ids(model, tokenizer, prompts, batch_size=2) == expected

@@ -13,7 +13,7 @@ residuals), and is tested to give the same keys as a full forward.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, TypeVar
@@ -106,145 +106,170 @@ def edit_output(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor])
 
 
 class LayerInputCache:
-    """The hidden states entering decoder layer ``start``, per prompt, so that later
-    forwards of the same prompts skip layers ``0 .. start-1``.
+    """The states at the last token of many prompts, with what they share run once
+    and the layers an edit does not change skipped on later reads.
 
-    An edit of layers ``>= start`` leaves what reaches layer ``start``
-    unchanged, yet the edit loop runs the same prompts again for every edited
-    layer and every pass, and the target optimisation runs them at every step.
-    Inside :meth:`batch`, a forward whose every row (a right-padded prompt) is
-    held here replays: the layers before ``start`` run as identities and layer
-    ``start`` gets the held states (zeros past each row's end: right padding
-    is never attended to). Any other forward runs in full and records its
-    rows. Layers before ``start`` must not change while the cache is used: it
-    lives for one edit.
+    Prompts come in groups that begin alike (one context prefix and one
+    template, then a subject). :meth:`last_token_states` runs a group's shared
+    start once, with the model's attention cache kept, and each prompt's own
+    tokens on a copy of that cache. It also holds, per group, what enters
+    decoder layer ``start`` (the shared start once, each prompt's own tokens):
+    an edit of layers ``>= start`` leaves those unchanged, yet the edit loop
+    reads the same prompts again for every edited layer and pass. A later read
+    of a held group runs the layers before ``start`` as identities and gives
+    layer ``start`` the held states. Layers before ``start`` must not change
+    while the cache is used: it lives for one edit.
 
-    At most ``max_bytes`` are held (later rows run in full); a model placed by
-    accelerate (``hf_device_map``, whose hooks own each layer's forward) is
-    never cached. The results are those of a full forward up to the float
-    reassociation of kernels batched differently (tested against full
-    forwards for every architecture family). :meth:`prefill` records many
-    rows that begin alike at the cost of one shared start.
+    At most ``max_bytes`` are held (a group that does not fit is not held);
+    ``start`` 0, and a model placed by accelerate (``hf_device_map``, whose
+    hooks own each layer's forward), hold nothing. Results are those of full
+    forwards up to float reassociation (tested against full forwards for
+    every architecture family).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], start: int, max_bytes: int):
         self.layers = list(layers)
         self.start = start
-        self.max_bytes = max_bytes if not hasattr(model, "hf_device_map") else 0
+        self.max_bytes = 0 if start == 0 or hasattr(model, "hf_device_map") else max_bytes
         self.held_bytes = 0
-        self.replays = 0
-        self._rows: dict[bytes, torch.Tensor] = {}
+        self.replays = 0  # forwards that skipped the layers before ``start``
+        self._starts: dict[bytes, torch.Tensor] = {}  # a shared start's tokens -> its states
+        self._rows: dict[tuple[int, bytes], torch.Tensor] = {}  # (shared length, row) -> its own tokens' states
         self._output: tuple[bool, int] | None = None  # a skipped layer's output: (is a tuple, its length)
 
-    def prefill(self, model: nn.Module, groups: Sequence[Sequence[Sequence[int]]], pad_id: int,
-                batch_rows: int = 256) -> None:  # fmt: skip
-        """Record the rows (token ids) not held yet, running what a group's rows share
-        at their start once.
+    def last_token_states(
+        self,
+        model: nn.Module,
+        rows: Sequence[Sequence[int]],
+        groups: Sequence[Hashable],
+        sites: Mapping[str, tuple[nn.Module, bool]],
+        pad_id: int,
+        batch_rows: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each site's state at the last token of each row (rows × width, in order).
 
-        The rows of a group (one context prefix followed by many prompts) share
-        their first tokens: those run once with the model's attention cache
-        kept, and each row's own tokens run on a copy of that cache, layers
-        before ``start`` only. Rows of a group that share nothing run whole.
-        The held states are those of a full forward up to float reassociation
-        (attention over the shared part is read from the cache). Nothing is
-        done unless every new row fits in the budget: :meth:`batch` replays
-        only when all its rows are held.
+        ``sites``: name -> (module, its input if True else its output), in
+        forward order; each forward stops after the last. Rows with the same
+        ``groups`` key share their first tokens (as many as all of them
+        have, each keeping one of its own). ``on_batch(rows)`` after each
+        forward of at most ``batch_rows`` rows.
         """
-        if self.start == 0 or self.max_bytes <= 0:
-            return
-        groups = [[list(r) for r in dict.fromkeys(tuple(r) for r in g if _row_key(r) not in self._rows)] for g in groups]
-        first = next(model.parameters())
-        width = first.element_size() * model.get_input_embeddings().embedding_dim  # bytes per held token
-        if self.held_bytes + sum(len(r) for g in groups for r in g) * width > self.max_bytes:
-            return
+        found: dict[str, list[torch.Tensor | None]] = {name: [None] * len(rows) for name in sites}
+        members: dict[Hashable, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        with torch.no_grad():
+            for indices in members.values():
+                group_rows = [list(rows[i]) for i in indices]
+                shared = _shared_start(group_rows) if len(group_rows) > 1 else 0
+                self._run_group(model, group_rows, shared, sites, pad_id, batch_rows, on_batch,
+                                lambda name, at, states: found[name].__setitem__(indices[at], states))  # fmt: skip
+        return {name: torch.stack(values) for name, values in found.items()}  # type: ignore[arg-type]
+
+    def _run_group(
+        self, model: nn.Module, rows: list[list[int]], shared: int, sites: Mapping[str, tuple[nn.Module, bool]],
+        pad_id: int, batch_rows: int, on_batch: Callable[[int], None] | None,
+        found: Callable[[str, int, torch.Tensor], None],
+    ) -> None:  # fmt: skip
         from transformers import DynamicCache
 
-        device = first.device
-        config = getattr(model, "config", None)
-        cache_kwarg = cache_keyword(model)
-        seen: dict[str, torch.Tensor] = {}
+        from zupatch.engine.stats import pad_right  # stats reads keys with these hooks
 
-        def grab(hidden: torch.Tensor) -> None:
-            seen["hidden"] = hidden
-            raise StopForward
+        first = next(model.parameters())
+        device, width = first.device, first.element_size() * model.get_input_embeddings().embedding_dim
+        cache_kwarg, config = cache_keyword(model), getattr(model, "config", None)
+        start_key = _row_key(rows[0][:shared])
+        row_keys = [(shared, _row_key(r)) for r in rows]
+        held = (not shared or start_key in self._starts) and all(k in self._rows for k in row_keys)
+        size = (0 if start_key in self._starts else shared) + sum(len(r) - shared for r in rows)
+        hold = not held and self.held_bytes + size * width <= self.max_bytes
+        replay = held and self._output is not None and self.max_bytes > 0
+        listening: dict[str, Any] = {"rows": None}
+        stop = list(sites)[-1]
 
-        def run(rows: list[list[int]], shared: list[int], cache: Any = None) -> None:
-            """Rows that all begin with ``shared`` (its states and ``cache`` given when non-empty)."""
-            for begin in range(0, len(rows), batch_rows):
-                chunk = rows[begin : begin + batch_rows]
-                own = [r[len(shared) :] for r in chunk]
-                ids = torch.full((len(chunk), max(map(len, own))), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), len(shared) + ids.shape[1]), dtype=torch.long)
-                for i, tokens in enumerate(own):
-                    ids[i, : len(tokens)] = torch.tensor(tokens)
-                    mask[i, : len(shared) + len(tokens)] = 1
-                options: dict[str, Any] = {"attention_mask": mask.to(device), "use_cache": cache is not None}
-                if cache is not None:
-                    batch_cache = DynamicCache(config=config)
-                    for index, keys, values in _cache_layers(cache):
-                        batch_cache.update(keys.expand(len(chunk), -1, -1, -1).contiguous(),
-                                           values.expand(len(chunk), -1, -1, -1).contiguous(), index)  # fmt: skip
-                    options[cache_kwarg] = batch_cache
-                run_until_stopped(lambda: model(input_ids=ids.to(device), **options))
-                for i, r in enumerate(chunk):
-                    own_states = seen["hidden"][i, : len(r) - len(shared)]
-                    self._rows[_row_key(r)] = torch.cat([seen["start"], own_states]) if shared else own_states.clone()
-                    self.held_bytes += len(r) * width
+        def keep(name: str, states: torch.Tensor) -> None:
+            if listening["rows"] is not None:
+                chunk, lengths = listening["rows"]
+                for at, length in zip(chunk, lengths):
+                    found(name, at, states[at - chunk[0], length - 1].detach())
 
-        with recording(self.layers, self.start, grab, self._note_output), torch.no_grad():
-            for rows in groups:
-                shared = _shared_start(rows) if len(rows) > 1 else 0
-                if not shared:
-                    run(rows, [])
-                    continue
+        def at_start(saved: Callable[[], torch.Tensor], save: Callable[[torch.Tensor], None]) -> Any:
+            if replay:
+                self.replays += 1
+                return replaying(self.layers, self.start, self._output, lambda given: saved().to(given.dtype))  # type: ignore[arg-type]
+            if hold:
+                return recording(self.layers, self.start, save, partial(setattr, self, "_output"))
+            return nullcontext()
+
+        inputs = {name: module for name, (module, is_input) in sites.items() if is_input}
+        outputs = {name: module for name, (module, is_input) in sites.items() if not is_input}
+        with (
+            on_inputs(inputs, keep, stop_at=stop if stop in inputs else None),
+            on_outputs(outputs, keep, stop_at=stop if stop in outputs else None),
+        ):
+            cache = None
+            if shared:
                 cache = DynamicCache(config=config)
                 ids = torch.tensor([rows[0][:shared]], device=device)
-                run_until_stopped(lambda: model(input_ids=ids, use_cache=True, **{cache_kwarg: cache}))
-                seen["start"] = seen["hidden"][0]
-                run(rows, rows[0][:shared], cache)
 
-    def _note_output(self, form: tuple[bool, int]) -> None:
-        self._output = form
+                def save_start(states: torch.Tensor) -> None:
+                    if start_key not in self._starts:
+                        self._starts[start_key] = states[0].clone()
+                        self.held_bytes += shared * width
 
-    @staticmethod
-    def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[bytes, int]]:
-        ids = input_ids.detach().cpu()
-        lengths = (
-            attention_mask.detach().cpu().sum(dim=1).tolist()
-            if attention_mask is not None
-            else [ids.shape[1]] * ids.shape[0]
-        )
-        return [(_row_key(ids[row, :length]), int(length)) for row, length in enumerate(lengths)]
+                with at_start(lambda: self._starts[start_key][None], save_start):
+                    run_until_stopped(partial(model, input_ids=ids, use_cache=True, **{cache_kwarg: cache}))
+            for begin in range(0, len(rows), batch_rows):
+                chunk = list(range(begin, min(begin + batch_rows, len(rows))))
+                own = [rows[at][shared:] for at in chunk]
+                ids, mask = pad_right(own, pad_id, device)
+                options: dict[str, Any] = {"use_cache": cache is not None}
+                if cache is not None:
+                    options[cache_kwarg] = _expanded(cache, len(chunk), config, self.start if replay else 0)
+                    mask = torch.cat([mask.new_ones((len(chunk), shared)), mask], dim=1)
 
-    @contextmanager
-    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[None]:
-        """Around one forward of ``input_ids`` (right-padded): record, or replay, layer ``start``'s input."""
-        if self.start == 0 or self.max_bytes <= 0:
-            yield
-            return
-        rows = self._row_keys(input_ids, attention_mask)
-        if self._output is not None and all(key in self._rows for key, _ in rows):
-            self.replays += 1
+                def saved_rows() -> torch.Tensor:
+                    some = self._rows[row_keys[chunk[0]]]
+                    states = some.new_zeros((len(chunk), ids.shape[1], some.shape[-1]))
+                    for place, at in enumerate(chunk):
+                        states[place, : len(own[place])] = self._rows[row_keys[at]]
+                    return states
 
-            def held(given: torch.Tensor) -> torch.Tensor:
-                states = torch.zeros_like(given)
-                for row, (key, size) in enumerate(rows):
-                    states[row, :size] = self._rows[key]
-                return states
+                def save_rows(states: torch.Tensor) -> None:
+                    for place, at in enumerate(chunk):
+                        if row_keys[at] not in self._rows:
+                            self._rows[row_keys[at]] = states[place, : len(own[place])].clone()
+                            self.held_bytes += len(own[place]) * width
 
-            with replaying(self.layers, self.start, self._output, held):
-                yield
-            return
+                listening["rows"] = (chunk, [len(o) for o in own])
+                with at_start(saved_rows, save_rows):
+                    run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, **options))
+                listening["rows"] = None
+                if on_batch is not None:
+                    on_batch(len(chunk))
 
-        def record(hidden: torch.Tensor) -> None:
-            for row, (key, length) in enumerate(rows):
-                size = length * hidden.shape[-1] * hidden.element_size()
-                if key not in self._rows and self.held_bytes + size <= self.max_bytes:
-                    self._rows[key] = hidden[row, :length].clone()
-                    self.held_bytes += size
 
-        with recording(self.layers, self.start, record, self._note_output):
-            yield
+def _expanded(cache: Any, rows: int, config: Any, skipped: int) -> Any:
+    """A new attention cache holding ``cache`` (one row) for each of ``rows`` rows.
+
+    Layers before ``skipped`` ran as stand-ins, which read nothing from the
+    cache and wrote nothing to it; positions and masks still read their
+    length, so they get placeholders of that length.
+    """
+    from transformers import DynamicCache
+
+    filled = _cache_layers(cache)
+    length = filled[0][1].shape[-2]
+    expanded = DynamicCache(config=config)
+    held = {index for index, _, _ in filled}
+    for index in range(skipped):
+        if index not in held:
+            placeholder = filled[0][1].new_zeros((rows, 1, length, 1))
+            expanded.update(placeholder, placeholder, index)
+    for index, keys, values in filled:
+        expanded.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), index)
+    return expanded
 
 
 class FrozenStarts:

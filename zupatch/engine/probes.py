@@ -178,7 +178,7 @@ def derive_probe_prompts(
 
 
 @torch.no_grad()
-def next_token_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
+def next_token_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 64) -> list[int]:
     """The greedy (top-1) next token after each prompt.
 
     Each prompt is encoded as the tokenizer's own prefix (BOS, when it adds
@@ -196,9 +196,12 @@ def next_token_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], bat
         if any(not row for row in rows):
             raise ZupatchError("a prompt tokenizes to no tokens")
         ids, mask = pad_right(rows, pad, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-        tokens += logits[torch.arange(len(rows), device=logits.device), last].argmax(dim=-1).tolist()
+        # Logits at each row's last token only; the head's final scaling, if any
+        # (Gemma's soft cap), is monotonic and leaves the top-1 token as it is.
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=hidden.device), last])
+        tokens += logits.argmax(dim=-1).tolist()
     return tokens
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -465,6 +466,11 @@ def neighbour_requests(requests: Sequence[ForgetRequest], subjects: Sequence[str
 # --------------------------------------------------------------------------- keys and block outputs
 
 
+#: Rows of one template and prefix that run their shared start on their own (fewer join
+#: the prefix's other rows): :func:`fact_activations`.
+_MIN_TEMPLATE_ROWS = 16
+
+
 def fact_activations(
     model: nn.Module,
     tokenizer: Any,
@@ -480,14 +486,17 @@ def fact_activations(
     """Down-proj inputs at ``key_layer`` (averaged over ``prefixes``) and, optionally,
     outputs of block ``block_layer`` for the bare prompt, at each fact token.
 
-    One batched forward, stopped after the deeper of the two sites; with
-    ``layer_cache``, one that skips the layers before the cache's start where
-    it holds the prompts' states there. ``on_batch(rows)`` is called after each
-    batch of at most ``batch_rows`` prompt rows (one row per request and prefix).
+    Rows (one per request and prefix) end at the fact token and run in
+    forwards stopped after the deeper of the two sites; rows of one prefix
+    and template run their shared start once (:class:`LayerInputCache`,
+    which with ``layer_cache`` also skips the layers before its start for
+    prompts it holds). ``on_batch(rows)`` after each forward of at most
+    ``batch_rows`` rows.
     """
     if block_layer is not None and block_layer < key_layer:
         raise ValueError("block_layer must not precede key_layer")
-    device = model_device(model)
+    if not requests or not prefixes:
+        raise ValueError("no prompts to read keys from")
     texts, ends, owners = [], [], []
     for index, request in enumerate(requests):
         for prefix in prefixes:
@@ -497,51 +506,29 @@ def fact_activations(
             owners.append(index)
     # Up to the fact token: what comes after it cannot change what is read there.
     rows = [e.prompt_ids[: e.fact_index + 1] for e in encode_prompts(tokenizer, texts, ends)]
+    # Rows in one context prefix and one template share their start up to the subject; a
+    # template with few rows joins its prefix's other rows (sharing the prefix), as a
+    # forward of a few rows costs about as much as one of many.
+    groups: list[tuple[int, str | None]] = []
+    for k, owner in enumerate(owners):
+        request = requests[owner]
+        groups.append((k % len(prefixes), request.prompt.split("{}")[0] if request.subject else request.prompt))
+    sizes = Counter(groups)
+    groups = [g if sizes[g] >= _MIN_TEMPLATE_ROWS else (g[0], None) for g in groups]
+    sites = {"keys": (down_proj_module(model, spec, key_layer), True)}
+    if block_layer is not None:
+        sites["block"] = (decoder_layers(model, spec)[block_layer], False)
+    if layer_cache is None:  # shared starts still run once; nothing is held
+        layer_cache = LayerInputCache(model, decoder_layers(model, spec), 0, 0)
+    with _PreparedModel(model):
+        states = layer_cache.last_token_states(model, rows, groups, sites, pad_token_id(tokenizer), batch_rows, on_batch)
     n = len(requests)
-    key_module = {"keys": down_proj_module(model, spec, key_layer)}
-    block_module = {} if block_layer is None else {"block": decoder_layers(model, spec)[block_layer]}
-    keys: torch.Tensor | None = None  # per request: keys summed over its contexts
-    blocks: list[torch.Tensor] = []
-    with _PreparedModel(model), torch.no_grad():
-        if layer_cache is not None:  # each context prefix runs once, not once per request
-            # Rows in one context prefix and one template share their start up to the subject.
-            groups: dict[tuple[int, str], list[list[int]]] = {}
-            for k, row in enumerate(rows):
-                request = requests[owners[k]]
-                head = request.prompt.split("{}")[0] if request.subject else request.prompt
-                groups.setdefault((k % len(prefixes), head), []).append(row)
-            layer_cache.prefill(model, list(groups.values()), pad_token_id(tokenizer), batch_rows)
-        for start in range(0, len(rows), batch_rows):  # bounded memory whatever the number of rows
-            chunk = rows[start : start + batch_rows]
-            ids, mask = pad_right(chunk, pad_token_id(tokenizer), device)
-            places = torch.arange(len(chunk), device=device)
-            facts = torch.tensor([len(row) - 1 for row in chunk], device=device)
-            owner = torch.tensor(owners[start : start + batch_rows], device=device)
-
-            def keep(name: str, tensor: torch.Tensor) -> None:
-                nonlocal keys
-                found = tensor[places, facts].detach().to(torch.float64)
-                if name == "block":
-                    blocks.append(found)
-                    return
-                if keys is None:
-                    keys = torch.zeros(n, found.shape[1], dtype=torch.float64, device=device)
-                keys.index_add_(0, owner, found)
-
-            with (
-                layer_cache.batch(ids, mask) if layer_cache is not None else nullcontext(),
-                on_inputs(key_module, keep, stop_at=None if block_module else "keys"),
-                on_outputs(block_module, keep, stop_at="block"),
-            ):
-                run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, use_cache=False))
-            if on_batch is not None:
-                on_batch(len(chunk))
-    if keys is None:
-        raise ValueError("no prompts to read keys from")
+    keys = torch.zeros(n, states["keys"].shape[1], dtype=torch.float64)
+    keys.index_add_(0, torch.tensor(owners), states["keys"].to(torch.float64).cpu())
     block_outputs = None
-    if block_module:
-        bare = torch.tensor([i * len(prefixes) + prefixes.index("") for i in range(n)], device=device)
-        block_outputs = torch.cat(blocks)[bare].T.cpu()
+    if block_layer is not None:
+        bare = torch.tensor([i * len(prefixes) + prefixes.index("") for i in range(n)])
+        block_outputs = states["block"].to(torch.float64).cpu()[bare].T
     return FactActivations((keys / len(prefixes)).T.cpu(), block_outputs)
 
 
