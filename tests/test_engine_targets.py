@@ -385,11 +385,12 @@ def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> 
     plain = {name: plain_last_states(model, rows, module, is_input) for name, (module, is_input) in sites.items()}
     tokens_seen.clear()
     nothing_held = LayerInputCache(model, layers, start=0, max_bytes=1 << 30)
-    states = nothing_held.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
-    assert tokens_seen[0] == len(context) and tokens_seen[1] == max(len(o) for o in own[:2])  # the context ran once
+    states = nothing_held.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)
+    # Two blocks: the context once, then the three rows' own tokens; then the rows sharing nothing.
+    assert tokens_seen == [len(context), max(map(len, own)), max(map(len, own))]
     assert nothing_held.held_bytes == 0
     cache = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)
-    recorded = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
+    recorded = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)
     width = 4 * model.get_input_embeddings().embedding_dim
     assert cache.held_bytes == (len(context) + sum(map(len, own)) + sum(map(len, own))) * width
     for name in sites:
@@ -402,14 +403,19 @@ def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> 
     handle.remove()
     first_layer_runs = []
     handle = next(layers[0].children()).register_forward_pre_hook(lambda *a: first_layer_runs.append(1))
-    replayed = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=2)
+    replayed = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)
     handle.remove()
     assert cache.replays > 0 and not first_layer_runs  # layer 0 was skipped
+    # One block holding both groups: the rows that share nothing read no start.
+    mixed = LayerInputCache(model, layers, start=0, max_bytes=0).last_token_states(
+        model, rows, groups, sites, pad_id=0, batch_rows=6
+    )
     for name in sites:
         torch.testing.assert_close(replayed[name], edited[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[name], edited[name], rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(layer) for layer in layers)  # the skipped layers are restored
     tight = LayerInputCache(model, layers, start=2, max_bytes=cache.held_bytes - 1)
-    tight.last_token_states(model, rows, groups, sites, pad_id=0)
+    tight.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)  # a block per group
     assert 0 < tight.held_bytes < cache.held_bytes  # one group held, the other did not fit
 
 

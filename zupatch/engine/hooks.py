@@ -110,21 +110,25 @@ class LayerInputCache:
     and the layers an edit does not change skipped on later reads.
 
     Prompts come in groups that begin alike (one context prefix and one
-    template, then a subject). :meth:`last_token_states` runs a group's shared
-    start once, with the model's attention cache kept, and each prompt's own
-    tokens on a copy of that cache. It also holds, per group, what enters
-    decoder layer ``start`` (the shared start once, each prompt's own tokens):
-    an edit of layers ``>= start`` leaves those unchanged, yet the edit loop
-    reads the same prompts again for every edited layer and pass. A later read
-    of a held group runs the layers before ``start`` as identities and gives
-    layer ``start`` the held states. Layers before ``start`` must not change
-    while the cache is used: it lives for one edit.
+    template, then a subject). :meth:`last_token_states` runs blocks of
+    groups in two forwards: the distinct shared starts, with the model's
+    attention cache kept, then every prompt's own tokens (often one or two),
+    each reading its group's start from that cache (position ids given, the
+    other starts masked). It also holds what enters decoder layer ``start``
+    (each shared start once, each prompt's own tokens): an edit of layers
+    ``>= start`` leaves those unchanged, yet the edit loop reads the same
+    prompts again for every edited layer and pass. A later read of a held
+    block runs the layers before ``start`` as identities and gives layer
+    ``start`` the held states. Layers before ``start`` must not change while
+    the cache is used: it lives for one edit.
 
-    At most ``max_bytes`` are held (a group that does not fit is not held);
+    At most ``max_bytes`` are held (a block that does not fit is not held);
     ``start`` 0, and a model placed by accelerate (``hf_device_map``, whose
-    hooks own each layer's forward), hold nothing. Results are those of full
-    forwards up to float reassociation (tested against full forwards for
-    every architecture family).
+    hooks own each layer's forward), hold nothing. A model whose forward
+    takes no position ids, or whose sliding window is too short for the
+    padded rows, runs every prompt whole. Results are those of full forwards
+    up to float reassociation (tested against one-prompt forwards for every
+    architecture family).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], start: int, max_bytes: int):
@@ -152,106 +156,150 @@ class LayerInputCache:
         ``sites``: name -> (module, its input if True else its output), in
         forward order; each forward stops after the last. Rows with the same
         ``groups`` key share their first tokens (as many as all of them
-        have, each keeping one of its own). ``on_batch(rows)`` after each
-        forward of at most ``batch_rows`` rows.
+        have, each keeping one of its own). Groups run in blocks of at most
+        ``batch_rows`` rows: one forward of the block's shared starts, one of
+        its rows' own tokens; ``on_batch(rows)`` after each block.
         """
         found: dict[str, list[torch.Tensor | None]] = {name: [None] * len(rows) for name in sites}
         members: dict[Hashable, list[int]] = {}
         for index, group in enumerate(groups):
             members.setdefault(group, []).append(index)
+        window = _sliding_window(model)  # a start and own tokens, each padded, must fit in it
+        sharing = _takes_positions(model) and not (window and 2 * max(map(len, rows), default=0) > window)
+        block: list[tuple[list[int], int]] = []  # (row indices, shared length) per group
+
+        def run_block() -> None:
+            self._run_block(model, rows, block, sites, pad_id, found)
+            if on_batch is not None:
+                on_batch(sum(len(part) for part, _ in block))
+
         with torch.no_grad():
             for indices in members.values():
-                group_rows = [list(rows[i]) for i in indices]
-                shared = _shared_start(group_rows) if len(group_rows) > 1 else 0
-                self._run_group(model, group_rows, shared, sites, pad_id, batch_rows, on_batch,
-                                lambda name, at, states: found[name].__setitem__(indices[at], states))  # fmt: skip
+                shared = _shared_start([rows[i] for i in indices]) if sharing and len(indices) > 1 else 0
+                for begin in range(0, len(indices), batch_rows):
+                    part = indices[begin : begin + batch_rows]
+                    if block and sum(len(p) for p, _ in block) + len(part) > batch_rows:
+                        run_block()
+                        block = []
+                    block.append((part, shared))
+            if block:
+                run_block()
         return {name: torch.stack(values) for name, values in found.items()}  # type: ignore[arg-type]
 
-    def _run_group(
-        self, model: nn.Module, rows: list[list[int]], shared: int, sites: Mapping[str, tuple[nn.Module, bool]],
-        pad_id: int, batch_rows: int, on_batch: Callable[[int], None] | None,
-        found: Callable[[str, int, torch.Tensor], None],
+    def _run_block(
+        self, model: nn.Module, rows: Sequence[Sequence[int]], block: list[tuple[list[int], int]],
+        sites: Mapping[str, tuple[nn.Module, bool]], pad_id: int, found: dict[str, list[torch.Tensor | None]],
     ) -> None:  # fmt: skip
+        """Two forwards: the block's distinct shared starts, then every row's own tokens
+        on its group's attention cache (positions given, the other starts masked)."""
         from transformers import DynamicCache
-
-        from zupatch.engine.stats import pad_right  # stats reads keys with these hooks
 
         first = next(model.parameters())
         device, width = first.device, first.element_size() * model.get_input_embeddings().embedding_dim
         cache_kwarg, config = cache_keyword(model), getattr(model, "config", None)
-        start_key = _row_key(rows[0][:shared])
-        row_keys = [(shared, _row_key(r)) for r in rows]
-        held = (not shared or start_key in self._starts) and all(k in self._rows for k in row_keys)
-        size = (0 if start_key in self._starts else shared) + sum(len(r) - shared for r in rows)
-        hold = not held and self.held_bytes + size * width <= self.max_bytes
+        order = [i for part, _ in block for i in part]
+        cuts = [shared for part, shared in block for _ in part]
+        own = [list(rows[i][cut:]) for i, cut in zip(order, cuts)]
+        lengths = [len(tokens) for tokens in own]
+        starts = list(dict.fromkeys(tuple(rows[part[0]][:shared]) for part, shared in block if shared))
+        start_keys = [_row_key(tokens) for tokens in starts]
+        row_keys = [(cut, _row_key(rows[i])) for i, cut in zip(order, cuts)]
+        new_bytes = width * (
+            sum(len(t) for t, k in zip(starts, start_keys) if k not in self._starts)
+            + sum(n for n, k in zip(lengths, row_keys) if k not in self._rows)
+        )
+        held = all(k in self._starts for k in start_keys) and all(k in self._rows for k in row_keys)
         replay = held and self._output is not None and self.max_bytes > 0
-        listening: dict[str, Any] = {"rows": None}
-        stop = list(sites)[-1]
+        hold = not held and self.max_bytes > 0 and self.held_bytes + new_bytes <= self.max_bytes
 
-        def keep(name: str, states: torch.Tensor) -> None:
-            if listening["rows"] is not None:
-                chunk, lengths = listening["rows"]
-                for at, length in zip(chunk, lengths):
-                    found(name, at, states[at - chunk[0], length - 1].detach())
-
-        def at_start(saved: Callable[[], torch.Tensor], save: Callable[[torch.Tensor], None]) -> Any:
+        def at_start(keys: list[Any], store: dict, sizes: list[int], width_now: int) -> Any:
+            """Around one forward: replay the held states entering layer ``start``, or hold them."""
             if replay:
                 self.replays += 1
-                return replaying(self.layers, self.start, self._output, lambda given: saved().to(given.dtype))  # type: ignore[arg-type]
+
+                def held_states(given: torch.Tensor) -> torch.Tensor:
+                    states = given.new_zeros((len(keys), width_now, given.shape[-1]))
+                    for place, key in enumerate(keys):
+                        states[place, : sizes[place]] = store[key]
+                    return states
+
+                return replaying(self.layers, self.start, self._output, held_states)  # type: ignore[arg-type]
             if hold:
-                return recording(self.layers, self.start, save, partial(setattr, self, "_output"))
+
+                def keep_states(states: torch.Tensor) -> None:
+                    for place, (key, size) in enumerate(zip(keys, sizes)):
+                        if key not in store:
+                            store[key] = states[place, :size].clone()
+                            self.held_bytes += size * width
+
+                return recording(self.layers, self.start, keep_states, partial(setattr, self, "_output"))
             return nullcontext()
+
+        listening = [False]
+
+        def keep(name: str, states: torch.Tensor) -> None:
+            if listening[0]:
+                for place, (i, length) in enumerate(zip(order, lengths)):
+                    found[name][i] = states[place, length - 1].detach()
 
         inputs = {name: module for name, (module, is_input) in sites.items() if is_input}
         outputs = {name: module for name, (module, is_input) in sites.items() if not is_input}
+        stop = list(sites)[-1]
+        longest = max(lengths)
+        mask = torch.zeros((len(own), longest), dtype=torch.long)
+        for place, length in enumerate(lengths):
+            mask[place, :length] = 1
+        options: dict[str, Any] = {}
         with (
             on_inputs(inputs, keep, stop_at=stop if stop in inputs else None),
             on_outputs(outputs, keep, stop_at=stop if stop in outputs else None),
         ):
-            cache = None
-            if shared:
+            if starts:
                 cache = DynamicCache(config=config)
-                ids = torch.tensor([rows[0][:shared]], device=device)
-
-                def save_start(states: torch.Tensor) -> None:
-                    if start_key not in self._starts:
-                        self._starts[start_key] = states[0].clone()
-                        self.held_bytes += shared * width
-
-                with at_start(lambda: self._starts[start_key][None], save_start):
-                    run_until_stopped(partial(model, input_ids=ids, use_cache=True, **{cache_kwarg: cache}))
-            for begin in range(0, len(rows), batch_rows):
-                chunk = list(range(begin, min(begin + batch_rows, len(rows))))
-                own = [rows[at][shared:] for at in chunk]
-                ids, mask = pad_right(own, pad_id, device)
-                options: dict[str, Any] = {"use_cache": cache is not None}
-                if cache is not None:
-                    options[cache_kwarg] = _expanded(cache, len(chunk), config, self.start if replay else 0)
-                    mask = torch.cat([mask.new_ones((len(chunk), shared)), mask], dim=1)
-
-                def saved_rows() -> torch.Tensor:
-                    some = self._rows[row_keys[chunk[0]]]
-                    states = some.new_zeros((len(chunk), ids.shape[1], some.shape[-1]))
-                    for place, at in enumerate(chunk):
-                        states[place, : len(own[place])] = self._rows[row_keys[at]]
-                    return states
-
-                def save_rows(states: torch.Tensor) -> None:
-                    for place, at in enumerate(chunk):
-                        if row_keys[at] not in self._rows:
-                            self._rows[row_keys[at]] = states[place, : len(own[place])].clone()
-                            self.held_bytes += len(own[place]) * width
-
-                listening["rows"] = (chunk, [len(o) for o in own])
-                with at_start(saved_rows, save_rows):
-                    run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, **options))
-                listening["rows"] = None
-                if on_batch is not None:
-                    on_batch(len(chunk))
+                start_ids = _padded_ids(starts, pad_id, device)  # pads after each start: never attended to
+                with at_start(start_keys, self._starts, [len(t) for t in starts], start_ids.shape[1]):
+                    run_until_stopped(partial(model, input_ids=start_ids, use_cache=True, **{cache_kwarg: cache}))
+                place_of = {tokens: place for place, tokens in enumerate(starts)}
+                which = [place_of.get(tuple(rows[i][:cut]), 0) for i, cut in zip(order, cuts)]  # 0: masked
+                options[cache_kwarg] = _gathered(cache, torch.tensor(which, device=device), config,
+                                                 self.start if replay else 0)  # fmt: skip
+                head = torch.zeros((len(own), start_ids.shape[1]), dtype=torch.long)
+                for place, cut in enumerate(cuts):
+                    head[place, :cut] = 1
+                mask = torch.cat([head, mask], dim=1)
+                options["position_ids"] = (torch.tensor(cuts)[:, None] + torch.arange(longest)).to(device)
+                options["use_cache"] = True
+            listening[0] = True
+            with at_start(row_keys, self._rows, lengths, longest):
+                ids = _padded_ids(own, pad_id, device)
+                run_until_stopped(partial(model, input_ids=ids, attention_mask=mask.to(device), **options))
+            listening[0] = False
 
 
-def _expanded(cache: Any, rows: int, config: Any, skipped: int) -> Any:
-    """A new attention cache holding ``cache`` (one row) for each of ``rows`` rows.
+def _padded_ids(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Right-padded token ids."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for place, tokens in enumerate(rows):
+        ids[place, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+    return ids.to(device)
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes an attention cache and position ids, so that
+    rows can run on a cache of starts they do not share."""
+    parameters = inspect.signature(model.forward).parameters
+    return "position_ids" in parameters and cache_keyword(model) in parameters
+
+
+def _sliding_window(model: nn.Module) -> int:
+    """The model's sliding attention window in tokens, 0 when it has none."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "sliding_window", None) or 0)
+
+
+def _gathered(cache: Any, which: torch.Tensor, config: Any, skipped: int) -> Any:
+    """A new attention cache whose row ``i`` is row ``which[i]`` of ``cache``.
 
     Layers before ``skipped`` ran as stand-ins, which read nothing from the
     cache and wrote nothing to it; positions and masks still read their
@@ -261,15 +309,15 @@ def _expanded(cache: Any, rows: int, config: Any, skipped: int) -> Any:
 
     filled = _cache_layers(cache)
     length = filled[0][1].shape[-2]
-    expanded = DynamicCache(config=config)
+    gathered = DynamicCache(config=config)
     held = {index for index, _, _ in filled}
     for index in range(skipped):
         if index not in held:
-            placeholder = filled[0][1].new_zeros((rows, 1, length, 1))
-            expanded.update(placeholder, placeholder, index)
+            placeholder = filled[0][1].new_zeros((len(which), 1, length, 1))
+            gathered.update(placeholder, placeholder, index)
     for index, keys, values in filled:
-        expanded.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), index)
-    return expanded
+        gathered.update(keys[which], values[which], index)
+    return gathered
 
 
 class FrozenStarts:
@@ -302,12 +350,8 @@ class FrozenStarts:
         self.skip = 0 if hasattr(model, "hf_device_map") else skip
         self.config = getattr(model, "config", None)
         self.cache_kwarg = cache_keyword(self.base)
-        parameters = inspect.signature(self.base.forward).parameters
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        window = getattr(text, "sliding_window", None) or 0
-        if "position_ids" not in parameters or self.cache_kwarg not in parameters or (
-            window and max(map(len, rows)) + max(cuts) > window
-        ):
+        window = _sliding_window(model)
+        if not _takes_positions(self.base) or (window and max(map(len, rows)) + max(cuts) > window):
             cuts = [0] * len(rows)
         self.cuts = list(cuts)
         device = next(model.parameters()).device
@@ -323,12 +367,11 @@ class FrozenStarts:
         self.ids, self.mask = self.ids.to(device), self.mask.to(device)
         self.lengths = torch.tensor([len(r) - c for r, c in zip(rows, cuts)])  # each row's own tokens
         self.positions = (torch.tensor(cuts)[:, None] + torch.arange(rest)).to(device)
-        self.cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache: Any = None
         if start:  # pads after each row's own first tokens: only later (masked) positions see them
-            cache = DynamicCache(config=self.config)
+            self.cache = DynamicCache(config=self.config)
             with torch.no_grad():
-                self.base(input_ids=head.to(device), use_cache=True, **{self.cache_kwarg: cache})
-            self.cached = [(keys, values) for _, keys, values in _cache_layers(cache)]
+                self.base(input_ids=head.to(device), use_cache=True, **{self.cache_kwarg: self.cache})
         self.held: torch.Tensor | None = None
         self.is_held = torch.zeros(len(rows), dtype=torch.bool)
         self._output: tuple[bool, int] | None = None
@@ -336,18 +379,13 @@ class FrozenStarts:
     def forward(self, rows: Sequence[int]) -> torch.Tensor:
         """The last hidden states of ``rows`` from their cut on (right-padded to the
         longest of them)."""
-        from transformers import DynamicCache
-
         rows = list(rows)
         index = torch.tensor(rows, device=self.ids.device)
         width = int(self.lengths[rows].max())
         start = self.mask.shape[1] - self.ids.shape[1]
-        options: dict[str, Any] = {"attention_mask": self.mask[index, : start + width], "use_cache": bool(self.cached)}
-        if self.cached:
-            cache = DynamicCache(config=self.config)
-            for layer, (keys, values) in enumerate(self.cached):
-                cache.update(keys[index], values[index], layer)
-            options[self.cache_kwarg] = cache
+        options: dict[str, Any] = {"attention_mask": self.mask[index, : start + width], "use_cache": self.cache is not None}
+        if self.cache is not None:
+            options[self.cache_kwarg] = _gathered(self.cache, index, self.config, 0)
             options["position_ids"] = self.positions[index, :width]
         with self._skipping(rows, width):
             return self.base(input_ids=self.ids[index, :width], **options).last_hidden_state
