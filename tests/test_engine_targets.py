@@ -497,3 +497,19 @@ def test_next_tokens_are_those_of_the_full_logits(arch: str) -> None:
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
             expected.append(int(model(input_ids=ids).logits[0, -1].argmax()))
     assert next_token_ids(model, tokenizer, prompts, batch_size=2) == expected
+
+
+def test_keys_read_a_few_rows_at_a_time_are_the_same(tiny_llama, monkeypatch) -> None:
+    """fact_activations reads its rows in slices of whole requests (bounded memory for
+    thousands of requests): slices of one request give the same keys and block outputs."""
+    import zupatch.engine.targets as targets
+
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    prefixes = ["", "Some text. ", "Other words. "]
+    whole = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2)
+    monkeypatch.setattr(targets, "_KEY_ROWS", 1)  # one request (three rows) per slice
+    sliced = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2)
+    torch.testing.assert_close(sliced.keys, whole.keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sliced.block_outputs, whole.block_outputs, rtol=1e-5, atol=1e-6)
+    assert sliced.keys.shape == (128, 3) and sliced.block_outputs.shape == (64, 3)

@@ -239,8 +239,10 @@ class LayerInputCache:
 
         def keep(name: str, states: torch.Tensor) -> None:
             if listening[0]:
-                for place, (i, length) in enumerate(zip(order, lengths)):
-                    found[name][i] = states[place, length - 1].detach()
+                ends = torch.tensor(lengths, device=states.device) - 1
+                last = states[torch.arange(len(order), device=states.device), ends]
+                for place, i in enumerate(order):
+                    found[name][i] = last[place]  # rows of one small tensor, not views of the whole forward
 
         inputs = {name: module for name, (module, is_input) in sites.items() if is_input}
         outputs = {name: module for name, (module, is_input) in sites.items() if not is_input}
@@ -383,7 +385,8 @@ class FrozenStarts:
         index = torch.tensor(rows, device=self.ids.device)
         width = int(self.lengths[rows].max())
         start = self.mask.shape[1] - self.ids.shape[1]
-        options: dict[str, Any] = {"attention_mask": self.mask[index, : start + width], "use_cache": self.cache is not None}
+        options: dict[str, Any] = {"attention_mask": self.mask[index, : start + width]}
+        options["use_cache"] = self.cache is not None
         if self.cache is not None:
             options[self.cache_kwarg] = _gathered(self.cache, index, self.config, 0)
             options["position_ids"] = self.positions[index, :width]
@@ -394,7 +397,8 @@ class FrozenStarts:
         if self.skip == 0:
             return nullcontext()
         if self._output is not None and bool(self.is_held[rows].all()):
-            return replaying(self.layers, self.skip, self._output, lambda given: self.held[rows, :width].to(given.dtype))
+            held = self.held
+            return replaying(self.layers, self.skip, self._output, lambda given: held[rows, :width].to(given.dtype))
 
         def record(states: torch.Tensor) -> None:
             if self.held is None:

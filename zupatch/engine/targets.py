@@ -469,6 +469,8 @@ def neighbour_requests(requests: Sequence[ForgetRequest], subjects: Sequence[str
 #: Rows of one template and prefix that run their shared start on their own (fewer join
 #: the prefix's other rows): :func:`fact_activations`.
 _MIN_TEMPLATE_ROWS = 16
+#: Rows read per call of :meth:`LayerInputCache.last_token_states` (their states are kept until summed).
+_KEY_ROWS = 4096
 
 
 def fact_activations(
@@ -520,15 +522,24 @@ def fact_activations(
         sites["block"] = (decoder_layers(model, spec)[block_layer], False)
     if layer_cache is None:  # shared starts still run once; nothing is held
         layer_cache = LayerInputCache(model, decoder_layers(model, spec), 0, 0)
-    with _PreparedModel(model):
-        states = layer_cache.last_token_states(model, rows, groups, sites, pad_token_id(tokenizer), batch_rows, on_batch)
     n = len(requests)
-    keys = torch.zeros(n, states["keys"].shape[1], dtype=torch.float64)
-    keys.index_add_(0, torch.tensor(owners), states["keys"].to(torch.float64).cpu())
-    block_outputs = None
-    if block_layer is not None:
-        bare = torch.tensor([i * len(prefixes) + prefixes.index("") for i in range(n)])
-        block_outputs = states["block"].to(torch.float64).cpu()[bare].T
+    keys = torch.zeros(0, dtype=torch.float64)
+    blocks: list[torch.Tensor] = []
+    bare = prefixes.index("")
+    with _PreparedModel(model):
+        # Requests a few thousand rows at a time: memory stays bounded whatever their number.
+        step = max(1, _KEY_ROWS // len(prefixes)) * len(prefixes)
+        for begin in range(0, len(rows), step):
+            states = layer_cache.last_token_states(
+                model, rows[begin : begin + step], groups[begin : begin + step], sites, pad_token_id(tokenizer),
+                batch_rows, on_batch,
+            )  # fmt: skip
+            if not keys.numel():
+                keys = torch.zeros(n, states["keys"].shape[1], dtype=torch.float64)
+            keys.index_add_(0, torch.tensor(owners[begin : begin + step]), states["keys"].to(torch.float64).cpu())
+            if block_layer is not None:
+                blocks.append(states["block"][bare :: len(prefixes)].to(torch.float64).cpu())
+    block_outputs = torch.cat(blocks).T if blocks else None
     return FactActivations((keys / len(prefixes)).T.cpu(), block_outputs)
 
 
@@ -696,7 +707,9 @@ def optimise_representations(
     batch = _build_rows(tokenizer, requests, targets, prefixes)
     pad_id = pad_token_id(tokenizer)
     layers = decoder_layers(model, spec)
-    rows_of = [[r for r, o in enumerate(batch.owner) if o == i] for i in range(n)]
+    rows_of: list[list[int]] = [[] for _ in range(n)]
+    for r, o in enumerate(batch.owner):
+        rows_of[o].append(r)
     nll_rows_of = [[r for r in rows_of[i] if not batch.is_kl[r]] for i in range(n)]
     groups: list[list[int]] = []
     size = 0
@@ -790,7 +803,8 @@ def optimise_representations(
                 start_vectors = start_vectors - bias.detach().float()
             d = start_vectors.shape[1]
             initial_norm = start_vectors.norm(dim=1).clamp_min(1e-12)
-            step_size = config.lr * (initial_norm / math.sqrt(d) if config.relative_lr else torch.ones_like(initial_norm))
+            rms = initial_norm / math.sqrt(d)
+            step_size = config.lr * (rms if config.relative_lr else torch.ones_like(initial_norm))
             delta = torch.zeros(len(group), d, device=device, requires_grad=True)
             adam = _PerRequestAdam(delta, step_size, config.clamp_norm_factor * initial_norm)
             active = list(group)
@@ -808,7 +822,8 @@ def optimise_representations(
                     total = 0.0
                     for i in active:
                         k = at[i]
-                        loss = nll[i] + decay_scale[i] * config.weight_decay * delta[k].pow(2).sum() / initial_norm[k] ** 2
+                        decay = decay_scale[i] * config.weight_decay * delta[k].pow(2).sum() / initial_norm[k] ** 2
+                        loss = nll[i] + decay
                         if i in kl_log_probs:
                             current = kl_log_probs[i]
                             kl = (current.exp() * (current - kl_reference[i])).sum()  # KL(now ‖ before)
