@@ -736,9 +736,10 @@ def optimise_representations(
             )  # fmt: skip
 
             def run(
-                requests_now: list[int], delta: torch.Tensor | None
+                requests_now: list[int], delta: torch.Tensor | None, reference: dict[int, torch.Tensor] | None
             ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-                """Forward the rows of ``requests_now``; per request: NLL, KL log-probs, init vector."""
+                """Forward the rows of ``requests_now``; per request: NLL, KL against
+                ``reference`` (without one: the log-probs to compare with later), init vector."""
                 rows = [local[r] for i in requests_now for r in rows_of[i]]
                 place = {k: j for j, k in enumerate(rows)}
                 cuts = [frozen.cuts[k] for k in rows]
@@ -767,28 +768,46 @@ def optimise_representations(
                     hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)]
                 ).float()
                 log_probs = torch.log_softmax(logits, dim=-1)
-                nll, kl_log_probs, init = {}, {}, {}
-                for i in requests_now:
-                    per_row = []
+                # One gather and one sum by index for all NLLs: a slice of log_probs per row
+                # would cost a zero tensor of its full size per slice in the backward pass.
+                at_token, targets_now, slot_of_token, weight = [], [], [], []
+                kl_at, kl_requests = [], []
+                for slot, i in enumerate(requests_now):
                     for r in nll_rows_of[i]:
                         start, end = spans[local[r]]
-                        target = torch.tensor(batch.encoded[r].target_ids, device=device)
-                        per_row.append(-log_probs[start:end].gather(1, target[:, None]).mean())
-                    nll[i] = torch.stack(per_row).mean()
+                        at_token += range(start, end)
+                        targets_now += batch.encoded[r].target_ids
+                        slot_of_token += [slot] * (end - start)
+                        weight += [1.0 / ((end - start) * len(nll_rows_of[i]))] * (end - start)
                     if batch.kl_row[i] is not None:
-                        kl_log_probs[i] = log_probs[spans[local[batch.kl_row[i]]][0]]
-                    init[i] = seen["site"][place[local[batch.bare_row[i]]]].float()
-                return nll, kl_log_probs, init
+                        kl_at.append(spans[local[batch.kl_row[i]]][0])
+                        kl_requests.append(i)
+                token_nll = -log_probs[torch.tensor(at_token, device=device), torch.tensor(targets_now, device=device)]
+                per_request = torch.zeros(len(requests_now), device=device).index_add(
+                    0, torch.tensor(slot_of_token, device=device), token_nll * torch.tensor(weight, device=device)
+                )
+                nll = {i: per_request[slot] for slot, i in enumerate(requests_now)}
+                kl: dict[int, torch.Tensor] = {}
+                if kl_at:
+                    current = log_probs[torch.tensor(kl_at, device=device)]
+                    if reference is None:
+                        kl = {i: current[j].detach() for j, i in enumerate(kl_requests)}
+                    else:
+                        before = torch.stack([reference[i] for i in kl_requests])
+                        divergence = (current.exp() * (current - before)).sum(dim=-1)  # KL(now ‖ before)
+                        kl = {i: divergence[j] for j, i in enumerate(kl_requests)}
+                init = {i: seen["site"][place[local[batch.bare_row[i]]]].float() for i in requests_now}
+                return nll, kl, init
 
             width = {i: max(int(frozen.lengths[local[r]]) for r in rows_of[i]) for i in group}
 
             def runs(
-                requests_now: list[int], delta: torch.Tensor | None
+                requests_now: list[int], delta: torch.Tensor | None, reference: dict[int, torch.Tensor] | None = None
             ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
                 """:func:`run` in a few forwards of rows of about the same width."""
                 merged: tuple[dict, dict, dict] = ({}, {}, {})
                 for part in _by_width(requests_now, width, {i: len(rows_of[i]) for i in requests_now}):
-                    for into, values in zip(merged, run(part, delta)):
+                    for into, values in zip(merged, run(part, delta, reference)):
                         into.update(values)
                 return merged
 
@@ -818,16 +837,14 @@ def optimise_representations(
                     break
                 delta.grad = None
                 with torch.enable_grad():
-                    nll, kl_log_probs, _ = runs(active, delta)
+                    nll, kl, _ = runs(active, delta, kl_reference)
                     total = 0.0
                     for i in active:
                         k = at[i]
                         decay = decay_scale[i] * config.weight_decay * delta[k].pow(2).sum() / initial_norm[k] ** 2
                         loss = nll[i] + decay
-                        if i in kl_log_probs:
-                            current = kl_log_probs[i]
-                            kl = (current.exp() * (current - kl_reference[i])).sum()  # KL(now ‖ before)
-                            loss = loss + config.kl_factor * kl
+                        if i in kl:
+                            loss = loss + config.kl_factor * kl[i]
                         final_nll[i] = float(nll[i].detach())
                         final_loss[i] = float(loss.detach())
                         converged[i] = final_nll[i] < config.converged_nll
