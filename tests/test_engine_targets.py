@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.tiny_models import tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import decoder_layers, down_proj_module, resolve_architecture
-from zupatch.engine.hooks import FrozenStarts, LayerInputCache, run_until_stopped
+from zupatch.engine.hooks import FrozenStarts, LayerInputCache
 from zupatch.engine.stats import pad_right
 from zupatch.engine.probes import next_token_ids
 from zupatch.engine.requests import ForgetRequest

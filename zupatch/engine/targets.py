@@ -36,9 +36,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -50,7 +48,7 @@ from zupatch.engine.architectures import (
     down_proj_bias,
     down_proj_module,
 )
-from zupatch.engine.hooks import FrozenStarts, LayerInputCache, edit_output, on_inputs, on_outputs, run_until_stopped
+from zupatch.engine.hooks import FrozenStarts, LayerInputCache, edit_output
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.stats import (
     ProgressCallback,
