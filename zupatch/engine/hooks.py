@@ -194,6 +194,8 @@ class LayerInputCache:
         on its group's attention cache (positions given, the other starts masked)."""
         from transformers import DynamicCache
 
+        from zupatch.engine.stats import pad_right  # stats reads its keys with this module's hooks
+
         first = next(model.parameters())
         device, width = first.device, first.element_size() * model.get_input_embeddings().embedding_dim
         cache_kwarg, config = cache_keyword(model), getattr(model, "config", None)
@@ -247,10 +249,8 @@ class LayerInputCache:
         inputs = {name: module for name, (module, is_input) in sites.items() if is_input}
         outputs = {name: module for name, (module, is_input) in sites.items() if not is_input}
         stop = list(sites)[-1]
-        longest = max(lengths)
-        mask = torch.zeros((len(own), longest), dtype=torch.long)
-        for place, length in enumerate(lengths):
-            mask[place, :length] = 1
+        ids, mask = pad_right(own, pad_id, device)
+        longest = ids.shape[1]
         options: dict[str, Any] = {}
         with (
             on_inputs(inputs, keep, stop_at=stop if stop in inputs else None),
@@ -258,14 +258,14 @@ class LayerInputCache:
         ):
             if starts:
                 cache = DynamicCache(config=config)
-                start_ids = _padded_ids(starts, pad_id, device)  # pads after each start: never attended to
+                start_ids, _ = pad_right(starts, pad_id, device)  # pads after each start: never attended to
                 with at_start(start_keys, self._starts, [len(t) for t in starts], start_ids.shape[1]):
                     run_until_stopped(partial(model, input_ids=start_ids, use_cache=True, **{cache_kwarg: cache}))
                 place_of = {tokens: place for place, tokens in enumerate(starts)}
                 which = [place_of.get(tuple(rows[i][:cut]), 0) for i, cut in zip(order, cuts)]  # 0: masked
                 options[cache_kwarg] = _gathered(cache, torch.tensor(which, device=device), config,
                                                  self.start if replay else 0)  # fmt: skip
-                head = torch.zeros((len(own), start_ids.shape[1]), dtype=torch.long)
+                head = torch.zeros((len(own), start_ids.shape[1]), dtype=torch.long, device=device)
                 for place, cut in enumerate(cuts):
                     head[place, :cut] = 1
                 mask = torch.cat([head, mask], dim=1)
@@ -273,17 +273,8 @@ class LayerInputCache:
                 options["use_cache"] = True
             listening[0] = True
             with at_start(row_keys, self._rows, lengths, longest):
-                ids = _padded_ids(own, pad_id, device)
-                run_until_stopped(partial(model, input_ids=ids, attention_mask=mask.to(device), **options))
+                run_until_stopped(partial(model, input_ids=ids, attention_mask=mask, **options))
             listening[0] = False
-
-
-def _padded_ids(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Right-padded token ids."""
-    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    for place, tokens in enumerate(rows):
-        ids[place, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-    return ids.to(device)
 
 
 def _takes_positions(model: nn.Module) -> bool:

@@ -49,7 +49,7 @@ from zupatch.engine.subjects import (
     other_subjects,
     request_templates,
 )
-from zupatch.engine.targets import NeighbourConfig, propose_neighbour_subjects
+from zupatch.engine.targets import NeighbourConfig, _logits_at, propose_neighbour_subjects
 from zupatch.errors import ZupatchError
 
 #: Rounds of "Examples: ..., <listed so far>," after create's own list, and tokens per round:
@@ -198,10 +198,8 @@ def next_token_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], bat
         ids, mask = pad_right(rows, pad, device)
         # Logits at each row's last token only; the head's final scaling, if any
         # (Gemma's soft cap), is monotonic and leaves the top-1 token as it is.
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
-        logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=hidden.device), last])
-        tokens += logits.argmax(dim=-1).tolist()
+        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        tokens += _logits_at(model, ids, mask, torch.arange(len(rows), device=device), last).argmax(dim=-1).tolist()
     return tokens
 
 

@@ -811,8 +811,7 @@ def optimise_representations(
 
             # Initial pass: the vectors to start from, the KL reference, the initial NLL.
             with torch.no_grad():
-                nll, kl_reference, init = runs(group, None)
-            kl_reference = {i: value.detach() for i, value in kl_reference.items()}
+                nll, kl_reference, init = runs(group, None)  # without a reference: detached log-probs
             start_vectors = torch.stack([init[i] for i in group])  # with bias if any
             for k, i in enumerate(group):
                 initial[i], initial_nll[i] = start_vectors[k], float(nll[i])
