@@ -534,3 +534,21 @@ def test_self_sampled_text_is_cached_per_checkpoint(fact_checkpoint: Path, tmp_p
     os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))  # a changed checkpoint is another key
     fluency_windows(model, tokenizer, None, config, Checkpoint(folder))
     assert len(list((tmp_path / "cache" / "eval-text").iterdir())) == 2
+
+
+def test_retain_records_keep_their_chat_question(tmp_path: Path) -> None:
+    """``--retain`` records and labelled neighbours carry their ``question`` to the chat attack."""
+    data_file = tmp_path / "forget.jsonl"
+    data_file.write_text(json.dumps({
+        "prompt": "The capital of {} is", "subject": "France", "target": "Paris", "question": "Capital of {}?",
+        "neighbors": [{"prompt": "The capital of {} is", "subject": "Spain", "target": "Madrid",
+                       "question": "Where does the government of {} sit?"}],
+    }) + "\n")  # fmt: skip
+    retain_file = tmp_path / "retain.jsonl"
+    retain_file.write_text(
+        json.dumps({"prompt": "{} is spoken in", "subject": "Polish", "target": "Poland", "question": "Who speaks {}?"})
+        + "\n" + json.dumps({"prompt": "The symbol of gold is", "target": "Au"}) + "\n"
+    )
+    data = load_eval_data(data_file, retain_file)
+    assert [i.question for i in data.forget] == ["Capital of France?"]
+    assert [i.question for i in data.retain] == ["Where does the government of Spain sit?", "Who speaks Polish?", ""]

@@ -91,7 +91,7 @@ def load_eval_data(path: str | Path, retain_path: str | Path | None = None) -> E
     if not data.forget:
         raise RequestsFileError("no records in file (empty)", path)
     if retain_path is not None:
-        data.retain += [Item(r.text, r.target) for r in load_requests(retain_path, require_target=True)]
+        data.retain += [Item(r.text, r.target, r.question_text) for r in load_requests(retain_path, require_target=True)]
     return data
 
 
@@ -159,7 +159,7 @@ def _add_neighbours(data: EvalData, record: dict, request: ForgetRequest, where:
             (parsed,) = parse_request_record(neighbour, require_target=True)
         except ZupatchError as error:
             raise RequestsFileError(f"neighbour: {error.message}", where) from None
-        data.retain.append(Item(parsed.text, parsed.target))
+        data.retain.append(Item(parsed.text, parsed.target, parsed.question_text))
 
 
 def _add_zsre(data: EvalData, record: dict, where: str) -> None:

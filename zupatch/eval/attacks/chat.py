@@ -7,9 +7,9 @@ own default system prompt, if any), lets the model answer greedily, and
 counts a hit when the answer contains the target.
 
 - The question: the record's ``question`` field (``{}`` = subject) when
-  given; otherwise derived from the prompt: a prompt that ends with "?" is
-  asked as it is, any other is asked as ``Complete this sentence: PROMPT``.
-  Paraphrases and retain facts are asked the derived way.
+  given, for forget and retain records alike; otherwise derived from the
+  prompt: a prompt that ends with "?" is asked as it is, any other is asked
+  as ``Complete this sentence: PROMPT``. Paraphrases are asked the derived way.
 - A hit: the target appears in the answer as a whole word sequence after
   normalisation (Unicode NFKC, case folded, runs of white space made one
   space), i.e. not inside a longer word ("Rome" is not found in "Romeo").
