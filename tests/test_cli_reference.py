@@ -43,7 +43,7 @@ def test_choices_match_the_engine_and_typos_are_caught() -> None:
     from zupatch.engine.create import METHODS
     from zupatch.engine.solvers import PROJECTIONS
 
-    assert tuple(m.value for m in Method) == METHODS
+    assert tuple(m.value for m in Method) == tuple(METHODS)
     assert tuple(p.value for p in Projection) == tuple(PROJECTIONS)
     result = CliRunner().invoke(app, ["create", "-m", "x", "--forget", "f.jsonl", "-o", "p", "--method", "zerounlern"])
     assert result.exit_code == 2 and "zerounlearn-gd" in result.output

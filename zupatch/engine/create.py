@@ -25,12 +25,13 @@ requests' own neighbours, subjects the model proposes, and the vocabulary
 words most similar to each subject in the requests' templates: this is what
 makes the edit specific without a retain file (docs/create.md).
 
-``method`` "ga" or "npo" runs a fine-tuning baseline instead
-(:mod:`zupatch.engine.baselines`) on the same layers; its layer edits are
-dense deltas rather than factors.
+The method is a plugin (:mod:`zupatch.engine.methods`): the ZeroUnlearn
+methods give the loop its per-layer solve; a fine-tuning baseline ("ga",
+"npo") trains the same layers instead, and its layer edits are dense deltas
+rather than factors.
 
 Defaults are the settings measured best on SmolLM2-135M (docs/create.md and
-:data:`MEASURED_CLOSED_FORM`): no projection, λ_r = 5000, step size relative
+:data:`~zupatch.engine.methods.zerounlearn.MEASURED_CLOSED_FORM`): no projection, λ_r = 5000, step size relative
 to the hidden-state norm with early stopping. :meth:`CreateConfig.paper` is
 the paper's recipe. After the loop the answers' NLL on the bare prompts and
 the same-pattern probes are measured again (``diagnostics["verification"]``).
@@ -48,7 +49,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from zupatch.engine import solvers
 from zupatch.engine.architectures import (
     ArchitectureOverrides,
     ArchitectureSpec,
@@ -62,8 +62,11 @@ from zupatch.engine.architectures import (
     post_mlp_norm_module,
     resolve_architecture,
 )
-from zupatch.engine.baselines import BASELINE_METHODS, BaselineParams, run_baseline
+from zupatch.engine.baselines import BaselineParams
 from zupatch.engine.hooks import LayerInputCache
+from zupatch.engine.methods import METHODS, Method, get_method
+from zupatch.engine.methods.zerounlearn import MEASURED_CLOSED_FORM
+from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS
 from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
@@ -94,8 +97,7 @@ from zupatch.engine.targets import (
 )
 from zupatch.errors import ZupatchError
 
-Method = Literal["zerounlearn", "zerounlearn-gd", "ga", "npo"]
-METHODS: tuple[str, ...] = ("zerounlearn", "zerounlearn-gd", *BASELINE_METHODS)
+MethodName = Literal["zerounlearn", "zerounlearn-gd", "ga", "npo"]
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,6 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.max_passes < 1:
             raise ZupatchError("refine.max_passes must be at least 1")
-
-
-#: Best measured on SmolLM2-135M (4 capitals forgotten, layers 17-19, see the report
-#: in docs): no projection (docs/create.md), λ_r 5000 (2000: 82% kept, 5000: 91%,
-#: 10000: 86%, 15000: 82%, at λ_f 50), λ_f 20 (forgetting 2 capitals and a
-#: chemical symbol with a retain file: λ_f 50 kept 40/47 other facts, λ_f 20 45/47).
-MEASURED_CLOSED_FORM = ClosedFormParams(lambda_retain=5000.0, lambda_forget=20.0, projection="off")
 
 
 def neutral_target_problem(target: Any) -> str | None:
@@ -166,7 +161,7 @@ class CreateConfig:
     """
 
     layers: tuple[int, ...] | None = None
-    method: Method = "zerounlearn"
+    method: MethodName = "zerounlearn"
     neutral_target: str | None = None
     closed_form: ClosedFormParams = MEASURED_CLOSED_FORM
     gd: GDParams = field(default_factory=GDParams)
@@ -192,13 +187,12 @@ class CreateConfig:
             not isinstance(self.layer_cache_mb, int) or isinstance(self.layer_cache_mb, bool) or self.layer_cache_mb < 0
         ):
             raise ZupatchError("layer_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off)")
-        if self.method not in METHODS:
-            raise ZupatchError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_method(self.method)  # a one-line error for an unknown name
         problem = neutral_target_problem(self.neutral_target)
         if problem:
             raise ZupatchError(f"neutral_target {problem}")
-        if self.gd_solver not in ("exact", "adam"):
-            raise ZupatchError(f"unknown GD solver {self.gd_solver!r}; choose exact or adam")
+        if self.gd_solver not in GD_SOLVERS:
+            raise ZupatchError(f"unknown GD solver {self.gd_solver!r}; choose {' or '.join(GD_SOLVERS)}")
         if self.retain_key_weight < 0:
             raise ZupatchError("retain key weight must be >= 0")
 
@@ -220,21 +214,24 @@ class CreateConfig:
         return cls(**settings)
 
     @property
+    def method_plugin(self) -> Method:
+        """The registered method (:mod:`zupatch.engine.methods`) this config runs."""
+        return METHODS[self.method]
+
+    @property
     def is_baseline(self) -> bool:
         """A fine-tuning baseline (GA, NPO) rather than a ZeroUnlearn method."""
-        return self.method in BASELINE_METHODS
+        return self.method_plugin.is_baseline
 
     def needs_original_representations(self) -> bool:
-        if self.is_baseline:
-            return False
-        return self.method == "zerounlearn-gd" or self.closed_form.projection != "off"
+        return self.method_plugin.needs_original(self)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings the method uses, as plain JSON-ready values (for the patch
         metadata): every ZeroUnlearn setting, or the few a baseline reads."""
         settings = asdict(self)
         if self.is_baseline:
-            used = ("method", "layers", "baseline", "overrides", "device", "dtype")
+            used = ("method", "layers", *self.method_plugin.settings, "overrides", "device", "dtype")
             return _plain({key: settings[key] for key in used})
         settings.pop("baseline")
         return _plain(settings)
@@ -432,10 +429,10 @@ def compute_edit(
         # Phrasings, similar subjects and refinement were measured for the closed form; ZeroUnlearn-GD
         # keeps its single solve on the prompts (with them, the fact model forgot 16 of 20 requests
         # instead of 18 and kept 23 of 28 other facts instead of 28: docs/create.md).
-        closed_form = config.method == "zerounlearn"
-        use_phrasings = closed_form and config.phrasings.weight > 0
+        same_kind = config.method_plugin.same_kind
+        use_phrasings = same_kind and config.phrasings.weight > 0
         variants, owners = phrasing_variants(requests, config.phrasings.derived) if use_phrasings else ([], [])
-        use_similar = closed_form and config.retain_key_weight > 0
+        use_similar = same_kind and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
         report("preparing", 3, 3)
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
@@ -487,7 +484,7 @@ def compute_edit(
     layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], _layer_cache_bytes(model, config))
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
-    max_passes = config.refine.max_passes if closed_form else 1
+    max_passes = config.refine.max_passes if same_kind else 1
     while passes < max_passes:
         passes += 1
         for j, layer in enumerate(layers):
@@ -548,7 +545,7 @@ def compute_edit(
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
                 V_star = Y + residual if gain is None else outputs_for_residual(Y, residual, gain.to(solve_device))
-                factors = _solve(W, C, K_f, V_star, O, config)
+                factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
                 achieved = _residual_achieved(factors, W, K_f, residual, gain)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
@@ -633,8 +630,8 @@ def _baseline_edit(
     answers = [r.target for r in requests]
     answer_nll_before = target_nll(model, tokenizer, requests, answers)
     probes = _Probes.before(model, tokenizer, requests, config)
-    run = run_baseline(
-        model, tokenizer, spec, layers, config.method, requests, config.baseline,
+    run = config.method_plugin.train(
+        model, tokenizer, spec, layers, requests, config,
         retain_requests=retain_requests, storage_dtypes=storage_dtypes, progress=progress,
     )  # fmt: skip
     edits = []
@@ -729,22 +726,6 @@ def _with_retain_keys(C: torch.Tensor, retain_keys: torch.Tensor, config: Create
     retain = retain_keys @ retain_keys.T
     retain.mul_(weight)
     return retain.add_(C) if retain.dtype == C.dtype else C + retain
-
-
-def _solve(
-    W: torch.Tensor,
-    C: torch.Tensor,
-    K_f: torch.Tensor,
-    V_star: torch.Tensor,
-    O: torch.Tensor | None,
-    config: CreateConfig,
-) -> Factors:
-    """Factors (math layout) of the configured method: closed form, or GD (exact or Adam)."""
-    if config.method == "zerounlearn":
-        return solvers.closed_form(W, C, K_f, V_star, O, config.closed_form)
-    null_basis = solvers.null_space_basis(C, config.gd.null_threshold)
-    solve = solvers.gd_exact if config.gd_solver == "exact" else solvers.gd_adam
-    return solve(W, null_basis, K_f, V_star, O, config.gd)
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
