@@ -43,7 +43,7 @@ FORGOTTEN, KEPT, KEPT_HELD_OUT = 0.8, 0.6, 0.45
 #: 256² float64 = 0.5 MB, the forwards run at most 256 rows). The bound catches an edit that
 #: holds per-request f×f matrices or runs all rows of all requests at once, not a few MB.
 RSS_GROWTH_BOUND = 256 * 2**20
-#: Rows per forward: optimise_representations splits at 128 (max_batch_rows), fact_activations at 256.
+#: Rows per forward: optimise_representations and fact_activations split at 256.
 MAX_ROWS = 256
 
 

@@ -191,14 +191,19 @@ def test_steps_that_run_only_what_the_edit_changes_equal_whole_forwards(arch: st
     prefixes = ["", "Some text before the prompt. ", "Other words. "]
     config = OptimisationConfig(max_steps=6, converged_nll=0.0, max_batch_rows=5)  # three groups of requests
     tokens_seen: list[int] = []
+    edited_layer_runs: list[int] = []
     handle = next(layers[0].children()).register_forward_pre_hook(lambda *a: tokens_seen.append(1))
+    handle_2 = next(layers[2].children()).register_forward_pre_hook(lambda *a: edited_layer_runs.append(1))
     for site in ("block", "down_proj"):
         tokens_seen.clear()
+        edited_layer_runs.clear()
         reused = optimise_representations(
             model, tokenizer, spec, REQUESTS, ["Paris is", "x", "the end"], site=site, layer=2, prefixes=prefixes,
             config=config,
         )  # fmt: skip
         runs_of_layer_0 = len(tokens_seen)
+        # A block's output is added at the next layer's input: the block itself runs only when recording.
+        assert (len(edited_layer_runs) == runs_of_layer_0) == (site == "block"), (site, len(edited_layer_runs))
         whole = optimise_representations(
             model, tokenizer, spec, REQUESTS, ["Paris is", "x", "the end"], site=site, layer=2, prefixes=prefixes,
             config=config, reuse_starts=False,
@@ -210,6 +215,7 @@ def test_steps_that_run_only_what_the_edit_changes_equal_whole_forwards(arch: st
         # Layer 0 ran in each group's first passes only; whole steps run it every step.
         assert runs_of_layer_0 <= 3 * 2 * 2 < len(tokens_seen) - runs_of_layer_0
     handle.remove()
+    handle_2.remove()
     assert not any("forward" in vars(layer) for layer in layers)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
@@ -236,6 +242,8 @@ def test_frozen_starts_give_a_whole_forwards_states(arch: str) -> None:
         whole = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         first = frozen.forward([0, 1, 2])
         again = frozen.forward([2, 0])  # held rows: layers 0 and 1 skipped
+        with pytest.raises(ValueError, match="layers before 2 are held"):
+            frozen.forward([0], edit_input=(1, lambda states: states))
     for row, (tokens, cut) in enumerate(zip(rows, frozen.cuts)):
         torch.testing.assert_close(first[row, : len(tokens) - cut], whole[row, cut : len(tokens)], rtol=1e-4, atol=1e-5)
     for place, row in enumerate([2, 0]):

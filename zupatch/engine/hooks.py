@@ -369,9 +369,13 @@ class FrozenStarts:
         self.is_held = torch.zeros(len(rows), dtype=torch.bool)
         self._output: tuple[bool, int] | None = None
 
-    def forward(self, rows: Sequence[int]) -> torch.Tensor:
+    def forward(
+        self, rows: Sequence[int], edit_input: tuple[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    ) -> torch.Tensor:
         """The last hidden states of ``rows`` from their cut on (right-padded to the
-        longest of them)."""
+        longest of them). ``edit_input = (index, edit)``: decoder layer ``index``
+        (at least ``skip``) reads ``edit(states)`` instead of its input ``states``,
+        the held one included."""
         rows = list(rows)
         index = torch.tensor(rows, device=self.ids.device)
         width = int(self.lengths[rows].max())
@@ -381,7 +385,13 @@ class FrozenStarts:
         if self.cache is not None:
             options[self.cache_kwarg] = _gathered(self.cache, index, self.config, 0)
             options["position_ids"] = self.positions[index, :width]
-        with self._skipping(rows, width):
+        with ExitStack() as stack:
+            stack.enter_context(self._skipping(rows, width))
+            if edit_input is not None:  # after the replay's or the recording's hook on that layer
+                at, edit = edit_input
+                if at < self.skip:
+                    raise ValueError(f"cannot edit the input of layer {at}: layers before {self.skip} are held")
+                stack.callback(self.layers[at].register_forward_pre_hook(_editing(edit), with_kwargs=True).remove)
             return self.base(input_ids=self.ids[index, :width], **options).last_hidden_state
 
     def _skipping(self, rows: list[int], width: int) -> Any:
@@ -435,17 +445,11 @@ def replaying(
     def skip(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return (hidden_states, *([None] * (length - 1))) if is_tuple else hidden_states
 
-    def replay(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        states = held(_hidden_input(args, kwargs))
-        if args:
-            return (states, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": states}
-
     with ExitStack() as stack:
         for layer in layers[:start]:
             layer.forward = skip  # instance attribute: nn.Module.__call__ calls it instead
             stack.callback(delattr, layer, "forward")
-        stack.callback(layers[start].register_forward_pre_hook(replay, with_kwargs=True).remove)
+        stack.callback(layers[start].register_forward_pre_hook(_editing(held), with_kwargs=True).remove)
         yield
 
 
@@ -458,6 +462,18 @@ def cache_keyword(model: nn.Module) -> str:
 def _row_key(tokens: Sequence[int] | torch.Tensor) -> bytes:
     """A held row's key: its token ids as int64 bytes."""
     return torch.as_tensor(tokens, dtype=torch.long).cpu().numpy().tobytes()
+
+
+def _editing(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., tuple[tuple, dict]]:
+    """A forward pre-hook (``with_kwargs``) that gives the layer ``edit(states)`` as its hidden input."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        states = edit(_hidden_input(args, kwargs))
+        if args:
+            return (states, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": states}
+
+    return hook
 
 
 def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:

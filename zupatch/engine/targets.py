@@ -97,7 +97,7 @@ class OptimisationConfig:
     converged_nll: float = 0.05
     patience: int = 3
     decay_fade: float = 0.5
-    max_batch_rows: int = 128  # rows per forward; larger batches are split (same result)
+    max_batch_rows: int = 256  # rows per forward; larger batches are split (same result)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.lr <= 0 or self.clamp_norm_factor <= 0 or self.max_batch_rows < 1:
@@ -603,7 +603,11 @@ def _build_rows(
             is_kl.append(True)
         else:
             kl_row.append(None)
-    return _Rows(encode_prompts(tokenizer, texts, ends, row_targets), owner, is_kl, bare_row, kl_row)
+    encoded = encode_prompts(tokenizer, texts, ends, row_targets)
+    # A KL row is read at its fact token only: the tokens after it need not run.
+    encoded = [EncodedPrompt(e.prompt_ids[: e.fact_index + 1], e.fact_index) if kl else e
+               for e, kl in zip(encoded, is_kl)]  # fmt: skip
+    return _Rows(encoded, owner, is_kl, bare_row, kl_row)
 
 
 class _PerRequestAdam:
@@ -705,6 +709,9 @@ def optimise_representations(
     batch = _build_rows(tokenizer, requests, targets, prefixes)
     pad_id = pad_token_id(tokenizer)
     layers = decoder_layers(model, spec)
+    # A block's output is the next layer's input: added there, the block itself need not run again.
+    next_input = site == "block" and reuse_starts and layer + 1 < len(layers)
+    skip = layer + 1 if next_input else layer if reuse_starts else 0
     rows_of: list[list[int]] = [[] for _ in range(n)]
     for r, o in enumerate(batch.owner):
         rows_of[o].append(r)
@@ -730,7 +737,7 @@ def optimise_representations(
             encoded = [batch.encoded[r] for r in row_ids]
             frozen = FrozenStarts(
                 model, layers, [e.input_ids for e in encoded],
-                [e.fact_index if reuse_starts else 0 for e in encoded], pad_id, skip=layer if reuse_starts else 0,
+                [e.fact_index if reuse_starts else 0 for e in encoded], pad_id, skip=skip,
             )  # fmt: skip
 
             def run(
@@ -760,8 +767,11 @@ def optimise_representations(
                     spans[k] = (len(gather_pos), len(gather_pos) + len(positions))
                     gather_rows += [place[k]] * len(positions)
                     gather_pos += [p - cut for p in positions]
-                with edit_output(module, add_delta):
-                    hidden = frozen.forward(rows)
+                if next_input:
+                    hidden = frozen.forward(rows, edit_input=(layer + 1, add_delta))
+                else:
+                    with edit_output(module, add_delta):
+                        hidden = frozen.forward(rows)
                 logits = model.get_output_embeddings()(
                     hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_pos, device=device)]
                 ).float()
