@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -367,6 +367,22 @@ def run_baseline(
     return BaselineRun(deltas, original_weights, layer_diagnostics, diagnostics, timings)
 
 
+def trainer(method: str) -> Callable[..., BaselineRun]:
+    """The ``train`` entry point of a baseline method plugin (:mod:`zupatch.engine.methods`):
+    ``train(model, tokenizer, spec, layers, requests, config, **options)`` runs
+    :func:`run_baseline` with ``method`` and ``config.baseline``."""
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"unknown baseline method {method!r}")
+
+    def train(
+        model: nn.Module, tokenizer: Any, spec: ArchitectureSpec, layers: Sequence[int],
+        requests: Sequence[ForgetRequest], config: Any, **options: Any,
+    ) -> BaselineRun:  # fmt: skip
+        return run_baseline(model, tokenizer, spec, layers, method, requests, config.baseline, **options)
+
+    return train
+
+
 __all__ = [
     "BASELINE_METHODS",
     "BaselineMethod",
@@ -374,4 +390,5 @@ __all__ = [
     "BaselineRun",
     "OPTIMIZERS",
     "run_baseline",
+    "trainer",
 ]
