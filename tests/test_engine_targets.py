@@ -11,14 +11,12 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.tiny_models import tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import decoder_layers, down_proj_module, resolve_architecture
-from zupatch.engine.hooks import FrozenStarts, LayerInputCache
+from zupatch.engine.hooks import _FORWARD_COST_TOKENS, FrozenStarts, LayerInputCache, by_width
 from zupatch.engine.stats import pad_right
 from zupatch.engine.probes import next_token_ids
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
-    _FORWARD_COST_TOKENS,
     OptimisationConfig,
-    _by_width,
     _listed_subjects,
     encode_prompts,
     fact_activations,
@@ -220,6 +218,30 @@ def test_steps_that_run_only_what_the_edit_changes_equal_whole_forwards(arch: st
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_frozen_starts_run_starts_of_unlike_lengths_apart(arch: str) -> None:
+    """Starts of very different lengths run in separate forwards (some rows cut at 0),
+    and the joined cache still gives a whole forward's states."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    layers = decoder_layers(model, resolve_architecture(model))
+    text = "A long prompt with many words in it so that the start of a row is much longer than the others."
+    rows = [tokenizer(text)["input_ids"][: 34 + k % 3] for k in range(30)]
+    cuts = [0 if k % 3 == 0 else 1 if k % 3 == 1 else 30 for k in range(30)]
+    starts_run: list[int] = []
+    handle = layers[0].register_forward_pre_hook(lambda module, args: starts_run.append(args[0].shape[1]))
+    frozen = FrozenStarts(model, layers, rows, cuts, pad_id=0, skip=1)
+    handle.remove()
+    assert len(starts_run) > 1 and min(starts_run) < 30 == max(starts_run)  # not one forward padded to 30
+    ids, mask = pad_right(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        whole = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        states = frozen.forward(range(30))
+    for row, (tokens, cut) in enumerate(zip(rows, cuts)):
+        torch.testing.assert_close(states[row, : len(tokens) - cut], whole[row, cut : len(tokens)], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3",
                                   "gemma3-short-window"])  # fmt: skip
 def test_frozen_starts_give_a_whole_forwards_states(arch: str) -> None:
@@ -259,7 +281,7 @@ def test_requests_are_split_into_forwards_of_about_one_width(sizes: list[tuple[i
     """Every request in exactly one forward; no split costs more than one forward of all."""
     width = {i: w for i, (w, _) in enumerate(sizes)}
     rows = {i: r for i, (_, r) in enumerate(sizes)}
-    parts = _by_width(list(width), width, rows)
+    parts = by_width(list(width), width, rows)
     assert sorted(i for part in parts for i in part) == list(width)
 
     def cost(part: list[int]) -> float:

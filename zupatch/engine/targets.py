@@ -48,7 +48,7 @@ from zupatch.engine.architectures import (
     down_proj_bias,
     down_proj_module,
 )
-from zupatch.engine.hooks import FrozenStarts, LayerInputCache, edit_output
+from zupatch.engine.hooks import FrozenStarts, LayerInputCache, by_width, edit_output
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.stats import (
     ProgressCallback,
@@ -645,32 +645,6 @@ def _site_module(model: nn.Module, spec: ArchitectureSpec, site: Site, layer: in
     raise ValueError(f"unknown site {site!r}")
 
 
-#: What one more forward costs, in padded tokens (row × position) run: :func:`_by_width`.
-_FORWARD_COST_TOKENS = 128
-
-
-def _by_width(requests: list[int], width: dict[int, int], rows: dict[int, int]) -> list[list[int]]:
-    """``requests`` in groups that each run as one right-padded forward, chosen to
-    minimise the padded tokens run plus :data:`_FORWARD_COST_TOKENS` per forward
-    (rows are padded to the longest of their forward: one long prompt would
-    make every row as long)."""
-    order = sorted(requests, key=lambda i: width[i])
-    best = [0.0] + [math.inf] * len(order)  # best[j]: cost of order[:j]
-    cut = [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        count = 0
-        for i in range(j, 0, -1):  # order[i-1 : j] as one forward, padded to order[j-1]'s width
-            count += rows[order[i - 1]]
-            cost = best[i - 1] + _FORWARD_COST_TOKENS + count * width[order[j - 1]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i - 1
-    parts, j = [], len(order)
-    while j:
-        parts.append(order[cut[j] : j])
-        j = cut[j]
-    return parts[::-1]
-
-
 def optimise_representations(
     model: nn.Module,
     tokenizer: Any,
@@ -814,7 +788,7 @@ def optimise_representations(
             ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
                 """:func:`run` in a few forwards of rows of about the same width."""
                 merged: tuple[dict, dict, dict] = ({}, {}, {})
-                for part in _by_width(requests_now, width, {i: len(rows_of[i]) for i in requests_now}):
+                for part in by_width(requests_now, width, {i: len(rows_of[i]) for i in requests_now}):
                     for into, values in zip(merged, run(part, delta, reference)):
                         into.update(values)
                 return merged
