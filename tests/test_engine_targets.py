@@ -239,7 +239,9 @@ def test_frozen_starts_run_starts_of_unlike_lengths_apart(arch: str) -> None:
         whole = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         states = frozen.forward(range(30))
     for row, (tokens, cut) in enumerate(zip(rows, cuts)):
-        torch.testing.assert_close(states[row, : len(tokens) - cut], whole[row, cut : len(tokens)], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            states[row, : len(tokens) - cut], whole[row, cut : len(tokens)], rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3",

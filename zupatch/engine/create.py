@@ -31,10 +31,11 @@ methods give the loop its per-layer solve; a fine-tuning baseline ("ga",
 rather than factors.
 
 Defaults are the settings measured best on SmolLM2-135M (docs/create.md and
-:data:`~zupatch.engine.methods.zerounlearn.MEASURED_CLOSED_FORM`): no projection, λ_r = 5000, step size relative
-to the hidden-state norm with early stopping. :meth:`CreateConfig.paper` is
-the paper's recipe. After the loop the answers' NLL on the bare prompts and
-the same-pattern probes are measured again (``diagnostics["verification"]``).
+:data:`~zupatch.engine.methods.zerounlearn.MEASURED_CLOSED_FORM`): no
+projection, λ_r = 5000, step size relative to the hidden-state norm with
+early stopping. :meth:`CreateConfig.paper` is the paper's recipe. After the
+loop the answers' NLL on the bare prompts and the same-pattern probes are
+measured again (``diagnostics["verification"]``).
 """
 
 from __future__ import annotations

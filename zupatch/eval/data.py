@@ -91,7 +91,8 @@ def load_eval_data(path: str | Path, retain_path: str | Path | None = None) -> E
     if not data.forget:
         raise RequestsFileError("no records in file (empty)", path)
     if retain_path is not None:
-        data.retain += [Item(r.text, r.target, r.question_text) for r in load_requests(retain_path, require_target=True)]
+        retain = load_requests(retain_path, require_target=True)
+        data.retain += [Item(r.text, r.target, r.question_text) for r in retain]
     return data
 
 
