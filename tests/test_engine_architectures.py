@@ -87,7 +87,7 @@ def test_bad_override_path_is_a_one_line_error(tiny_models: dict) -> None:
 
 @pytest.mark.parametrize(
     ("layers", "expected"),
-    [(28, (16, 17, 18)), (30, (17, 18, 19)), (4, (0, 1, 2)), (2, (0,)), (1, (0,))],
+    [(28, (4, 5, 6)), (30, (4, 5, 6)), (18, (3, 4, 5)), (32, (4, 5, 6)), (4, (0, 1, 2)), (2, (0,)), (1, (0,))],
 )
 def test_default_layers_by_relative_depth(layers: int, expected: tuple[int, ...]) -> None:
     assert default_layers(layers) == expected

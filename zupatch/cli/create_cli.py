@@ -55,7 +55,7 @@ def create(
     on: Annotated[str | None, typer.Option("--on", metavar="PATCH", help="Create on top of this patch (file or Hub reference; --model is its base): the new patch starts where it ends, so `zupatch stack PATCH NEW` joins them.", rich_help_panel=_IO)] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", rich_help_panel=_IO)] = None,
     target: Annotated[str | None, typer.Option("--target", help="Neutral target the model should say instead, non-empty text (default: the EOS token).", rich_help_panel=_METHOD)] = None,
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 17,18,19 (default: by relative depth).", rich_help_panel=_METHOD)] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to edit, e.g. 4,5,6 (default: by relative depth).", rich_help_panel=_METHOD)] = None,
     method: Annotated[Method | None, typer.Option("--method", help=METHOD_HELP, rich_help_panel=_METHOD)] = None,
     preset: Annotated[Preset, typer.Option("--preset", help="measured (defaults that measured best) or paper (the paper's recipe).", rich_help_panel=_METHOD)] = Preset.measured,
     config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of settings (see docs/create.md).", rich_help_panel=_METHOD)] = None,
@@ -225,7 +225,7 @@ stats_app = typer.Typer(help="Precompute, list, clear, push and pull key statist
 @stats_app.command("compute")
 def stats_compute(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 17,18,19 (default: by relative depth).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 4,5,6 (default: by relative depth).")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text files or folders (default: sampled from the model).")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
@@ -278,7 +278,7 @@ def stats_compute(
 def stats_push(
     repo: Annotated[str, typer.Argument(metavar="REPO", help="Hub dataset repo NAMESPACE/NAME (created if needed).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hub repo id.")],
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 17,18,19 (default: by relative depth).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 4,5,6 (default: by relative depth).")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", help="Text files or folders (default: sampled from the model).")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
