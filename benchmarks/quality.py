@@ -18,6 +18,8 @@ Data (benchmarks/data/):
 Runs (``--runs``, all through the real CLI, no retain file unless named):
 
 - ``zerounlearn``: today's defaults;
+- ``layers-17-19``: today's defaults at the layers edited before 2026-11-30
+  (17-19 of 30, from 0.57 of the depth; now 4-6);
 - ``previous``: the defaults before the same-kind protection (settings below);
 - ``zerounlearn+retain``: today's defaults with ``--retain`` (20 tuning facts);
 - ``ga``, ``npo``: the baselines with their defaults.
@@ -36,7 +38,7 @@ prints a second table: for every run and attack, forget prompts and
 paraphrases answered, tuning facts kept, probes unchanged and the perplexity
 change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
 
-Usage: python benchmarks/quality.py [--runs zerounlearn,previous,zerounlearn+retain,ga,npo]
+Usage: python benchmarks/quality.py [--runs zerounlearn,layers-17-19,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
        [--attacks all]
 """
@@ -62,12 +64,13 @@ TEXT = ROOT / "tests" / "data" / "ordinary_text.txt"
 
 #: The create defaults before the same-kind protection, paraphrase keys and refinement passes.
 PREVIOUS = (
-    "neighbours.similar=0", "phrasings.weight=0", "refine.max_passes=1",
+    "layers=[17,18,19]", "neighbours.similar=0", "phrasings.weight=0", "refine.max_passes=1",
     "neutral.max_steps=60", "neutral.patience=0", "probes=0",
 )
 #: name -> (method, extra create arguments, retain file?)
 RUNS = {
     "zerounlearn": ("zerounlearn", (), False),
+    "layers-17-19": ("zerounlearn", ("--layers=17,18,19",), False),
     "previous": ("zerounlearn", tuple(f"--set={s}" for s in PREVIOUS), False),
     "zerounlearn+retain": ("zerounlearn", (), True),
     "ga": ("ga", (), False),
