@@ -25,11 +25,12 @@ MAX_BYTES = 150_000
 #: quality run -> the start of its row in docs/benchmarks.md's quality table
 QUALITY_ROWS = {
     "base": "| base |",
-    "zerounlearn": "| **zerounlearn (defaults)** |",
-    "previous": "| previous defaults |",
+    "zerounlearn": "| **zerounlearn (defaults, layers 4–6)** |",
+    "layers-17-19": "| zerounlearn, layers 17–19 (the defaults before) |",
+    "previous": "| previous defaults (layers 17–19) |",
     "zerounlearn+retain": "| zerounlearn + `--retain`",
-    "ga": "| ga |",
-    "npo": "| npo |",
+    "ga": "| ga (layers 4–6) |",
+    "npo": "| npo (layers 4–6) |",
 }
 
 
