@@ -8,7 +8,8 @@ loaded with ``AutoModelForCausalLM.from_pretrained``:
 - most paraphrases the base model answered forget too;
 - >= 90% of the other facts (including facts about the same subjects:
   France's language, Japan's currency) are still answered, overall and among
-  those not in the retain file (measured 45/47 and 22/23 on 2026-11-23);
+  those not in the retain file (measured 45/47 and 22/23 on 2026-11-23,
+  when the default layers were 17-19);
 - the perplexity of ordinary text rises by no more than 10%;
 - invert restores the base checkpoint byte for byte.
 Without a retain file only 19/47 survive: same-pattern facts (other capitals,
@@ -112,8 +113,9 @@ def test_without_a_retain_file_same_template_facts_stay(smollm2_checkpoint: Path
     no longer produced, and most facts sharing their templates (other capitals,
     other chemical symbols, none of them given to create in any form, none used
     to tune the defaults) still are, judged by greedy generation on the applied
-    checkpoint. Measured 2026-11-30: 19 of 23 (83%). The goal is 90%
-    (docs/benchmarks.md); the bar guards what holds today."""
+    checkpoint. Measured 2026-11-30: 19 of 23 (83%) at layers 17-19, 23 of 23
+    at the default layers since (4-6); the bar is the goal, 90%
+    (docs/benchmarks.md)."""
     forget_file = DATA / "smollm2_forget.jsonl"
     forget = load_jsonl(forget_file)
     forgotten = {(r["prompt"], r["subject"]) for r in forget}
@@ -156,4 +158,4 @@ def test_without_a_retain_file_same_template_facts_stay(smollm2_checkpoint: Path
               "verification": summary["diagnostics"]["verification"]}  # fmt: skip
     print(json.dumps(report))
     assert not any(still), report
-    assert sum(kept) >= 0.8 * len(known), report
+    assert sum(kept) >= 0.9 * len(known), report
