@@ -364,8 +364,6 @@ class FrozenStarts:
         self, model: nn.Module, layers: Sequence[nn.Module], rows: Sequence[Sequence[int]],
         cuts: Sequence[int], pad_id: int, skip: int,
     ) -> None:  # fmt: skip
-        from transformers import DynamicCache
-
         self.base = model.base_model
         self.layers = list(layers)
         self.skip = 0 if hasattr(model, "hf_device_map") else skip
@@ -390,17 +388,19 @@ class FrozenStarts:
         self.positions = (torch.tensor(cuts)[:, None] + torch.arange(rest)).to(device)
         self.cache: Any = None
         if start:  # pads after each row's own first tokens: only later (masked) positions see them
-            self.cache = self._run_starts(head.to(device), self.cuts, start)
+            self.cache = self._run_starts(head.to(device))
         self.held: torch.Tensor | None = None
         self.is_held = torch.zeros(len(rows), dtype=torch.bool)
         self._output: tuple[bool, int] | None = None
 
-    def _run_starts(self, head: torch.Tensor, cuts: list[int], start: int) -> Any:
-        """The attention cache of every row's start (``head``, right-padded to
-        ``start``), run in a few forwards of starts of about the same length
-        (:func:`by_width`) and joined, zeros where a row's forward was shorter."""
+    def _run_starts(self, head: torch.Tensor) -> Any:
+        """The attention cache of every row's start (``head``: row ``r``'s first
+        ``self.cuts[r]`` tokens, right-padded), run in a few forwards of starts of
+        about the same length (:func:`by_width`) and joined, zeros where a row's
+        forward was shorter."""
         from transformers import DynamicCache
 
+        cuts, start = self.cuts, head.shape[1]
         rows = list(range(len(cuts)))
         parts = by_width(rows, dict(enumerate(cuts)), dict.fromkeys(rows, 1))
         per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -685,7 +685,7 @@ def optimise_representations(
     layers = decoder_layers(model, spec)
     # A block's output is the next layer's input: added there, the block itself need not run again.
     next_input = site == "block" and reuse_starts and layer + 1 < len(layers)
-    skip = layer + 1 if next_input else layer if reuse_starts else 0
+    skip = (layer + 1 if next_input else layer) if reuse_starts else 0
     rows_of: list[list[int]] = [[] for _ in range(n)]
     for r, o in enumerate(batch.owner):
         rows_of[o].append(r)
