@@ -245,6 +245,28 @@ GD_FORGOTTEN, GD_KEPT = 0.85, 0.9
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("separate", [True, False])
+def test_keys_per_context_forget_with_the_rank_of_one_key_per_request(fact_model, separate: bool) -> None:
+    """Each context's key as its own column, all asked for the same change: the
+    facts are forgotten, the others kept, and the repeated change collapses to
+    rank n per pass (the patch is no larger than with averaged keys)."""
+    model, tokenizer, facts = fact_model
+    forget = [facts[i] for i in FORGET]
+    others = [i for i in range(len(facts)) if i not in FORGET]
+    config = dataclasses.replace(BEHAVIOUR, contexts=ContextConfig(separate_keys=separate))
+    result = compute_edit(model, tokenizer, forget, config)
+    try:
+        now = answered(model, tokenizer, facts)
+        assert not any(now[i] for i in FORGET), result.diagnostics["verification"]
+        assert sum(now[i] for i in others) / len(others) >= 0.9
+        passes = result.diagnostics["verification"]["passes"]
+        assert all(e.factors.rank <= len(forget) * passes for e in result.layers)
+        assert all(len(d["residual_achieved"]) == len(forget) for d in result.diagnostics["layers"])
+    finally:
+        restore_weights(model, result)
+
+
+@pytest.mark.slow
 def test_without_a_retain_file_the_other_facts_of_the_relation_stay(fact_model) -> None:
     """Forgetting one capital keeps the other capitals with no --retain file, no
     request neighbours and no model-proposed subjects: the default protection

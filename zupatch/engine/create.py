@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +210,18 @@ class CreateConfig:
             neighbours=NeighbourConfig(subjects=0, similar=0),
             phrasings=PhrasingConfig(weight=0.0),
             refine=RefineConfig(max_passes=1),
+        )
+        settings.update(changes)
+        return cls(**settings)
+
+    @classmethod
+    def robust(cls, **changes: Any) -> CreateConfig:
+        """The defaults with one key column per context prefix and λ_f 7 per column: the
+        facts stay forgotten in chat and after text naming the subject, for some
+        specificity (docs/create.md, "One key per context")."""
+        settings: dict[str, Any] = dict(
+            contexts=ContextConfig(separate_keys=True),
+            closed_form=replace(MEASURED_CLOSED_FORM, lambda_forget=7.0),
         )
         settings.update(changes)
         return cls(**settings)
@@ -483,6 +495,7 @@ def compute_edit(
         report("similar keys", similar_rows[0], similar_rows[1])
 
     layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], _layer_cache_bytes(model, config))
+    separate = config.contexts.separate_keys and same_kind  # measured for the closed form only, as phrasings
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
     max_passes = config.refine.max_passes if same_kind else 1
@@ -491,11 +504,16 @@ def compute_edit(
         for j, layer in enumerate(layers):
             with _timed(timings, "keys"):
                 activations = fact_activations(
-                    model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer, layer_cache=layer_cache
-                )
+                    model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer, layer_cache=layer_cache,
+                    per_context=separate,
+                )  # fmt: skip
             report("layers", 3 * j + 1, 3 * len(layers))  # three updates a layer: keys, other keys, solve
-            keys, H_L = activations.keys[:, :n], activations.block_outputs[:, :n]
-            retain_keys = activations.keys[:, n:]
+            H_L = activations.block_outputs[:, :n]
+            if separate:  # f × n × contexts; the retain keys stay averaged
+                by_context = activations.keys.reshape(activations.keys.shape[0], -1, len(prefixes))
+                keys, retain_keys = by_context[:, :n], by_context[:, n:].mean(dim=2)
+            else:
+                keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:]
             if similar:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
@@ -507,9 +525,14 @@ def compute_edit(
             if variants:
                 with _timed(timings, "keys"):
                     variant_keys = fact_activations(
-                        model, tokenizer, spec, variants, prefixes, layer, layer_cache=layer_cache
-                    ).keys
+                        model, tokenizer, spec, variants, prefixes, layer, layer_cache=layer_cache,
+                        per_context=separate,
+                    ).keys  # fmt: skip
+                if separate:
+                    variant_keys = variant_keys.reshape(variant_keys.shape[0], -1, len(prefixes))
                 keys = _mean_over_variants(keys, variant_keys, owners, config.phrasings.weight)
+            if separate:  # request-major columns: request i in context k is column i * contexts + k
+                keys = keys.reshape(keys.shape[0], -1)
             report("layers", 3 * j + 2, 3 * len(layers))
             O = None
             original_summary = None
@@ -537,6 +560,9 @@ def compute_edit(
                 K_f = keys.to(solve_device)
                 residual = (Z - H_L) / (len(layers) - j)  # this layer's share of the way to Z
                 residual = (residual * pending.to(residual.dtype)).to(solve_device)  # the rest: keep as they are
+                if separate:  # the same change asked in every context
+                    residual = residual.repeat_interleave(len(prefixes), dim=1)
+                    O = O.repeat_interleave(len(prefixes), dim=1) if O is not None else None
                 layer_statistics = statistics[layer]  # read now if it comes from the cache
                 statistics_tokens = layer_statistics.token_count
                 C = _with_retain_keys(
@@ -548,6 +574,8 @@ def compute_edit(
                 V_star = Y + residual if gain is None else outputs_for_residual(Y, residual, gain.to(solve_device))
                 factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
                 achieved = _residual_achieved(factors, W, K_f, residual, gain)
+                if separate:  # per request: the mean over its contexts
+                    achieved = _rounded(torch.tensor(achieved).reshape(n, -1).mean(dim=1))
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
                 del C, W, K_f, Y, V_star  # before the next layer's keys and statistics
@@ -562,7 +590,7 @@ def compute_edit(
             diagnostics = {
                 "layer": layer,
                 "pass": passes,
-                "residual_norm": _rounded(residual.norm(dim=0).cpu()),
+                "residual_norm": _rounded(residual.norm(dim=0).cpu()[:: len(prefixes) if separate else 1]),
                 "residual_achieved": achieved,
                 "rank": factors.rank,
                 "scale": factors.scale,
@@ -666,13 +694,13 @@ def _baseline_edit(
 
 def _mean_over_variants(keys: torch.Tensor, variant_keys: torch.Tensor, owners: Sequence[int], weight: float) -> torch.Tensor:
     """Per request, the weighted mean of its own key (weight 1) and its variants' keys
-    (``weight`` each)."""
+    (``weight`` each). Keys are f × requests, or f × requests × contexts (context by context)."""
     total = keys.clone()
     count = torch.ones(keys.shape[1], dtype=keys.dtype)
     for column, owner in enumerate(owners):
         total[:, owner] += weight * variant_keys[:, column]
         count[owner] += weight
-    return total / count
+    return total / count.reshape(-1, *[1] * (keys.dim() - 2))
 
 
 @dataclass
