@@ -84,6 +84,11 @@ def test_settings_from_file_flags_and_presets(world: dict, tmp_path: Path) -> No
     paper = Patch.load(out).steps[0]
     assert paper.hyperparameters["closed_form"]["projection"] == "everywhere"
     assert all(e.scale == pytest.approx(1.01) for e in paper.entries)  # c = 1 + epsilon
+    assert hp["contexts"]["separate_keys"] is False and paper.hyperparameters["contexts"]["separate_keys"] is False
+    out = tmp_path / "robust.zup.safetensors"
+    assert runner.invoke(app, create_args(world, out, "-q", "--preset", "robust")).exit_code == 0
+    robust = Patch.load(out).steps[0].hyperparameters
+    assert robust["contexts"]["separate_keys"] is True and robust["closed_form"]["lambda_forget"] == 7.0
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ class Method(str, Enum):
 
 class Preset(str, Enum):
     measured = "measured"
+    robust = "robust"
     paper = "paper"
 
 
