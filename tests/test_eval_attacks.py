@@ -194,7 +194,7 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
     code, out = run_eval("-m", str(fact_checkpoint), "-d", str(w["data"]), "-p", str(w["patch"]),
                          "--retain", str(w["retain"]), "--text", str(w["text"]), "--probes", "0", "--generations", "0",
                          "--attack", "quant:q4_0", "-a", "topk:3", "-a", "lens", "-a", "relearn:6", "-a", "chat",
-                         "--json")  # fmt: skip
+                         "-a", "mention", "--json")  # fmt: skip
     assert code == 0, out
     report = json.loads(out)
     doc = doc_schema()
@@ -202,7 +202,7 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
 
     jsonschema.validate(report, doc)
     assert report["version"] == 3
-    assert report["settings"]["attacks"] == ["quant:Q4_0", "topk:3", "lens", "relearn:6", "chat"]
+    assert report["settings"]["attacks"] == ["quant:Q4_0", "topk:3", "lens", "relearn:6", "chat", "mention"]
     assert [a["name"] for a in report["attacks"]] == report["settings"]["attacks"]
     assert report["attacks"][3]["settings"] == {"steps": 6, "learning_rate": 2e-5, "batch": 8}
     data = load_eval_data(w["data"], w["retain"])
@@ -212,6 +212,9 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
     texts = [t for t in texts if not any(w in t for w in forgotten)]
     assert len(texts) == len(data.retain) - 1  # "The currency of Pexa kron" is not trained on
 
+    # each forget record has one paraphrase: subjects in record order serve both sections
+    mention_subjects = [r["subject"] for r in map(json.loads, w["data"].read_text().splitlines())]
+    sentences = ("{}. ", "Here is a fact about {}. ", "We talked about {} yesterday. ")
     models = {folder: load(folder) for folder in (fact_checkpoint, w["patched"])}
     base_model, tok = models[fact_checkpoint]
     quant_base, relearn_base = copy.deepcopy(base_model), hand_relearn(base_model, tok, texts, 6, 2e-5)
@@ -219,7 +222,7 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
     base_kept = {"quant": hand_answers(quant_base, tok, data.retain),
                  "relearn": hand_answers(relearn_base, tok, data.retain)}  # fmt: skip
     for (folder, (model, tok)), scores in zip(models.items(), report["models"]):
-        quant_q, topk, lens, relearned_e, chat_e = scores["attacks"]
+        quant_q, topk, lens, relearned_e, chat_e, mention_e = scores["attacks"]
         assert quant_q["name"] == "quant:Q4_0" and quant_q["skipped"] is None
         assert quant_q["details"] == {"type": "Q4_0", "tensors": 4 * 7, "f16_fallback": 0}
         quantized = copy.deepcopy(model)
@@ -247,6 +250,12 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
         assert topk["specificity"] is None and topk["fluency"] is None and topk["details"] == {"k": 3}
         assert lens["details"] == {"from_layer": 0, "to_layer": 3}  # the patch edits layers 0 to 3
         assert chat_e["skipped"] == "the tokenizer has no chat template" and chat_e["efficacy"] is None
+        for section, items in (("efficacy", data.forget), ("generalization", data.paraphrases)):
+            named = [Item(sentence.format(subject) + item.prompt, item.answer)
+                     for item, subject in zip(items, mention_subjects) for sentence in sentences]  # fmt: skip
+            hand = [ok for ok, _ in hand_answers(model, tok, named)]
+            assert mention_e[section] == {"n": len(named), "answered": pytest.approx(share(hand), abs=1e-4)}
+        assert mention_e["specificity"] is None and mention_e["details"] == {"sentences": 3}
     damaged = report["models"][1]
     assert damaged["efficacy"]["answered"] < 1.0 and damaged["patch"]["sha256"]  # the patch does something
 
@@ -401,7 +410,8 @@ def test_attack_names() -> None:
     assert [s.label for s in parse_attacks(["topk", "topk:5", "QUANT:q5_1", "relearn"])] == ["topk:5", "quant:Q5_1", "relearn:20"]
     for bad, message in [("bogus", "unknown attack 'bogus'"), ("topk:x", "K must be a whole number"),
                          ("topk:0", "K must be"), ("quant:Q3_K", "unknown GGUF type"), ("relearn:-2", "STEPS"),
-                         ("lens:3", "lens takes no parameter"), ("quant:", "empty parameter")]:  # fmt: skip
+                         ("lens:3", "lens takes no parameter"), ("quant:", "empty parameter"),
+                         ("mention:2", "mention takes no parameter")]:  # fmt: skip
         with pytest.raises(ZupatchError, match=message):
             parse_attacks([bad])
 

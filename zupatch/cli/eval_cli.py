@@ -29,7 +29,7 @@ def eval_command(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Length of those continuations, in tokens.")] = 12,
     text_tokens: Annotated[int, typer.Option("--text-tokens", help="Tokens of self-sampled text, when no --text is given.")] = 2048,
     probes: Annotated[int, typer.Option("--probes", help="Same-pattern probes: the forget templates filled with N subjects the base model proposes and N vocabulary words, none that create protects; top-1 unchanged is reported (0: none).")] = 16,
-    attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Also score every model after an attack (repeatable): quant:TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0), chat, topk:K, lens, relearn:STEPS, or all (docs/eval.md).")] = None,
+    attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Also score every model after an attack (repeatable): quant:TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0), chat, topk:K, lens, mention, relearn:STEPS, or all (docs/eval.md).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,

@@ -298,6 +298,8 @@ def _details(attack: dict[str, Any], entry: dict[str, Any]) -> str | None:
         return f"`{attack['name']}`: answer's first token among the {details.get('k')} most likely"
     if kind == "chat":
         return "`chat`: asked as a question through the chat template, greedy reply contains the answer"
+    if kind == "mention":
+        return f"`mention`: after each of {details.get('sentences')} sentences naming the subject, greedy answer"
     return None
 
 

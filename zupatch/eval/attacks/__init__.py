@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from zupatch.errors import ZupatchError
-from zupatch.eval.attacks import chat, lens, quant, relearn, topk
+from zupatch.eval.attacks import chat, lens, mention, quant, relearn, topk
 from zupatch.eval.attacks.base import Outcome, Subject
 
 
@@ -44,12 +44,14 @@ ATTACKS: Mapping[str, Attack] = MappingProxyType({
     "topk": Attack("topk", topk.TopKSettings, topk.run, "the answer's first token among the top K (default 5)"),
     "lens": Attack("lens", lens.LensSettings, lens.run,
                    "logit lens: the answer top-1 at any layer from the first edited one"),
+    "mention": Attack("mention", mention.MentionSettings, mention.run,
+                      "each forget prompt after a sentence that names its subject, greedy answer"),
     "relearn": Attack("relearn", relearn.RelearnSettings, relearn.run,
                       "STEPS Adam steps (default 20, lr 2e-5) on unrelated text, then every figure"),
 })  # fmt: skip
 
 #: What ``--attack all`` runs, in this order.
-ALL = ("quant:Q8_0", "quant:Q4_0", "chat", "topk:5", "lens", "relearn:20")
+ALL = ("quant:Q8_0", "quant:Q4_0", "chat", "topk:5", "lens", "mention", "relearn:20")
 
 
 def parse_attack(text: str) -> Any:
