@@ -50,6 +50,7 @@ RUNS = {
     "base": ("base model", "#222222", "_"),
     "zerounlearn": ("zerounlearn (defaults)", "#d62728", "o"),
     "zerounlearn+retain": ("zerounlearn + --retain", "#ff7f0e", "s"),
+    "robust": ("zerounlearn --preset robust", "#e377c2", "X"),
     "layers-17-19": ("zerounlearn, layers 17-19", "#8c564b", "P"),
     "previous": ("zerounlearn, previous defaults", "#9467bd", "D"),
     "ga": ("ga", "#1f77b4", "^"),

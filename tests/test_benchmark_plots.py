@@ -26,6 +26,7 @@ MAX_BYTES = 150_000
 QUALITY_ROWS = {
     "base": "| base |",
     "zerounlearn": "| **zerounlearn (defaults, layers 4–6)** |",
+    "robust": "| zerounlearn `--preset robust` |",
     "layers-17-19": "| zerounlearn, layers 17–19 (the defaults before) |",
     "previous": "| previous defaults (layers 17–19) |",
     "zerounlearn+retain": "| zerounlearn + `--retain`",
