@@ -560,8 +560,9 @@ def compute_edit(
                 K_f = keys.to(solve_device)
                 residual = (Z - H_L) / (len(layers) - j)  # this layer's share of the way to Z
                 residual = (residual * pending.to(residual.dtype)).to(solve_device)  # the rest: keep as they are
+                asked = residual  # per key column
                 if separate:  # the same change asked in every context
-                    residual = residual.repeat_interleave(len(prefixes), dim=1)
+                    asked = residual.repeat_interleave(len(prefixes), dim=1)
                     O = O.repeat_interleave(len(prefixes), dim=1) if O is not None else None
                 layer_statistics = statistics[layer]  # read now if it comes from the cache
                 statistics_tokens = layer_statistics.token_count
@@ -571,14 +572,14 @@ def compute_edit(
                 del layer_statistics  # one f×f matrix (C) from here on
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
-                V_star = Y + residual if gain is None else outputs_for_residual(Y, residual, gain.to(solve_device))
+                V_star = Y + asked if gain is None else outputs_for_residual(Y, asked, gain.to(solve_device))
                 factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
-                achieved = _residual_achieved(factors, W, K_f, residual, gain)
+                achieved = _residual_achieved(factors, W, K_f, asked, gain)
                 if separate:  # per request: the mean over its contexts
                     achieved = _rounded(torch.tensor(achieved).reshape(n, -1).mean(dim=1))
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
-                del C, W, K_f, Y, V_star  # before the next layer's keys and statistics
+                del C, W, K_f, Y, V_star, asked  # before the next layer's keys and statistics
 
             with _timed(timings, "apply"):
                 name = down_proj_weight_name(spec, layer)
@@ -590,7 +591,7 @@ def compute_edit(
             diagnostics = {
                 "layer": layer,
                 "pass": passes,
-                "residual_norm": _rounded(residual.norm(dim=0).cpu()[:: len(prefixes) if separate else 1]),
+                "residual_norm": _rounded(residual.norm(dim=0).cpu()),
                 "residual_achieved": achieved,
                 "rank": factors.rank,
                 "scale": factors.scale,

@@ -500,7 +500,9 @@ def fact_activations(
     and template run their shared start once (:class:`LayerInputCache`,
     which with ``layer_cache`` also skips the layers before its start for
     prompts it holds). ``on_batch(rows)`` after each forward of at most
-    ``batch_rows`` rows.
+    ``batch_rows`` rows. ``per_context``: the keys of every request in every
+    prefix, f × (requests · prefixes), column ``i * len(prefixes) + k`` for
+    request i in prefix k, instead of their mean per request.
     """
     if block_layer is not None and block_layer < key_layer:
         raise ValueError("block_layer must not precede key_layer")

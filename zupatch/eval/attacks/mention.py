@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zupatch.eval.attacks.base import Outcome, Subject, hit_figures
 from zupatch.errors import ZupatchError
+from zupatch.eval.attacks.base import Outcome, Subject, hit_figures
 from zupatch.eval.metrics import score_answers
 
 #: The sentences put before the prompt, ``{}`` being the subject.
