@@ -114,7 +114,7 @@ def test_keys_match_a_hand_made_hook(tiny_llama) -> None:
     assert activations.keys.shape == (128, 3) and activations.keys.dtype == torch.float64
     assert activations.block_outputs.shape == (64, 3)
     per_context = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2, per_context=True)
-    assert per_context.keys.shape == (128, 3 * len(prefixes)) and per_context.keys.dtype == torch.float64
+    assert per_context.keys.shape == (128, 3, len(prefixes)) and per_context.keys.dtype == torch.float64
     for index, request in enumerate(REQUESTS):
         expected = []
         for prefix in prefixes:
@@ -136,8 +136,8 @@ def test_keys_match_a_hand_made_hook(tiny_llama) -> None:
             if prefix == "":
                 torch.testing.assert_close(activations.block_outputs[:, index], captured["h"][0, fact].double())
         torch.testing.assert_close(activations.keys[:, index], torch.stack(expected).mean(0), rtol=1e-5, atol=1e-6)
-        for k, key in enumerate(expected):  # one column per request and context, request-major
-            torch.testing.assert_close(per_context.keys[:, index * len(prefixes) + k], key, rtol=1e-5, atol=1e-6)
+        for k, key in enumerate(expected):  # one column per request and context
+            torch.testing.assert_close(per_context.keys[:, index, k], key, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per_context.block_outputs, activations.block_outputs)
 
 

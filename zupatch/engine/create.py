@@ -510,8 +510,7 @@ def compute_edit(
             report("layers", 3 * j + 1, 3 * len(layers))  # three updates a layer: keys, other keys, solve
             H_L = activations.block_outputs[:, :n]
             if separate:  # f × n × contexts; the retain keys stay averaged
-                by_context = activations.keys.reshape(activations.keys.shape[0], -1, len(prefixes))
-                keys, retain_keys = by_context[:, :n], by_context[:, n:].mean(dim=2)
+                keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:].mean(dim=2)
             else:
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:]
             if similar:
@@ -528,8 +527,6 @@ def compute_edit(
                         model, tokenizer, spec, variants, prefixes, layer, layer_cache=layer_cache,
                         per_context=separate,
                     ).keys  # fmt: skip
-                if separate:
-                    variant_keys = variant_keys.reshape(variant_keys.shape[0], -1, len(prefixes))
                 keys = _mean_over_variants(keys, variant_keys, owners, config.phrasings.weight)
             if separate:  # request-major columns: request i in context k is column i * contexts + k
                 keys = keys.reshape(keys.shape[0], -1)
@@ -574,9 +571,7 @@ def compute_edit(
                 Y = W @ K_f
                 V_star = Y + asked if gain is None else outputs_for_residual(Y, asked, gain.to(solve_device))
                 factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
-                achieved = _residual_achieved(factors, W, K_f, asked, gain)
-                if separate:  # per request: the mean over its contexts
-                    achieved = _rounded(torch.tensor(achieved).reshape(n, -1).mean(dim=1))
+                achieved = _residual_achieved(factors, W, K_f, asked, gain, n)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
                 del C, W, K_f, Y, V_star, asked  # before the next layer's keys and statistics
@@ -774,16 +769,20 @@ def _post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Seque
 
 
 def _residual_achieved(
-    factors: Factors, W: torch.Tensor, K_f: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor | None = None
+    factors: Factors, W: torch.Tensor, K_f: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor | None = None,
+    requests: int | None = None,
 ) -> list[float]:
     """Per request, the share of the wanted residual change R the edit delivers: Δ·R / ‖R‖², with
-    Δ = ΔW k, or the change of N(W k) behind a post-MLP norm N."""
+    Δ = ΔW k, or the change of N(W k) behind a post-MLP norm N. With ``requests`` and several
+    key columns per request (request-major), the mean over each request's columns."""
     Y = W @ K_f
     change = (factors.scale - 1.0) * Y + factors.U @ (factors.B @ K_f)
     if gain is not None:
         g = gain.to(Y)
         change = (rms_normalise((Y + change).T, g) - rms_normalise(Y.T, g)).T
     share = (change * residual).sum(dim=0) / residual.pow(2).sum(dim=0).clamp_min(1e-30)
+    if requests is not None:
+        share = share.reshape(requests, -1).mean(dim=1)
     return _rounded(share.cpu())
 
 

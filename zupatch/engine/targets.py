@@ -147,7 +147,7 @@ class RepresentationResult:
 
 @dataclass
 class FactActivations:
-    """Keys (f×n, averaged over contexts) and block outputs (d×n, bare prompt), float64."""
+    """Keys (f×n averaged over contexts, or f×n×contexts) and block outputs (d×n, bare prompt), float64."""
 
     keys: torch.Tensor
     block_outputs: torch.Tensor | None
@@ -501,8 +501,7 @@ def fact_activations(
     which with ``layer_cache`` also skips the layers before its start for
     prompts it holds). ``on_batch(rows)`` after each forward of at most
     ``batch_rows`` rows. ``per_context``: the keys of every request in every
-    prefix, f × (requests · prefixes), column ``i * len(prefixes) + k`` for
-    request i in prefix k, instead of their mean per request.
+    prefix, f × requests × prefixes, instead of their mean per request.
     """
     if block_layer is not None and block_layer < key_layer:
         raise ValueError("block_layer must not precede key_layer")
@@ -553,8 +552,8 @@ def fact_activations(
             if block_layer is not None:
                 blocks.append(states["block"][bare :: len(prefixes)].to(torch.float64).cpu())
     block_outputs = torch.cat(blocks).T if blocks else None
-    if per_context:  # request-major: column i * len(prefixes) + k is request i in prefix k
-        return FactActivations(torch.cat(context_keys).T.contiguous(), block_outputs)
+    if per_context:  # rows are request-major: request i in prefix k is row i * len(prefixes) + k
+        return FactActivations(torch.cat(context_keys).T.reshape(-1, n, len(prefixes)), block_outputs)
     return FactActivations((keys / len(prefixes)).T.cpu(), block_outputs)
 
 
