@@ -82,6 +82,12 @@ def whole_number_parameter(param: str, name: str) -> int:
     return value
 
 
+def no_parameter(param: str | None, name: str) -> None:
+    """A one-line error when an attack that takes no parameter is given one."""
+    if param is not None:
+        raise ZupatchError(f"{name} takes no parameter")
+
+
 def share(flags: Sequence[bool]) -> float | None:
     """The share of true flags, rounded as the report rounds shares (None when empty)."""
     return round(sum(flags) / len(flags), 4) if flags else None

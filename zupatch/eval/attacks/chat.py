@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from zupatch.engine.stats import model_device, pad_token_id
-from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, hit_figures, share
+from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, hit_figures, no_parameter, share
 from zupatch.eval.data import Item
 
 
@@ -44,8 +43,7 @@ class ChatSettings:
 
     @classmethod
     def parse(cls, param: str | None) -> ChatSettings:
-        if param is not None:
-            raise ZupatchError("chat takes no parameter")
+        no_parameter(param, "chat")
         return cls()
 
     @property

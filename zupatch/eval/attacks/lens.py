@@ -29,7 +29,14 @@ from torch import nn
 
 from zupatch.engine.architectures import decoder_layers, resolve_architecture
 from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, first_answer_tokens, hit_figures, last_position_batches
+from zupatch.eval.attacks.base import (
+    Outcome,
+    Subject,
+    first_answer_tokens,
+    hit_figures,
+    last_position_batches,
+    no_parameter,
+)
 from zupatch.eval.data import Item
 
 
@@ -39,8 +46,7 @@ class LensSettings:
 
     @classmethod
     def parse(cls, param: str | None) -> LensSettings:
-        if param is not None:
-            raise ZupatchError("lens takes no parameter")
+        no_parameter(param, "lens")
         return cls()
 
     @property

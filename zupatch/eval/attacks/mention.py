@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zupatch.errors import ZupatchError
-from zupatch.eval.attacks.base import Outcome, Subject, hit_figures
+from zupatch.eval.attacks.base import Outcome, Subject, hit_figures, no_parameter
 from zupatch.eval.metrics import score_answers
 
 #: The sentences put before the prompt, ``{}`` being the subject.
@@ -33,8 +32,7 @@ class MentionSettings:
 
     @classmethod
     def parse(cls, param: str | None) -> MentionSettings:
-        if param is not None:
-            raise ZupatchError("mention takes no parameter")
+        no_parameter(param, "mention")
         return cls()
 
     @property
