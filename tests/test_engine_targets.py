@@ -17,6 +17,7 @@ from zupatch.engine.probes import next_token_ids
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.targets import (
     OptimisationConfig,
+    RepresentationResult,
     _listed_subjects,
     encode_prompts,
     fact_activations,
@@ -352,6 +353,36 @@ def test_neutral_targets_converge_for_every_fact(fact_model) -> None:
     assert all(result.converged), [(i, nll) for i, nll in enumerate(result.final_nll) if nll >= config.converged_nll]
     assert max(result.final_nll) < config.converged_nll
     assert max(result.steps) <= config.max_steps
+
+
+def test_warm_start_from_the_first_requests_saves_steps(fact_model) -> None:
+    """With one target for all, requests after the first ``warm_start`` start from
+    those requests' mean relative change: the first ones are exactly what they are
+    without it, the later ones converge in fewer steps, and how the requests are
+    split into forwards does not change the result. Different targets: no warm start."""
+    model, tokenizer, facts = fact_model
+    spec = resolve_architecture(model)
+    prefixes = generate_context_prefixes(model, tokenizer)
+    requests = facts[::3]  # 16 facts, all three relations
+    eos = [tokenizer.eos_token] * len(requests)
+
+    def optimise(targets: list[str], **changes) -> RepresentationResult:
+        config = OptimisationConfig(**{"clamp_norm_factor": 4.0, **changes})
+        return optimise_representations(
+            model, tokenizer, spec, requests, targets, site="block", layer=2, prefixes=prefixes, config=config
+        )
+
+    cold, warm = optimise(eos, warm_start=0), optimise(eos, warm_start=6)
+    assert all(cold.converged) and all(warm.converged), (cold.steps, warm.steps)
+    torch.testing.assert_close(warm.vectors[:, :6], cold.vectors[:, :6])
+    assert warm.steps[:6] == cold.steps[:6]
+    assert sum(warm.steps[6:]) < 0.8 * sum(cold.steps[6:]), (warm.steps, cold.steps)
+    split = optimise(eos, warm_start=6, max_batch_rows=len(prefixes) + 1)  # one request per forward
+    torch.testing.assert_close(split.vectors, warm.vectors, rtol=1e-3, atol=1e-4)
+    assert split.steps == warm.steps
+    answers = [r.target for r in requests]
+    torch.testing.assert_close(optimise(answers, warm_start=6, max_steps=3).vectors,
+                               optimise(answers, warm_start=0, max_steps=3).vectors)  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
