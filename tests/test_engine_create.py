@@ -126,23 +126,31 @@ def test_statistics_from_the_cache_are_read_layer_by_layer_and_give_the_same_edi
     restore_weights(model, from_cache)
     passes = from_cache.diagnostics["verification"]["passes"]
     assert reads == [0, 1, 2] * passes, (reads, passes)  # one layer at a time, re-read in every pass
+    given = {layer: statistics.second_moment.clone() for layer, statistics in held.items()}
     passed_in = compute_edit(model, tokenizer, REQUESTS, FAST, key_statistics=held)
     restore_weights(model, passed_in)
+    assert all(torch.equal(held[layer].second_moment, given[layer]) for layer in given)  # the caller's, unchanged
     for a, b in zip(from_cache.layers, passed_in.layers, strict=True):
         assert a.factors.scale == b.factors.scale
         assert torch.equal(a.factors.U, b.factors.U) and torch.equal(a.factors.B, b.factors.B)
     assert from_cache.diagnostics["layers"] == passed_in.diagnostics["layers"]
 
 
-def test_retain_keys_are_added_to_the_statistics_with_the_bits_of_the_plain_formula() -> None:
+def test_retain_keys_are_added_to_the_statistics_in_place_only_when_asked() -> None:
+    """C + w·R Rᵀ: into a new matrix by default (the caller's statistics unchanged), into C
+    itself with ``in_place`` (no second f×f matrix), the same bits either way."""
     generator = torch.Generator().manual_seed(0)
     C = torch.randn(16, 16, generator=generator, dtype=torch.float64)
     C, R = C @ C.T, torch.randn(16, 5, generator=generator, dtype=torch.float64)
     weight = FAST.retain_key_weight * FAST.closed_form.lambda_forget / FAST.closed_form.lambda_retain
     kept = C.clone()
-    assert torch.equal(_with_retain_keys(C, R, FAST), C + weight * (R @ R.T))
+    added = _with_retain_keys(C, R, FAST)
+    torch.testing.assert_close(added, C + weight * (R @ R.T), rtol=1e-14, atol=0)
     assert torch.equal(C, kept)  # the caller's statistics are not changed in place
-    assert torch.equal(_with_retain_keys(C, R.float(), FAST), C + weight * (R.float() @ R.float().T))
+    assert torch.equal(_with_retain_keys(C, R.float(), FAST), _with_retain_keys(C, R.float().double(), FAST))
+    own = C.clone()
+    in_place = _with_retain_keys(own, R, FAST, in_place=True)
+    assert in_place.data_ptr() == own.data_ptr() and torch.equal(in_place, added)
 
 
 def test_config_errors() -> None:

@@ -78,6 +78,7 @@ from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
     Corpus,
     KeyStatistics,
+    LazyKeyStatistics,
     ProgressCallback,
     StatsCache,
     StatsConfig,
@@ -563,10 +564,13 @@ def compute_edit(
                     O = O.repeat_interleave(len(prefixes), dim=1) if O is not None else None
                 layer_statistics = statistics[layer]  # read now if it comes from the cache
                 statistics_tokens = layer_statistics.token_count
-                C = _with_retain_keys(
-                    layer_statistics.second_moment.to(solve_device), retain_keys.to(solve_device), config
-                )
-                del layer_statistics  # one f×f matrix (C) from here on
+                second_moment = layer_statistics.second_moment.to(solve_device, torch.float64)
+                own = second_moment is not layer_statistics.second_moment or (
+                    isinstance(statistics, LazyKeyStatistics) and statistics.reads_afresh(layer)
+                )  # a copy of our own: the retain keys go into it, no second f×f matrix
+                del layer_statistics
+                C = _with_retain_keys(second_moment, retain_keys, config, in_place=own)
+                del second_moment  # one f×f matrix (C) from here on
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
                 V_star = Y + asked if gain is None else outputs_for_residual(Y, asked, gain.to(solve_device))
@@ -739,18 +743,23 @@ def _layer_cache_bytes(model: nn.Module, config: CreateConfig) -> int:
     return max(256 << 20, model_bytes // 4)
 
 
-def _with_retain_keys(C: torch.Tensor, retain_keys: torch.Tensor, config: CreateConfig) -> torch.Tensor:
+def _with_retain_keys(
+    C: torch.Tensor, retain_keys: torch.Tensor, config: CreateConfig, *, in_place: bool = False
+) -> torch.Tensor:
     """C plus the retain keys' ``k kᵀ``, weighted so that in the objective each
     retain key counts ``retain_key_weight`` times as much as a forget key
-    (λ_r · w λ_f/λ_r = w λ_f)."""
+    (λ_r · w λ_f/λ_r = w λ_f), in float64.
+
+    One ``addmm``: with ``in_place`` (C is this call's own copy, e.g. just
+    read from the cache) into C itself, so no second f×f matrix is held;
+    otherwise into a new one, with the same bits.
+    """
     C = C.to(torch.float64)
     if retain_keys.shape[1] == 0 or config.retain_key_weight == 0:
         return C
     weight = config.retain_key_weight * config.closed_form.lambda_forget / max(config.closed_form.lambda_retain, 1e-12)
-    # C + weight·(R Rᵀ) with one f×f temporary instead of three; the same bits (IEEE + commutes).
-    retain = retain_keys @ retain_keys.T
-    retain.mul_(weight)
-    return retain.add_(C) if retain.dtype == C.dtype else C + retain
+    R = retain_keys.to(device=C.device, dtype=torch.float64)
+    return C.addmm_(R, R.T, alpha=weight) if in_place else torch.addmm(C, R, R.T, alpha=weight)
 
 
 def _rounded(values: Sequence[float]) -> list[float]:

@@ -367,8 +367,9 @@ def closed_form_update(
     C = _f64(C, "C", dev, (f, f))
     lr_, lf, lg, eps = hp.lambda_retain, hp.lambda_forget, hp.lambda_reg, hp.epsilon
 
-    # G = W(λ_r C + λI)Wᵀ as one d×f·f×d product after one d×f·f×f product.
-    G = (lr_ * (W @ C) + lg * W) @ W.mT
+    # G = W(λ_r C + λI)Wᵀ as one d×f·f×d product after one d×f·f×f product, scaled
+    # and summed in place: one d×f temporary instead of four (128 MiB each on a 1B model).
+    G = (W @ C).mul_(lr_).add_(W, alpha=lg) @ W.mT
     Y = W @ K
     S = _spd_solve(G + lf * (Y @ Y.mT), Y)
     R = Vs - Y

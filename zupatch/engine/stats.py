@@ -671,6 +671,10 @@ class LazyKeyStatistics(Mapping[int, KeyStatistics]):
     def __len__(self) -> int:
         return len({*self._held, *self._token_counts})
 
+    def reads_afresh(self, layer: int) -> bool:
+        """Whether ``self[layer]`` is a new copy each time (read, not held): the caller may change it."""
+        return layer not in self._held and layer in self._token_counts
+
     def token_count(self, layer: int) -> int:
         """The number of tokens behind ``layer``'s statistics, without reading its matrix."""
         return self._held[layer].token_count if layer in self._held else self._token_counts[layer]
