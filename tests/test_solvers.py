@@ -23,6 +23,7 @@ from zupatch.engine.solvers import (
     LowRankUpdate,
     ParameterError,
     SingularSystemError,
+    _all_finite,
     closed_form,
     closed_form_objective,
     closed_form_update,
@@ -230,6 +231,18 @@ def test_bad_inputs_are_rejected() -> None:
     bad[0, 0] = float("nan")
     with pytest.raises(ZupatchError, match="C contains NaN"):
         closed_form(W, bad, K_f, V_star, O)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_finiteness_is_checked_in_slices_that_cover_every_element(value: float) -> None:
+    """The check runs over slices of rows (bounded temporaries); a bad value in any slice,
+    the last, partial one included, is found, and a finite matrix passes."""
+    x = torch.zeros(37, 11, dtype=torch.float64)
+    assert _all_finite(x, elements=40) and _all_finite(x[:, :0], elements=40)
+    for row, column in [(0, 0), (18, 5), (36, 10)]:
+        bad = x.clone()
+        bad[row, column] = value
+        assert not _all_finite(bad, elements=40), (row, column)
 
 
 # --------------------------------------------------------------------------- factors
