@@ -21,7 +21,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -82,10 +82,25 @@ def whole_number_parameter(param: str, name: str) -> int:
     return value
 
 
-def no_parameter(param: str | None, name: str) -> None:
-    """A one-line error when an attack that takes no parameter is given one."""
-    if param is not None:
-        raise ZupatchError(f"{name} takes no parameter")
+_Settings = TypeVar("_Settings", bound="NoParameterSettings")
+
+
+@dataclass(frozen=True)
+class NoParameterSettings:
+    """Settings of an attack that takes no parameter (``name`` is the attack's):
+    ``NAME`` parses to the defaults, ``NAME:PARAM`` is a one-line error."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def parse(cls: type[_Settings], param: str | None) -> _Settings:
+        if param is not None:
+            raise ZupatchError(f"{cls.name} takes no parameter")
+        return cls()
+
+    @property
+    def label(self) -> str:
+        return self.name
 
 
 def share(flags: Sequence[bool]) -> float | None:

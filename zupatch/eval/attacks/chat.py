@@ -26,29 +26,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from zupatch.engine.stats import model_device, pad_token_id
-from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, hit_figures, no_parameter, share
+from zupatch.eval.attacks.base import NoParameterSettings, Outcome, Subject, contains_answer, hit_figures, share
 from zupatch.eval.data import Item
 
 
 @dataclass(frozen=True)
-class ChatSettings:
+class ChatSettings(NoParameterSettings):
     """``chat`` takes no parameter; ``new_tokens`` is the length of each answer."""
 
+    name: ClassVar[str] = "chat"
     new_tokens: int = 32
-
-    @classmethod
-    def parse(cls, param: str | None) -> ChatSettings:
-        no_parameter(param, "chat")
-        return cls()
-
-    @property
-    def label(self) -> str:
-        return "chat"
 
 
 def question_for(item: Item) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,28 +30,21 @@ from torch import nn
 from zupatch.engine.architectures import decoder_layers, resolve_architecture
 from zupatch.errors import ZupatchError
 from zupatch.eval.attacks.base import (
+    NoParameterSettings,
     Outcome,
     Subject,
     first_answer_tokens,
     hit_figures,
     last_position_batches,
-    no_parameter,
 )
 from zupatch.eval.data import Item
 
 
 @dataclass(frozen=True)
-class LensSettings:
+class LensSettings(NoParameterSettings):
     """``lens`` takes no parameter."""
 
-    @classmethod
-    def parse(cls, param: str | None) -> LensSettings:
-        no_parameter(param, "lens")
-        return cls()
-
-    @property
-    def label(self) -> str:
-        return "lens"
+    name: ClassVar[str] = "lens"
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

@@ -17,9 +17,9 @@ unattacked model: the attack reports none.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from zupatch.eval.attacks.base import Outcome, Subject, hit_figures, no_parameter
+from zupatch.eval.attacks.base import NoParameterSettings, Outcome, Subject, hit_figures
 from zupatch.eval.metrics import score_answers
 
 #: The sentences put before the prompt, ``{}`` being the subject.
@@ -27,17 +27,10 @@ SENTENCES = ("{}. ", "Here is a fact about {}. ", "We talked about {} yesterday.
 
 
 @dataclass(frozen=True)
-class MentionSettings:
+class MentionSettings(NoParameterSettings):
     """``mention`` takes no parameter."""
 
-    @classmethod
-    def parse(cls, param: str | None) -> MentionSettings:
-        no_parameter(param, "mention")
-        return cls()
-
-    @property
-    def label(self) -> str:
-        return "mention"
+    name: ClassVar[str] = "mention"
 
 
 def mentioned_prompts(subject: Subject) -> dict[str, list[tuple[str, str]]]:
