@@ -14,7 +14,6 @@ from tests.tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_tokenizer
 from zupatch.engine.architectures import resolve_architecture
 from zupatch.engine.create import (
     CreateConfig,
-    _with_retain_keys,
     compute_edit,
     resolve_device,
     resolve_dtype,
@@ -111,8 +110,8 @@ def test_precomputed_statistics_and_missing_layers() -> None:
 
 def test_statistics_from_the_cache_are_read_layer_by_layer_and_give_the_same_edit(tmp_path, monkeypatch) -> None:
     """From the cache, create reads a layer's f×f statistics when it solves that layer (again in
-    each refinement pass) instead of holding all of them; the edit is bit for bit the one the
-    same statistics give when passed in as a dict."""
+    each refinement pass), a block of rows at a time, instead of holding them; the edit is bit
+    for bit the one the same statistics give when passed in as a dict."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
     tokenizer = tiny_tokenizer()
@@ -120,8 +119,9 @@ def test_statistics_from_the_cache_are_read_layer_by_layer_and_give_the_same_edi
     cache = StatsCache(tmp_path)
     held = compute_key_statistics(model, tokenizer, spec, [0, 1, 2], CORPUS, FAST.stats, cache)
     reads = []
-    load = StatsCache.load
-    monkeypatch.setattr(StatsCache, "load", lambda self, d: reads.append(d["layer"]) or load(self, d))
+    stored = StatsCache.stored
+    monkeypatch.setattr(StatsCache, "stored", lambda self, d, changed: reads.append(d["layer"]) or stored(self, d, changed))
+    monkeypatch.setattr(StatsCache, "load", lambda self, d: pytest.fail("a whole cached matrix was read"))
     from_cache = compute_edit(model, tokenizer, REQUESTS, FAST, corpus=CORPUS, stats_cache=cache)
     restore_weights(model, from_cache)
     passes = from_cache.diagnostics["verification"]["passes"]
@@ -134,23 +134,6 @@ def test_statistics_from_the_cache_are_read_layer_by_layer_and_give_the_same_edi
         assert a.factors.scale == b.factors.scale
         assert torch.equal(a.factors.U, b.factors.U) and torch.equal(a.factors.B, b.factors.B)
     assert from_cache.diagnostics["layers"] == passed_in.diagnostics["layers"]
-
-
-def test_retain_keys_are_added_to_the_statistics_in_place_only_when_asked() -> None:
-    """C + w·R Rᵀ: into a new matrix by default (the caller's statistics unchanged), into C
-    itself with ``in_place`` (no second f×f matrix), the same bits either way."""
-    generator = torch.Generator().manual_seed(0)
-    C = torch.randn(16, 16, generator=generator, dtype=torch.float64)
-    C, R = C @ C.T, torch.randn(16, 5, generator=generator, dtype=torch.float64)
-    weight = FAST.retain_key_weight * FAST.closed_form.lambda_forget / FAST.closed_form.lambda_retain
-    kept = C.clone()
-    added = _with_retain_keys(C, R, FAST)
-    torch.testing.assert_close(added, C + weight * (R @ R.T), rtol=1e-14, atol=0)
-    assert torch.equal(C, kept)  # the caller's statistics are not changed in place
-    assert torch.equal(_with_retain_keys(C, R.float(), FAST), _with_retain_keys(C, R.float().double(), FAST))
-    own = C.clone()
-    in_place = _with_retain_keys(own, R, FAST, in_place=True)
-    assert in_place.data_ptr() == own.data_ptr() and torch.equal(in_place, added)
 
 
 def test_config_errors() -> None:

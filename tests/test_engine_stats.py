@@ -236,10 +236,21 @@ def test_lazy_statistics_read_one_layer_when_asked_with_the_same_bits(tmp_path: 
         hit[3]
     # Without a cache there is nothing to read back: the plain dict.
     assert isinstance(compute_key_statistics(model, tokenizer, spec, [1], TextCorpus(TEXTS), SMALL, lazy=True), dict)
-    # A file removed while in use is one clear error, not a crash.
+    # What a solve reads: the same matrix from the file, a block of rows at a time.
+    reads.clear()
+    for layer in (1, 2):
+        assert torch.equal(hit.second_moment(layer).dense(), plain[layer].second_moment)
+    assert reads == []
+    # A file removed, or replaced by another entry's, while in use is one clear error, not a crash.
+    moment = hit.second_moment(1)
+    other = cache.path_for(hit._descriptions[2])
+    cache.path_for(hit._descriptions[1]).write_bytes(other.read_bytes())
+    with pytest.raises(ZupatchError, match="layer 1 were removed or changed while in use"):
+        hit.second_moment(1)
     cache.clear()
-    with pytest.raises(ZupatchError, match="removed or changed while in use"):
-        hit[1]
+    for read in (lambda: hit[1], lambda: hit.second_moment(1), moment.dense):
+        with pytest.raises(ZupatchError, match="layer 1 were removed or changed while in use"):
+            read()
 
 
 def test_shared_statistics_are_checked_up_front_and_read_one_layer_at_a_time(tmp_path: Path,
@@ -262,10 +273,13 @@ def test_shared_statistics_are_checked_up_front_and_read_one_layer_at_a_time(tmp
     assert isinstance(shared, LazyKeyStatistics) and len(fetched) == 2  # both files hashed, none loaded
     for layer in (1, 2):
         assert torch.equal(shared[layer].second_moment, plain[layer].second_moment)
+        assert torch.equal(shared.second_moment(layer).dense(), plain[layer].second_moment)
         assert shared.token_count(layer) == shared[layer].token_count == plain[layer].token_count
     damaged = bytearray((tmp_path / "layer-002.safetensors").read_bytes())
     damaged[-1] ^= 1
     (tmp_path / "layer-002.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(ZupatchError, match="does not match the sha256"):
+        shared.second_moment(2)
     with pytest.raises(ZupatchError, match="does not match the sha256"):
         folder.statistics_for(model, spec, [1, 2])
     with pytest.raises(ZupatchError, match="does not match the sha256"):

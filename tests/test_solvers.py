@@ -9,6 +9,7 @@ gradient of each objective at the solution being ~0 proves optimality.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ from zupatch.engine.solvers import (
     GDParams,
     LowRankUpdate,
     ParameterError,
+    SecondMoment,
     SingularSystemError,
+    SolverError,
     _all_finite,
     closed_form,
     closed_form_objective,
@@ -246,6 +249,53 @@ def test_finiteness_is_checked_in_slices_that_cover_every_element(value: float) 
 
 
 # --------------------------------------------------------------------------- factors
+
+
+@pytest.mark.parametrize("block_elements", [1, 7 * 12, 1 << 22])
+def test_second_moment_in_blocks_is_the_statistics_plus_the_weighted_retain_keys(block_elements: int) -> None:
+    """W·C·Wᵀ and C from S (read a block of rows at a time: one row, 7 rows with a partial
+    last block, all at once) and w·R·Rᵀ equal the dense formula; S is never changed; the
+    closed form gives the same edit from the parts as from the summed matrix."""
+    W, S, K_f, V_star, O = problem(5, 12, 2, seed=3)
+    R = torch.randn(12, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
+    kept, weight = S.clone(), 0.37
+    reads = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        reads.append((start, stop))
+        return S[start:stop].float() if block_elements == 1 else S[start:stop]  # any float dtype
+
+    moment = SecondMoment(12, read, R, weight, block_elements=block_elements)
+    C = S + weight * R @ R.T
+    if block_elements == 1:
+        C = S.float().double() + weight * R @ R.T
+    assert rel(moment.sandwich(W), W @ C @ W.T) < 1e-13
+    assert rel(moment.dense(), C) < 1e-15
+    covered = sorted(reads[: len(reads) // 2])
+    assert covered[0][0] == 0 and covered[-1][1] == 12 and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    assert torch.equal(S, kept)
+    hp = ClosedFormParams(lambda_retain=100.0, lambda_forget=20.0, projection="off")
+    a, b = closed_form(W, moment, K_f, V_star, O, hp), closed_form(W, C, K_f, V_star, O, hp)
+    assert rel(a.apply(W), b.apply(W)) < 1e-12
+    assert torch.equal(SecondMoment.of(S).dense(), S)  # without keys: S itself, copied
+
+
+def test_second_moment_refuses_bad_blocks_and_keys() -> None:
+    """A non-finite value in any block (the last one included), rows of the wrong width, or
+    non-finite retain keys: a SolverError or ValueError, never an edit."""
+    W, S, *_ = problem(4, 9, 1, seed=5)
+    bad = S.clone()
+    bad[8, 3] = float("inf")
+    with pytest.raises(SolverError, match="C contains NaN or Inf"):
+        replace(SecondMoment.of(bad), block_elements=9 * 4).sandwich(W)
+    with pytest.raises(ValueError, match="shape 9×9"):
+        SecondMoment(9, lambda start, stop: S[start:stop, :5]).sandwich(W)
+    keys = torch.ones(9, 2, dtype=F64)
+    keys[0, 0] = float("nan")
+    with pytest.raises(SolverError, match="retain keys"):
+        SecondMoment.of(S, keys, 1.0).sandwich(W)
+    with pytest.raises(ValueError, match="shape 8×8"):
+        closed_form(W[:, :8], SecondMoment.of(S), torch.ones(8, 1, dtype=F64), torch.ones(4, 1, dtype=F64), None)
 
 
 def test_transposed_factors_reproduce_the_transposed_update() -> None:

@@ -423,6 +423,7 @@ def create_from_checkpoint(
     edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
     t = time.perf_counter()
     names = {e.tensor_name: checkpoint_tensor_name(model, e.tensor_name, ckpt.weight_map) for e in edit.layers}
+    del model  # the patch is built from the files' bits: the model's memory goes before the base tensors come
     base: dict[str, tuple[np.ndarray, nm.DType]] = {}
     for name in names.values():
         _, info = ckpt.locate(name)

@@ -73,7 +73,7 @@ from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, text_problem
 from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
-from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams
+from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
     Corpus,
@@ -562,15 +562,7 @@ def compute_edit(
                 if separate:  # the same change asked in every context
                     asked = residual.repeat_interleave(len(prefixes), dim=1)
                     O = O.repeat_interleave(len(prefixes), dim=1) if O is not None else None
-                layer_statistics = statistics[layer]  # read now if it comes from the cache
-                statistics_tokens = layer_statistics.token_count
-                second_moment = layer_statistics.second_moment.to(solve_device, torch.float64)
-                own = second_moment is not layer_statistics.second_moment or (
-                    isinstance(statistics, LazyKeyStatistics) and statistics.reads_afresh(layer)
-                )  # a copy of our own: the retain keys go into it, no second f×f matrix
-                del layer_statistics
-                C = _with_retain_keys(second_moment, retain_keys, config, in_place=own)
-                del second_moment  # one f×f matrix (C) from here on
+                C = _retain_moment(statistics, layer, retain_keys, config)  # from a file: read as the solve goes
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
                 V_star = Y + asked if gain is None else outputs_for_residual(Y, asked, gain.to(solve_device))
@@ -585,7 +577,7 @@ def compute_edit(
                 stored = module.weight
                 original_weights.setdefault(name, stored.detach().cpu().clone())
                 with torch.no_grad():
-                    stored.copy_(factors.apply(stored.detach().cpu()).to(stored.dtype).to(stored.device))
+                    stored.copy_(factors.apply(stored.detach().cpu(), stored.dtype).to(stored.device))
                 factors_of[layer] = factors_of[layer].then(factors) if layer in factors_of else factors
             diagnostics = {
                 "layer": layer,
@@ -595,7 +587,7 @@ def compute_edit(
                 "rank": factors.rank,
                 "scale": factors.scale,
                 "retain_keys": int(retain_keys.shape[1]),
-                "statistics_tokens": statistics_tokens,
+                "statistics_tokens": _token_count(statistics, layer),
             }
             if original_summary is not None:
                 diagnostics["original_representations"] = original_summary
@@ -613,7 +605,7 @@ def compute_edit(
         if passes > 1:  # the model as the composed factors define it, not as rounded pass by pass
             name = down_proj_weight_name(spec, layer)
             with torch.no_grad():
-                stored.copy_(factors_of[layer].apply(original_weights[name]).to(stored.dtype).to(stored.device))
+                stored.copy_(factors_of[layer].apply(original_weights[name], stored.dtype).to(stored.device))
         last = [d for d in layer_diagnostics if d["layer"] == layer][-1]
         edits.append(LayerEdit(layer, down_proj_weight_name(spec, layer), factors_of[layer], spec.weight_transposed,
                                tuple(stored.shape), stored.dtype, {**last, "rank": factors_of[layer].rank}))  # fmt: skip
@@ -743,23 +735,28 @@ def _layer_cache_bytes(model: nn.Module, config: CreateConfig) -> int:
     return max(256 << 20, model_bytes // 4)
 
 
-def _with_retain_keys(
-    C: torch.Tensor, retain_keys: torch.Tensor, config: CreateConfig, *, in_place: bool = False
-) -> torch.Tensor:
-    """C plus the retain keys' ``k kᵀ``, weighted so that in the objective each
-    retain key counts ``retain_key_weight`` times as much as a forget key
-    (λ_r · w λ_f/λ_r = w λ_f), in float64.
+def _token_count(statistics: Mapping[int, KeyStatistics], layer: int) -> int:
+    """The tokens behind a layer's statistics, without reading a cached matrix."""
+    if isinstance(statistics, LazyKeyStatistics):
+        return statistics.token_count(layer)
+    return statistics[layer].token_count
 
-    One ``addmm``: with ``in_place`` (C is this call's own copy, e.g. just
-    read from the cache) into C itself, so no second f×f matrix is held;
-    otherwise into a new one, with the same bits.
-    """
-    C = C.to(torch.float64)
-    if retain_keys.shape[1] == 0 or config.retain_key_weight == 0:
-        return C
+
+def _retain_moment(
+    statistics: Mapping[int, KeyStatistics], layer: int, retain_keys: torch.Tensor, config: CreateConfig
+) -> SecondMoment:
+    """The layer's key statistics plus the retain keys' ``k kᵀ``, weighted so that
+    in the objective each retain key counts ``retain_key_weight`` times as much
+    as a forget key (λ_r · w λ_f/λ_r = w λ_f). Both stay apart
+    (:class:`~zupatch.engine.solvers.SecondMoment`): statistics from the cache
+    are read a block of rows at a time by the solve, and given ones are never
+    changed."""
+    if isinstance(statistics, LazyKeyStatistics):
+        moment = statistics.second_moment(layer)
+    else:
+        moment = SecondMoment.of(statistics[layer].second_moment)
     weight = config.retain_key_weight * config.closed_form.lambda_forget / max(config.closed_form.lambda_retain, 1e-12)
-    R = retain_keys.to(device=C.device, dtype=torch.float64)
-    return C.addmm_(R, R.T, alpha=weight) if in_place else torch.addmm(C, R, R.T, alpha=weight)
+    return replace(moment, keys=retain_keys, weight=weight)
 
 
 def _rounded(values: Sequence[float]) -> list[float]:

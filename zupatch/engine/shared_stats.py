@@ -40,7 +40,8 @@ from safetensors.torch import save
 from torch import nn
 
 from zupatch.engine.architectures import ArchitectureSpec, down_proj_module, down_proj_weight_math
-from zupatch.engine.stats import KeyStatistics, LazyKeyStatistics, weights_fingerprints
+from zupatch.engine.solvers import SecondMoment
+from zupatch.engine.stats import KeyStatistics, LazyKeyStatistics, stored_second_moment, weights_fingerprints
 from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
 
@@ -229,6 +230,20 @@ class StatsFolder:
         entry = self.manifest.entry(layer)
         return read_layer(self.fetch(entry.file), entry, self.source)
 
+    def stored(self, layer: int) -> SecondMoment:
+        """One layer's matrix, its sha256 checked now, read in blocks of rows by the solve."""
+        entry = self.manifest.entry(layer)
+        path = self.fetch(entry.file)
+        changed = ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)",
+                               self.source)  # fmt: skip
+        if _file_sha256(path) != entry.sha256:
+            raise changed
+        moment = stored_second_moment(path, lambda metadata: METADATA_KEY in metadata, changed)
+        if moment.size != entry.key_width:
+            raise ZupatchError(f"{entry.file} holds a {moment.size}×{moment.size} matrix, not a "
+                               f"{entry.key_width}×{entry.key_width} one", self.source)  # fmt: skip
+        return moment
+
     def check(self, model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int],
               model_identity: str | None = None) -> None:  # fmt: skip
         """Refuse (one line) statistics of another architecture, shape, layer set or model."""
@@ -272,7 +287,8 @@ class StatsFolder:
             if _file_sha256(self.fetch(entry.file)) != entry.sha256:
                 raise ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)",
                                    self.source)  # fmt: skip
-        return LazyKeyStatistics(self.read, {layer: self.manifest.entry(layer).token_count for layer in needed})
+        counts = {layer: self.manifest.entry(layer).token_count for layer in needed}
+        return LazyKeyStatistics(self.read, counts, stored=self.stored)
 
 
 def _short(identity: str) -> str:

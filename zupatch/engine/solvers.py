@@ -19,6 +19,7 @@ Gradient variant (ZeroUnlearn-GD): :func:`gd_adam` (the paper's Adam loop) and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,8 @@ __all__ = [
     "LowRankUpdate",
     "ParameterError",
     "Projection",
+    "RowReader",
+    "SecondMoment",
     "SingularSystemError",
     "SolverError",
     "closed_form",
@@ -181,13 +184,24 @@ class Factors:
         """The dense product ``U·B`` in float64 (d×f)."""
         return self.U.to(_F64) @ self.B.to(_F64)
 
-    def apply(self, W: Tensor) -> Tensor:
-        """``c·W + U·B`` in float64 with a BLAS matmul.
+    def apply(self, W: Tensor, dtype: torch.dtype | None = None, block_elements: int = 1 << 22) -> Tensor:
+        """``c·W + U·B`` computed in float64 with a BLAS matmul, a block of rows
+        at a time, returned in float64 or ``dtype`` (rounded once).
 
-        A convenience for maths and tests; *not* the canonical bit-exact
-        application defined by the patch format.
+        No d×f float64 temporary: on a 1B model's down projection that would
+        be 128 MiB each. A convenience for maths and the in-memory edit;
+        *not* the canonical bit-exact application defined by the patch format.
         """
-        return self.scale * W.to(_F64) + self.low_rank()
+        d, f = self.shape
+        if tuple(W.shape) != (d, f):
+            raise ValueError(f"factors of shape {d}×{f} cannot apply to a weight of shape {tuple(W.shape)}")
+        out = torch.empty(d, f, dtype=dtype or _F64, device=W.device)
+        U, B = self.U.to(device=W.device, dtype=_F64), self.B.to(device=W.device, dtype=_F64)
+        step = max(1, block_elements // max(1, f))
+        for start in range(0, d, step):
+            rows = slice(start, start + step)
+            out[rows] = (self.scale * W[rows].to(_F64)).add_(U[rows] @ B)
+        return out
 
     def delta(self, W: Tensor) -> Tensor:
         """The additive change ``W' − W = (c − 1)·W + U·B`` in float64."""
@@ -334,6 +348,100 @@ def _project(Q: Tensor, X: Tensor, epsilon: float) -> Tensor:
     return (1.0 + epsilon) * X - Q @ (Q.mT @ X)
 
 
+# --------------------------------------------------------------------------- retain statistics
+
+#: ``read(start, stop)``: rows ``[start, stop)`` of an f×f matrix, as a tensor of any float dtype.
+RowReader = Callable[[int, int], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class SecondMoment:
+    """The retain second moment ``C = S + weight·R·Rᵀ``, kept in its two parts.
+
+    ``S`` (f×f, the key statistics) is only ever read in blocks of rows
+    through ``read``: from a tensor (:meth:`of`, the blocks are views) or
+    from a file, so that a solve never holds S whole (512 MiB in float64 for
+    a 1B model's f = 8192). ``R`` (f×m, the retain keys) stays a low-rank
+    term. The closed form needs only ``W·C·Wᵀ`` (:meth:`sandwich`);
+    :meth:`dense` builds the f×f matrix for those that need it (the GD
+    variant's null space).
+    """
+
+    size: int
+    read: RowReader
+    keys: Tensor | None = None
+    weight: float = 0.0
+    block_elements: int = 1 << 22  # elements of S per block: 32 MiB in float64
+
+    @classmethod
+    def of(cls, S: Tensor, keys: Tensor | None = None, weight: float = 0.0) -> SecondMoment:
+        """A second moment held in memory (never changed here)."""
+        if S.ndim != 2 or S.shape[0] != S.shape[1]:
+            raise ValueError(f"C must have shape f×f, got {tuple(S.shape)}")
+        return cls(int(S.shape[0]), lambda start, stop: S[start:stop], keys, weight)
+
+    def blocks(self, device: torch.device) -> Iterator[tuple[int, Tensor]]:
+        """``(start, rows of S)`` in float64 on ``device``, each checked finite."""
+        step = max(1, self.block_elements // max(1, self.size))
+        for start in range(0, self.size, step):
+            stop = min(self.size, start + step)
+            block = self.read(start, stop).to(device=device, dtype=_F64)
+            if block.shape != (stop - start, self.size):
+                raise ValueError(f"C must have shape {self.size}×{self.size}, read rows of shape {tuple(block.shape)}")
+            if not _all_finite(block):
+                raise SolverError("C contains NaN or Inf")
+            yield start, block
+
+    def _keys(self, device: torch.device) -> Tensor | None:
+        if self.keys is None or self.keys.shape[1] == 0 or self.weight == 0:
+            return None
+        R = self.keys.detach().to(device=device, dtype=_F64)
+        if R.shape[0] != self.size:
+            raise ValueError(f"the retain keys must have {self.size} rows, got {tuple(R.shape)}")
+        if not _all_finite(R):
+            raise SolverError("the retain keys contain NaN or Inf")
+        return R
+
+    def sandwich(self, W: Tensor) -> Tensor:
+        """``W·C·Wᵀ`` (d×d, float64) for W of d×f: ``Σ W[:, b]·(S[b]·Wᵀ) + weight·(WR)(WR)ᵀ``,
+        block by block, with no f×f or d×f temporary."""
+        W = W.to(_F64)
+        if W.ndim != 2 or W.shape[1] != self.size:
+            raise ValueError(f"C must have shape f×f for W of {tuple(W.shape)}, got {self.size}×{self.size}")
+        out = W.new_zeros(W.shape[0], W.shape[0])
+        for start, block in self.blocks(W.device):
+            out.addmm_(W[:, start : start + block.shape[0]], block @ W.mT)
+        R = self._keys(W.device)
+        if R is not None:
+            WR = W @ R
+            out.addmm_(WR, WR.mT, alpha=self.weight)
+        return out
+
+    def dense(self, device: torch.device | None = None) -> Tensor:
+        """C as one f×f float64 matrix (a new one; S is not changed)."""
+        device = device if device is not None else torch.device("cpu")
+        C = torch.empty(self.size, self.size, dtype=_F64, device=device)
+        for start, block in self.blocks(device):
+            C[start : start + block.shape[0]] = block
+        R = self._keys(device)
+        return C.addmm_(R, R.mT, alpha=self.weight) if R is not None else C
+
+
+def _second_moment(C: Tensor | SecondMoment, device: torch.device, f: int) -> SecondMoment:
+    """C as a :class:`SecondMoment` of size f (a tensor must be on ``device``)."""
+    if isinstance(C, SecondMoment):
+        if C.size != f:
+            raise ValueError(f"C must have shape {f}×{f}, got {C.size}×{C.size}")
+        return C
+    if not isinstance(C, Tensor):
+        raise TypeError(f"C must be a torch.Tensor or a SecondMoment, got {type(C).__name__}")
+    if C.device != device:
+        raise ValueError(f"C is on {C.device}, expected {device} (the device of W)")
+    if C.shape != (f, f):
+        raise ValueError(f"C must have shape {f}×{f}, got {tuple(C.shape)}")
+    return SecondMoment.of(C.detach())
+
+
 # --------------------------------------------------------------------------- closed form
 
 
@@ -352,7 +460,7 @@ def _forget_inputs(W: Tensor, K_f: Tensor, V_star: Tensor) -> tuple[Tensor, Tens
 
 def closed_form_update(
     W: Tensor,
-    C: Tensor,
+    C: Tensor | SecondMoment,
     K_f: Tensor,
     V_star: Tensor,
     O: Tensor | None,
@@ -360,8 +468,8 @@ def closed_form_update(
 ) -> LowRankUpdate:
     """The optimal left multiplier ``D = c·I + U·Vᵀ`` of the closed form.
 
-    W: d×f weight (math layout), C: f×f retain second moment ``E[k kᵀ]``,
-    K_f: f×n forget keys, V_star: d×n targets, O: d×n original
+    W: d×f weight (math layout), C: f×f retain second moment ``E[k kᵀ]``
+    (a tensor, or a :class:`SecondMoment` read in blocks), K_f: f×n forget keys, V_star: d×n targets, O: d×n original
     representations (unused, may be None, when ``projection="off"``).
     With ``G = W(λ_r C + λI)Wᵀ``, ``Y = W K_f``, ``R = V* − Y`` and one
     solve ``S = (G + λ_f Y Yᵀ)⁻¹ Y``:
@@ -372,12 +480,11 @@ def closed_form_update(
     """
     W, K, Vs = _forget_inputs(W, K_f, V_star)
     (d, f), dev = W.shape, W.device
-    C = _f64(C, "C", dev, (f, f))
+    moment = _second_moment(C, dev, f)
     lr_, lf, lg, eps = hp.lambda_retain, hp.lambda_forget, hp.lambda_reg, hp.epsilon
 
-    # G = W(λ_r C + λI)Wᵀ as one d×f·f×d product after one d×f·f×f product, scaled
-    # and summed in place: one d×f temporary instead of four (128 MiB each on a 1B model).
-    G = (W @ C).mul_(lr_).add_(W, alpha=lg) @ W.mT
+    # G = W(λ_r C + λI)Wᵀ; W·C·Wᵀ block by block, so neither C whole nor W·C is held.
+    G = moment.sandwich(W).mul_(lr_).addmm_(W, W.mT, alpha=lg)
     Y = W @ K
     S = _spd_solve(G + lf * (Y @ Y.mT), Y)
     R = Vs - Y
@@ -396,7 +503,7 @@ def closed_form_update(
 
 def closed_form(
     W: Tensor,
-    C: Tensor,
+    C: Tensor | SecondMoment,
     K_f: Tensor,
     V_star: Tensor,
     O: Tensor | None,

@@ -46,6 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -54,8 +55,10 @@ from torch import nn
 from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module, down_proj_weight_math
 from zupatch.engine.distributed import Ranks
 from zupatch.engine.hooks import on_inputs, run_until_stopped
+from zupatch.engine.solvers import SecondMoment
 from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
+from zupatch.io.safetensors_file import SafetensorsFile
 
 #: ``progress(phase, done, total)``; library code reports through it and never prints.
 ProgressCallback = Callable[[str, int, int], None]
@@ -602,6 +605,15 @@ class StatsCache:
             return None
         return KeyStatistics(second_moment, token_count, description)
 
+    def stored(self, description: dict, changed: ZupatchError) -> SecondMoment:
+        """The matrix of the entry ``description`` names, left in its file and read in
+        blocks of rows when used (:class:`~zupatch.engine.solvers.SecondMoment`);
+        ``changed`` is raised, now or then, where :meth:`load` would miss."""
+        key = json.dumps(description, sort_keys=True)
+        return stored_second_moment(
+            self.path_for(description), lambda metadata: metadata.get(self.METADATA_KEY) == key, changed
+        )
+
     def store(self, description: dict, statistics: KeyStatistics) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path_for(description)
@@ -637,23 +649,58 @@ class StatsCache:
         return removed
 
 
+#: Statistics files' float dtypes, as numpy reads them.
+_FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32}
+
+
+def stored_second_moment(path: Path, accept: Callable[[dict[str, str]], bool], changed: ZupatchError) -> SecondMoment:
+    """The ``second_moment`` (f×f) of a statistics file as a
+    :class:`~zupatch.engine.solvers.SecondMoment` that reads rows from the file
+    when the solve asks for them, so the f×f matrix is never held whole.
+
+    ``accept(metadata)`` says whether the file is still the one meant; a file
+    that is not, or that is gone or cut short by the time rows are read,
+    raises ``changed``.
+    """
+    try:
+        handle = SafetensorsFile(path)
+    except (OSError, ZupatchError):
+        raise changed from None
+    info = handle.tensors.get("second_moment")
+    if (info is None or info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2
+            or info.shape[0] != info.shape[1] or not accept(handle.metadata)):  # fmt: skip
+        raise changed
+    dtype = _FLOAT_DTYPES[info.dtype]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        try:
+            return torch.from_numpy(handle.read_rows("second_moment", start, stop, dtype))
+        except (OSError, ZupatchError):
+            raise changed from None
+
+    return SecondMoment(info.shape[0], read)
+
+
 class LazyKeyStatistics(Mapping[int, KeyStatistics]):
     """Key statistics by layer, read (``read(layer)``) each time a layer is asked for.
 
     Nothing f×f is held: ``statistics[layer]`` returns a fresh
-    :class:`KeyStatistics`, freed as soon as the caller drops it. ``create``
-    solves one layer at a time, so it holds one layer's matrix instead of all
-    of them (on a 1B-shaped model, 512 MiB instead of 1.5 GiB). ``in``,
-    ``len``, iteration and :meth:`token_count` read nothing. Statistics
-    already in memory can be held here too (``held``); they are returned as
-    they are.
+    :class:`KeyStatistics`, freed as soon as the caller drops it, and with
+    ``stored`` :meth:`second_moment` reads a layer's matrix from its file a
+    block of rows at a time as the solve uses it, so ``create`` never holds
+    one whole (on a 1B-shaped model 32 MiB at a time instead of 512 MiB).
+    ``in``, ``len``, iteration and :meth:`token_count` read nothing.
+    Statistics already in memory can be held here too (``held``); they are
+    returned as they are.
     """
 
     def __init__(self, read: Callable[[int], KeyStatistics], token_counts: Mapping[int, int],
-                 held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
+                 held: Mapping[int, KeyStatistics] | None = None,
+                 stored: Callable[[int], SecondMoment] | None = None):  # fmt: skip
         self._read = read
         self._token_counts = dict(token_counts)
         self._held = dict(held or {})
+        self._stored = stored
 
     def __getitem__(self, layer: int) -> KeyStatistics:
         if layer in self._held:
@@ -671,9 +718,12 @@ class LazyKeyStatistics(Mapping[int, KeyStatistics]):
     def __len__(self) -> int:
         return len({*self._held, *self._token_counts})
 
-    def reads_afresh(self, layer: int) -> bool:
-        """Whether ``self[layer]`` is a new copy each time (read, not held): the caller may change it."""
-        return layer not in self._held and layer in self._token_counts
+    def second_moment(self, layer: int) -> SecondMoment:
+        """``layer``'s matrix for a solve: read from its file in blocks of rows as the
+        solve goes (with ``stored``), else whole; held statistics as they are."""
+        if layer not in self._held and layer in self._token_counts and self._stored is not None:
+            return self._stored(layer)
+        return SecondMoment.of(self[layer].second_moment)
 
     def token_count(self, layer: int) -> int:
         """The number of tokens behind ``layer``'s statistics, without reading its matrix."""
@@ -687,14 +737,20 @@ class CachedKeyStatistics(LazyKeyStatistics):
                  held: Mapping[int, KeyStatistics] | None = None):  # fmt: skip
         self.cache = cache
         self._descriptions = {layer: descriptions[layer] for layer in token_counts}
-        super().__init__(self._load, token_counts, held)
+        super().__init__(self._load, token_counts, held, self._stored_rows)
+
+    def _changed(self, layer: int) -> ZupatchError:
+        return ZupatchError(f"the cached key statistics of layer {layer} were removed or changed while in use; "
+                            "run again", self.cache.path_for(self._descriptions[layer]))  # fmt: skip
 
     def _load(self, layer: int) -> KeyStatistics:
         loaded = self.cache.load(self._descriptions[layer])
         if loaded is None:
-            raise ZupatchError(f"the cached key statistics of layer {layer} were removed or changed while in use; "
-                               "run again", self.cache.path_for(self._descriptions[layer]))  # fmt: skip
+            raise self._changed(layer)
         return loaded
+
+    def _stored_rows(self, layer: int) -> SecondMoment:
+        return self.cache.stored(self._descriptions[layer], self._changed(layer))
 
 
 def describe_statistics(

@@ -167,9 +167,31 @@ class SafetensorsFile:
         return np.frombuffer(self.read_bytes(name), dtype=dtype).reshape(info.shape).copy()
 
     def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        """Rows ``[start, stop)`` of a tensor seen as (rows, elements per row)."""
+        """Rows ``[start, stop)`` of a tensor seen as (rows, elements per row), read
+        straight into the returned array (no second copy of the bytes)."""
         info = self.info(name)
-        _, per_row = info.row_shape
-        row_bytes = per_row * info.nbytes // max(info.numel, 1)
-        data = self.read_bytes(name, start * row_bytes, stop * row_bytes)
-        return np.frombuffer(data, dtype=dtype).reshape(stop - start, per_row).copy()
+        rows, per_row = info.row_shape
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows {start}:{stop} of a tensor with {rows}")
+        out = np.empty((stop - start, per_row), dtype=dtype)
+        if out.nbytes != (stop - start) * per_row * info.nbytes // max(info.numel, 1):
+            raise ValueError(f"dtype {np.dtype(dtype)} does not match the tensor's {info.dtype}")
+        if not out.size:
+            return out
+        view = memoryview(out).cast("B")
+        offset = info.start + start * (info.nbytes // max(rows, 1))
+        if self._data is not None:
+            got = len(self._data[offset : offset + out.nbytes])
+            view[:got] = self._data[offset : offset + got]
+        else:
+            got = 0
+            with open(self.path, "rb") as fh:
+                fh.seek(offset)
+                while got < out.nbytes:
+                    count = fh.readinto(view[got:])
+                    if not count:
+                        break
+                    got += count
+        if got != out.nbytes:
+            raise self._fail(f"tensor {name!r} is truncated")
+        return out

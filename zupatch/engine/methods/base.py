@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # the config names the method; the method only reads the conf
     from zupatch.engine.create import CreateConfig
     from zupatch.engine.solvers import Factors
 
-#: ``solve(W, C, K_f, V_star, O, config)``, all float64 in math layout (docs/maths.md).
+#: ``solve(W, C, K_f, V_star, O, config)``, all float64 in math layout (docs/maths.md);
+#: C is a :class:`~zupatch.engine.solvers.SecondMoment` (statistics and retain keys).
 SolveFn = Callable[..., "Factors"]
 #: ``train(model, tokenizer, spec, layers, requests, config, *, retain_requests, storage_dtypes, progress)``.
 TrainFn = Callable[..., Any]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from zupatch.engine import solvers
 from zupatch.engine.methods.base import Method
-from zupatch.engine.solvers import ClosedFormParams, Factors
+from zupatch.engine.solvers import ClosedFormParams, Factors, SecondMoment
 
 if TYPE_CHECKING:
     from zupatch.engine.create import CreateConfig
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 MEASURED_CLOSED_FORM = ClosedFormParams(lambda_retain=5000.0, lambda_forget=20.0, projection="off")
 
 
-def solve(W: Tensor, C: Tensor, K_f: Tensor, V_star: Tensor, O: Tensor | None, config: CreateConfig) -> Factors:
-    """One layer's closed-form factors (math layout)."""
+def solve(
+    W: Tensor, C: Tensor | SecondMoment, K_f: Tensor, V_star: Tensor, O: Tensor | None, config: CreateConfig
+) -> Factors:
+    """One layer's closed-form factors (math layout); C is read a block of rows at a time."""
     return solvers.closed_form(W, C, K_f, V_star, O, config.closed_form)
 
 

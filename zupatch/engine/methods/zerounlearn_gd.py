@@ -16,7 +16,7 @@ from torch import Tensor
 
 from zupatch.engine import solvers
 from zupatch.engine.methods.base import Method
-from zupatch.engine.solvers import Factors
+from zupatch.engine.solvers import Factors, SecondMoment
 
 if TYPE_CHECKING:
     from zupatch.engine.create import CreateConfig
@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 GD_SOLVERS: tuple[str, ...] = ("exact", "adam")
 
 
-def solve(W: Tensor, C: Tensor, K_f: Tensor, V_star: Tensor, O: Tensor | None, config: CreateConfig) -> Factors:
-    """One layer's GD factors (math layout); ``O`` is required."""
+def solve(
+    W: Tensor, C: Tensor | SecondMoment, K_f: Tensor, V_star: Tensor, O: Tensor | None, config: CreateConfig
+) -> Factors:
+    """One layer's GD factors (math layout); ``O`` is required. The null space
+    needs C whole: one f×f matrix is built here."""
+    if isinstance(C, SecondMoment):
+        C = C.dense(W.device)
     null_basis = solvers.null_space_basis(C, config.gd.null_threshold)
     run = solvers.gd_exact if config.gd_solver == "exact" else solvers.gd_adam
     return run(W, null_basis, K_f, V_star, O, config.gd)
