@@ -89,6 +89,11 @@ def test_settings_from_file_flags_and_presets(world: dict, tmp_path: Path) -> No
     assert runner.invoke(app, create_args(world, out, "-q", "--preset", "robust")).exit_code == 0
     robust = Patch.load(out).steps[0].hyperparameters
     assert robust["contexts"]["separate_keys"] is True and robust["closed_form"]["lambda_forget"] == 7.0
+    out = tmp_path / "fast.zup.safetensors"
+    assert runner.invoke(app, create_args(world, out, "-q", "--preset", "fast")).exit_code == 0
+    fast = Patch.load(out).steps[0].hyperparameters
+    assert fast["contexts"]["starts"] == ["The", "Therefore"] and fast["context_prefixes"] == 3
+    assert (fast["neutral"]["lr"], fast["neutral"]["converged_nll"]) == (0.3, 0.1) and hp["neutral"]["lr"] == 0.1
 
 
 @pytest.mark.parametrize(

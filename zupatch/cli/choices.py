@@ -20,6 +20,7 @@ class Method(str, Enum):
 class Preset(str, Enum):
     measured = "measured"
     robust = "robust"
+    fast = "fast"
     paper = "paper"
 
 
