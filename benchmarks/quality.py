@@ -19,6 +19,7 @@ Runs (``--runs``, all through the real CLI, no retain file unless named):
 
 - ``zerounlearn``: today's defaults;
 - ``robust``: ``--preset robust`` (one key column per context prefix, λ_f 7);
+- ``fast``: ``--preset fast`` (larger neutral-target steps, an earlier stop, two context starts);
 - ``layers-17-19``: today's defaults at the layers edited before 2026-11-30
   (17-19 of 30, from 0.57 of the depth; now 4-6);
 - ``previous``: the defaults before the same-kind protection (settings below);
@@ -39,7 +40,7 @@ prints a second table: for every run and attack, forget prompts and
 paraphrases answered, tuning facts kept, probes unchanged and the perplexity
 change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
 
-Usage: python benchmarks/quality.py [--runs zerounlearn,robust,layers-17-19,previous,zerounlearn+retain,ga,npo]
+Usage: python benchmarks/quality.py [--runs zerounlearn,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
        [--attacks all]
 """
@@ -72,6 +73,7 @@ PREVIOUS = (
 RUNS = {
     "zerounlearn": ("zerounlearn", (), False),
     "robust": ("zerounlearn", ("--preset=robust",), False),
+    "fast": ("zerounlearn", ("--preset=fast",), False),
     "layers-17-19": ("zerounlearn", ("--layers=17,18,19",), False),
     "previous": ("zerounlearn", tuple(f"--set={s}" for s in PREVIOUS), False),
     "zerounlearn+retain": ("zerounlearn", (), True),
