@@ -184,10 +184,19 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_mismatch(entry: SharedLayer, where: str) -> ZupatchError:
+    return ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)", where)
+
+
+def _check_sha256(path: Path, entry: SharedLayer, where: str) -> None:
+    """Refuse (one line) a layer file whose sha256 is not its manifest entry's."""
+    if _file_sha256(path) != entry.sha256:
+        raise _sha256_mismatch(entry, where)
+
+
 def read_layer(path: Path, entry: SharedLayer, where: str) -> KeyStatistics:
     """One layer's statistics, checked against its manifest entry (sha256, shape, finite values)."""
-    if _file_sha256(path) != entry.sha256:
-        raise ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)", where)
+    _check_sha256(path, entry, where)
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})[METADATA_KEY])
@@ -234,11 +243,9 @@ class StatsFolder:
         """One layer's matrix, its sha256 checked now, read in blocks of rows by the solve."""
         entry = self.manifest.entry(layer)
         path = self.fetch(entry.file)
-        changed = ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)",
-                               self.source)  # fmt: skip
-        if _file_sha256(path) != entry.sha256:
-            raise changed
-        moment = stored_second_moment(path, lambda metadata: METADATA_KEY in metadata, changed)
+        _check_sha256(path, entry, self.source)
+        moment = stored_second_moment(path, lambda metadata: METADATA_KEY in metadata,
+                                      _sha256_mismatch(entry, self.source))  # fmt: skip
         if moment.size != entry.key_width:
             raise ZupatchError(f"{entry.file} holds a {moment.size}×{moment.size} matrix, not a "
                                f"{entry.key_width}×{entry.key_width} one", self.source)  # fmt: skip
@@ -277,16 +284,14 @@ class StatsFolder:
         """The statistics of ``layers``, after :meth:`check` accepted them for ``model``.
 
         Each layer's file is fetched and its sha256 checked now (a damaged file is
-        refused before any work); its matrix is read, and checked again, each time
-        the layer is asked for, so ``create`` holds one layer's f×f matrix at a time.
+        refused before any work); it is checked again each time the layer is asked
+        for, and a solve reads its matrix a block of rows at a time (:meth:`stored`).
         """
         self.check(model, spec, layers, model_identity)
         needed = sorted(set(layers))
         for layer in needed:
             entry = self.manifest.entry(layer)
-            if _file_sha256(self.fetch(entry.file)) != entry.sha256:
-                raise ZupatchError(f"{entry.file} does not match the sha256 in {MANIFEST} (damaged or changed)",
-                                   self.source)  # fmt: skip
+            _check_sha256(self.fetch(entry.file), entry, self.source)
         counts = {layer: self.manifest.entry(layer).token_count for layer in needed}
         return LazyKeyStatistics(self.read, counts, stored=self.stored)
 
