@@ -19,7 +19,13 @@ from tests.test_hostile import expect_error
 from zupatch.cli.main import app
 from zupatch.engine.api import create, create_from_checkpoint
 from zupatch.engine.create import CreateConfig
-from zupatch.engine.precheck import TargetNotGivenError, TargetNotGivenWarning, check_targets, ordinal
+from zupatch.engine.precheck import (
+    TargetNotGivenError,
+    TargetNotGivenWarning,
+    TargetStillGivenWarning,
+    check_targets,
+    ordinal,
+)
 from zupatch.engine.targets import target_nll
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.settings import with_settings
@@ -27,6 +33,9 @@ from zupatch.engine.settings import with_settings
 runner = CliRunner()
 FAST = ["--layers", "1,2", "--tokens", "200", "--set", "neutral.max_steps=3", "--set", "original.max_steps=3",
         "--set", "contexts.prefix_tokens=3", "--set", "neighbours.subjects=0", "--set", "stats.sample_length=16"]  # fmt: skip
+#: The settings that forget the tiny model's facts (tests/test_engine_create.py's BEHAVIOUR).
+FORGETS = ["--tokens", "4096", "--set", "neutral.clamp_norm_factor=4.0", "--set", "closed_form.lambda_retain=2000",
+           "--set", "closed_form.lambda_forget=50"]  # fmt: skip
 FAST_SETTINGS = {"layers": [1, 2], "stats.sampled_token_budget": 200, "stats.sample_length": 16,
                  "neutral.max_steps": 3, "original.max_steps": 3, "contexts.prefix_tokens": 3,
                  "neighbours.subjects": 0}  # fmt: skip
@@ -83,8 +92,8 @@ def test_cli_warns_without_the_text_and_lists_indices(fact_checkpoint: Path, fil
     out = tmp_path / "p.zup.safetensors"
     result = runner.invoke(app, _args(fact_checkpoint, files["mixed"], out, *FAST))
     assert result.exit_code == 0, result.output
-    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warned) == 1, result.stderr
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "does not give" in line]
+    assert len(warned) == 1, result.stderr  # (three steps may leave the others given: warned apart, tested below)
     assert f"{files['mixed']}:3: the model does not give this target now (nothing to forget)" in warned[0]
     assert "its first target token is ranked" in warned[0]
     for secret in ("Zorvia", "capital", *_facts()[2].target.split()):
@@ -96,7 +105,7 @@ def test_cli_warns_without_the_text_and_lists_indices(fact_checkpoint: Path, fil
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["targets_not_given"] == [2] and summary["requests"] == 3
-    (warned,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    (warned,) = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "does not give" in line]
     assert f':3 ("The capital of Zorvia" → "{_facts()[2].target}"): the model does not give' in warned
 
 
@@ -108,13 +117,13 @@ def test_cli_strict_refuses_and_writes_nothing(fact_checkpoint: Path, files: dic
                             inputs=[files["mixed"]])  # fmt: skip
         assert "strict" in line and "Zorvia" not in line
 
-
 def test_cli_known_targets_give_no_warning(fact_checkpoint: Path, files: dict, tmp_path: Path) -> None:
     out = tmp_path / "p.zup.safetensors"
-    args = _args(fact_checkpoint, files["known"], out, "--method", "ga", "--steps", "2", "--strict", "--json")
+    args = _args(fact_checkpoint, files["known"], out, *FORGETS, "--strict", "--json")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["targets_not_given"] == []
+    summary = json.loads(result.stdout)
+    assert summary["targets_not_given"] == [] and summary["targets_still_given"] == []
     assert "warning" not in result.stderr
 
 
@@ -131,8 +140,37 @@ def test_python_api_reports_warns_and_refuses(fact_model, fact_checkpoint: Path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TargetNotGivenWarning)  # known targets: no warning
         create(model, tokenizer, requests[:2], ga)
+    weak = with_settings(config, {"closed_form.lambda_forget": 1e-9, "refine.max_passes": 1})
+    with pytest.warns(TargetStillGivenWarning, match=r"^request 1: the patched model still gives this target"):
+        report = create(model, tokenizer, requests[:2], weak, return_report=True)
+    assert report.targets_still_given == [1, 2]
 
     report = create_from_checkpoint(fact_checkpoint, requests, ga)
     assert report.targets_not_given == [3] and [c.given for c in report.target_checks] == [True, True, False]
     with pytest.raises(TargetNotGivenError, match="^a.jsonl:9: .*ranked"):
         create_from_checkpoint(fact_checkpoint, requests, config, strict=True, request_names=["x", "y", "a.jsonl:9"])
+
+
+def test_cli_a_target_still_given_after_the_edit_is_named_and_strict_refuses(
+    fact_checkpoint: Path, files: dict, tmp_path: Path
+) -> None:  # fmt: skip
+    """An edit too weak to forget (λ_f near 0, one pass): the summary lists the
+    requests, a warning names each by file and line (never its text), and
+    --strict writes nothing."""
+    weak = [*FAST, "--set", "closed_form.lambda_forget=1e-9", "--set", "refine.max_passes=1"]
+    out = tmp_path / "p.zup.safetensors"
+    result = runner.invoke(app, _args(fact_checkpoint, files["known"], out, *weak, "--json"))
+    # (the Python API: one TargetStillGivenWarning per request, test_python_api_reports_warns_and_refuses)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["targets_still_given"] == [1, 2]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: {files['known']}:{n}: the patched model still gives this target "
+                      "(docs/create.md, 'Still given after the edit')" for n in (1, 2)]  # fmt: skip
+    for secret in ("Zorvia", "capital", *_facts()[0].target.split()):
+        assert secret not in result.stderr
+    assert out.exists()
+
+    out = tmp_path / "strict.zup.safetensors"
+    line = expect_error(_args(fact_checkpoint, files["known"], out, *weak, "--strict"), f"{files['known']}:1",
+                        "still gives this target (and 1 more)", output=out, inputs=[files["known"]])  # fmt: skip
+    assert "strict" in line and "Zorvia" not in line

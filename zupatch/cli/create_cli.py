@@ -77,7 +77,7 @@ def create(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.", rich_help_panel=_COMPUTE)] = False,
     include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).", rich_help_panel=_OUT)] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.", rich_help_panel=_OUT)] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now: nothing to forget.", rich_help_panel=_OUT)] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now (nothing to forget), or still gives one after the edit.", rich_help_panel=_OUT)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the prompt and target in messages about a request (off: file and line only).", rich_help_panel=_OUT)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.", rich_help_panel=_OUT)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summary output.", rich_help_panel=_OUT)] = False,
@@ -88,7 +88,7 @@ def create(
     counting the context prefix the edit adds) before loading the model.
     Loads the model, checks that it gives each target now (a warning per
     request whose target it does not give: nothing to forget; --strict makes
-    that an error), gathers key statistics (cached; with --stats shared ones,
+    that an error; so is a target the patched model still gives), gathers key statistics (cached; with --stats shared ones,
     refused in one line unless they match the model), optimises target vectors,
     solves the closed form per layer and writes a patch against the
     checkpoint's own tensors. --method ga or npo trains the same layers' down
@@ -101,7 +101,7 @@ def create(
     from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import create_from_checkpoint
     from zupatch.engine.create import CreateConfig, neutral_target_problem
-    from zupatch.engine.precheck import not_given_message
+    from zupatch.engine.precheck import not_given_message, still_given_message
     from zupatch.engine.requests import load_requests, load_requests_with_lines
     from zupatch.engine.settings import load_settings_file, parse_assignment, with_settings
     from zupatch.engine.stats import FileCorpus, StatsCache
@@ -171,6 +171,14 @@ def create(
                 if not check.given:
                     message = not_given_message(check, names[check.index])
                     ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+        still = [names[i - 1] for i in report.targets_still_given]
+        if still and strict:
+            more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
+            raise ZupatchError(f"{still[0]}: the patched model still gives this target{more}; "
+                               "--strict: nothing written (docs/create.md, 'Still given after the edit')")  # fmt: skip
+        if not quiet:
+            for name in still:
+                ui.console.print(f"[yellow]warning:[/] {escape(still_given_message(name))}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
         summary = report.summary()
         summary["output"] = str(output)
@@ -203,8 +211,10 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
                   else f"{diagnostics['answered_after']} of {summary['requests']} answer(s) still produced")  # fmt: skip
         ui.console.print(f"training: {diagnostics['steps']} step(s), {ending}")
     verification = diagnostics.get("verification", {})
+    still = len(verification.get("still_given", []))
     if verification.get("passes", 1) > 1:
-        ui.console.print(f"refined: {verification['passes']} passes over the layers until every answer was gone")
+        outcome = f"; {still} answer(s) still given" if still else " until every answer was gone"
+        ui.console.print(f"refined: {verification['passes']} passes over the layers{outcome}")
     probes = verification.get("probes") or {}
     if probes.get("n"):
         ui.console.print(

@@ -39,12 +39,14 @@ from zupatch.engine.create import CreateConfig, EditResult, compute_edit
 from zupatch.engine.precheck import (
     TargetCheck,
     TargetNotGivenWarning,
+    TargetStillGivenWarning,
     check_lengths,
     check_targets,
     context_length,
     not_given_message,
     prefix_budget,
     request_label,
+    still_given_message,
     strict_error,
 )
 from zupatch.engine.requests import ForgetRequest, new_salt, request_digests
@@ -76,6 +78,11 @@ class CreateReport:
         """1-based indices of the requests whose target the model did not give (nothing to forget)."""
         return [c.index + 1 for c in self.target_checks if not c.given]
 
+    @property
+    def targets_still_given(self) -> list[int]:
+        """1-based indices of the requests whose target the edited model still gives (greedy, whole answer)."""
+        return [i + 1 for i in self.edit.diagnostics.get("verification", {}).get("still_given", [])]
+
     def summary(self) -> dict[str, Any]:
         entries = self.patch.steps[0].entries
         return {
@@ -83,6 +90,7 @@ class CreateReport:
             "architecture": self.edit.architecture,
             "requests": self.edit.request_count,
             "targets_not_given": self.targets_not_given,
+            "targets_still_given": self.targets_still_given,
             "layers": [e.layer for e in self.edit.layers],
             "ranks": [e.rank for e in entries],
             "kinds": [e.kind for e in entries],
@@ -254,7 +262,10 @@ def create(
     forget) gets a :class:`~zupatch.engine.precheck.TargetNotGivenWarning`
     naming it by ``request_names`` (default "request N", never its text);
     ``strict=True`` raises :class:`~zupatch.engine.precheck.TargetNotGivenError`
-    instead, before anything is computed. ``return_report=True`` returns a
+    instead, before anything is computed. After the edit, each request whose
+    target the patched model still gives gets a
+    :class:`~zupatch.engine.precheck.TargetStillGivenWarning`
+    (``report.targets_still_given``). ``return_report=True`` returns a
     :class:`CreateReport` (the patch, the edit's diagnostics, the checks:
     ``report.targets_not_given``) instead of the bare patch.
     """
@@ -282,6 +293,8 @@ def create(
         params = dict(model.named_parameters())
         for name, (bits, _) in base.items():
             write_bits(params[name], bits)
+    for index in edit.diagnostics.get("verification", {}).get("still_given", []):
+        warnings.warn(TargetStillGivenWarning(still_given_message(request_label(index, request_names))), stacklevel=2)
     missing = [e.tensor_name for e in edit.layers if e.tensor_name not in base]
     if missing:
         raise ZupatchError(f"the edit touched unexpected tensors: {missing}")

@@ -632,6 +632,7 @@ def compute_edit(
         "answer_nll_after": _rounded(answer_nll_after),
         "neutral_nll_after": _rounded(target_nll(model, tokenizer, requests, [neutral_target] * n)),
         "passes": passes,
+        "still_given": [c.index for c in checks if c.given],  # greedy still gives the whole target
     }
     with _timed(timings, "probes"):
         verification["probes"] = probes.after(model, tokenizer)
@@ -680,9 +681,11 @@ def _baseline_edit(
                                run.layer_diagnostics[layer], delta=run.deltas[layer]))  # fmt: skip
     diagnostics = dict(run.diagnostics)
     diagnostics["layers"] = [{"layer": layer, **run.layer_diagnostics[layer]} for layer in layers]
+    checks = check_targets(model, tokenizer, requests)  # one forward: greedy answers and their NLL
     diagnostics["verification"] = {
         "answer_nll_before": _rounded(answer_nll_before),
-        "answer_nll_after": _rounded(target_nll(model, tokenizer, requests, answers)),
+        "answer_nll_after": _rounded([check.nll for check in checks]),
+        "still_given": [c.index for c in checks if c.given],
     }
     diagnostics["verification"]["probes"] = probes.after(model, tokenizer)
     timings = dict(run.timings)

@@ -78,6 +78,15 @@ class TargetNotGivenWarning(UserWarning):
     """A forget request asks for a target the model does not give now (nothing to forget)."""
 
 
+class TargetStillGivenWarning(UserWarning):
+    """The edited model still gives a forget request's target (greedy, whole answer)."""
+
+
+def still_given_message(name: str) -> str:
+    """One line naming the request (never its text): the edit did not remove its answer."""
+    return f"{name}: the patched model still gives this target (docs/create.md, 'Still given after the edit')"
+
+
 def ordinal(n: int) -> str:
     """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st..."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
