@@ -108,6 +108,9 @@ def test_two_hundred_requests_in_one_edit_of_the_fact_model() -> None:
         assert max(rows) <= MAX_ROWS < sum(rows), (max(rows), sum(rows))  # split into bounded batches
         assert all(torch.isfinite(edit.factors.U).all() and torch.isfinite(edit.factors.B).all()
                    for edit in result.layers)  # fmt: skip
+        # The passes' factors compose; their sum is kept at its numerical rank, never above min(d, f).
+        assert result.diagnostics["verification"]["passes"] > 1
+        assert all(edit.factors.rank <= min(edit.factors.shape) for edit in result.layers)
     finally:
         restore_weights(model, result)
     assert all(answered(model, tokenizer, facts))

@@ -595,7 +595,9 @@ def compute_edit(
                 original_weights.setdefault(name, stored.detach().cpu().clone())
                 with torch.no_grad():
                     stored.copy_(factors.apply(stored.detach().cpu(), stored.dtype).to(stored.device))
-                factors_of[layer] = factors_of[layer].then(factors) if layer in factors_of else factors
+                # Passes compose: ranks add up, so the sum is brought back to its numerical rank
+                # (at most min(d, f)), which keeps a many-request patch from outgrowing the tensor.
+                factors_of[layer] = factors_of[layer].then(factors).compressed() if layer in factors_of else factors
             diagnostics = {
                 "layer": layer,
                 "pass": passes,
