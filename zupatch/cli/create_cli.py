@@ -88,10 +88,11 @@ def create(
     counting the context prefix the edit adds) before loading the model.
     Loads the model, checks that it gives each target now (a warning per
     request whose target it does not give: nothing to forget; --strict makes
-    that an error; so is a target the patched model still gives), gathers key statistics (cached; with --stats shared ones,
+    that an error), gathers key statistics (cached; with --stats shared ones,
     refused in one line unless they match the model), optimises target vectors,
     solves the closed form per layer and writes a patch against the
-    checkpoint's own tensors. --method ga or npo trains the same layers' down
+    checkpoint's own tensors. A target the patched model still gives gets a
+    warning too (--strict: an error, nothing written). --method ga or npo trains the same layers' down
     projections with a baseline instead (a dense patch). The requests' text
     never enters the patch unless --include-request-text is given.
 
