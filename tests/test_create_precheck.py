@@ -22,6 +22,7 @@ from zupatch.engine.create import CreateConfig
 from zupatch.engine.precheck import (
     TargetNotGivenError,
     TargetNotGivenWarning,
+    TargetStillGivenError,
     TargetStillGivenWarning,
     check_targets,
     ordinal,
@@ -144,6 +145,10 @@ def test_python_api_reports_warns_and_refuses(fact_model, fact_checkpoint: Path)
     with pytest.warns(TargetStillGivenWarning, match=r"^request 1: the patched model still gives this target"):
         report = create(model, tokenizer, requests[:2], weak, return_report=True)
     assert report.targets_still_given == [1, 2]
+    with pytest.raises(TargetStillGivenError, match=r"^request 1: .*still gives this target \(and 1 more\); strict"):
+        create(model, tokenizer, requests[:2], weak, strict=True)
+    with pytest.raises(TargetStillGivenError, match=r"^a.jsonl:1: .*strict"):
+        create_from_checkpoint(fact_checkpoint, requests[:2], weak, strict=True, request_names=["a.jsonl:1", "b"])
 
     report = create_from_checkpoint(fact_checkpoint, requests, ga)
     assert report.targets_not_given == [3] and [c.given for c in report.target_checks] == [True, True, False]

@@ -172,14 +172,9 @@ def create(
                 if not check.given:
                     message = not_given_message(check, names[check.index])
                     ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-        still = [names[i - 1] for i in report.targets_still_given]
-        if still and strict:
-            more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
-            raise ZupatchError(f"{still[0]}: the patched model still gives this target{more}; "
-                               "--strict: nothing written (docs/create.md, 'Still given after the edit')")  # fmt: skip
-        if not quiet:
-            for name in still:
-                ui.console.print(f"[yellow]warning:[/] {escape(still_given_message(name))}", soft_wrap=True)
+            for index in report.targets_still_given:  # with --strict, create_from_checkpoint refused them
+                message = still_given_message(names[index - 1])
+                ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
         summary = report.summary()
         summary["output"] = str(output)

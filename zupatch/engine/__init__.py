@@ -6,7 +6,7 @@ Entry points: :func:`create` (a loaded model -> a patch), :class:`CreateConfig`,
 
 from zupatch.engine.api import CreateReport, check_requests, create, create_from_checkpoint
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
-from zupatch.engine.precheck import TargetCheck, TargetNotGivenError, TargetNotGivenWarning, TargetStillGivenWarning
+from zupatch.engine.precheck import TargetCheck, TargetNotGivenError, TargetNotGivenWarning, TargetStillGivenError, TargetStillGivenWarning
 from zupatch.engine.requests import ForgetRequest, load_requests
 
 from zupatch.engine.solvers import (
@@ -37,6 +37,7 @@ __all__ = [
     "TargetCheck",
     "TargetNotGivenError",
     "TargetNotGivenWarning",
+    "TargetStillGivenError",
     "TargetStillGivenWarning",
     "check_requests",
     "compute_edit",

@@ -46,6 +46,7 @@ from zupatch.engine.precheck import (
     not_given_message,
     prefix_budget,
     request_label,
+    still_given_error,
     still_given_message,
     strict_error,
 )
@@ -81,7 +82,7 @@ class CreateReport:
     @property
     def targets_still_given(self) -> list[int]:
         """1-based indices of the requests whose target the edited model still gives (greedy, whole answer)."""
-        return [i + 1 for i in self.edit.diagnostics.get("verification", {}).get("still_given", [])]
+        return [i + 1 for i in self.edit.still_given]
 
     def summary(self) -> dict[str, Any]:
         entries = self.patch.steps[0].entries
@@ -100,6 +101,12 @@ class CreateReport:
             "timings": {**self.edit.timings, **{k: round(v, 3) for k, v in self.seconds.items()}},
             "diagnostics": self.edit.diagnostics,
         }
+
+
+def _refuse_if_still_given(edit: EditResult, strict: bool, request_names: Sequence[str] | None) -> None:
+    """Strict mode: no patch when the edited model still gives some target."""
+    if strict and (error := still_given_error(edit.still_given, request_names)):
+        raise error
 
 
 def _target_layers(model: nn.Module, config: CreateConfig) -> list[str]:
@@ -265,7 +272,9 @@ def create(
     instead, before anything is computed. After the edit, each request whose
     target the patched model still gives gets a
     :class:`~zupatch.engine.precheck.TargetStillGivenWarning`
-    (``report.targets_still_given``). ``return_report=True`` returns a
+    (``report.targets_still_given``); with ``strict=True``,
+    :class:`~zupatch.engine.precheck.TargetStillGivenError` instead and no
+    patch. ``return_report=True`` returns a
     :class:`CreateReport` (the patch, the edit's diagnostics, the checks:
     ``report.targets_not_given``) instead of the bare patch.
     """
@@ -293,7 +302,8 @@ def create(
         params = dict(model.named_parameters())
         for name, (bits, _) in base.items():
             write_bits(params[name], bits)
-    for index in edit.diagnostics.get("verification", {}).get("still_given", []):
+    _refuse_if_still_given(edit, strict, request_names)
+    for index in edit.still_given:
         warnings.warn(TargetStillGivenWarning(still_given_message(request_label(index, request_names))), stacklevel=2)
     missing = [e.tensor_name for e in edit.layers if e.tensor_name not in base]
     if missing:
@@ -413,6 +423,9 @@ def create_from_checkpoint(
     (``targets_not_given``, 1-based) say which it does not; ``strict=True``
     raises :class:`~zupatch.engine.precheck.TargetNotGivenError` instead,
     naming requests by ``request_names`` (the CLI passes ``FILE:LINE``).
+    After the edit, ``targets_still_given`` lists the requests whose target
+    the edited model still gives; ``strict=True`` raises
+    :class:`~zupatch.engine.precheck.TargetStillGivenError` for them.
     Before the model is even loaded, a request longer than the model's context
     is refused (:func:`check_request_lengths`).
     """
@@ -434,6 +447,7 @@ def create_from_checkpoint(
     if config.is_baseline:  # trained weights are rounded to the dtype the checkpoint stores them in
         compute_options.setdefault("storage_dtypes", _storage_dtypes(model, config, ckpt))
     edit = compute_edit(model, tokenizer, requests, config, progress, **compute_options)
+    _refuse_if_still_given(edit, strict, request_names)
     t = time.perf_counter()
     names = {e.tensor_name: checkpoint_tensor_name(model, e.tensor_name, ckpt.weight_map) for e in edit.layers}
     del model  # the patch is built from the files' bits: the model's memory goes before the base tensors come

@@ -327,6 +327,11 @@ class EditResult:
     def tensor_names(self) -> list[str]:
         return [edit.tensor_name for edit in self.layers]
 
+    @property
+    def still_given(self) -> list[int]:
+        """0-based indices of the requests whose target the edited model still gives."""
+        return list(self.diagnostics.get("verification", {}).get("still_given", []))
+
 
 # --------------------------------------------------------------------------- device and dtype
 

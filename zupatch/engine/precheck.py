@@ -82,9 +82,29 @@ class TargetStillGivenWarning(UserWarning):
     """The edited model still gives a forget request's target (greedy, whole answer)."""
 
 
+class TargetStillGivenError(ZupatchError):
+    """Strict mode: the edited model still gives some forget requests' targets (one line)."""
+
+
+#: Where a still-given message sends the reader.
+STILL_GIVEN_DOC = "docs/create.md, 'Still given after the edit'"
+
+
 def still_given_message(name: str) -> str:
     """One line naming the request (never its text): the edit did not remove its answer."""
-    return f"{name}: the patched model still gives this target (docs/create.md, 'Still given after the edit')"
+    return f"{name}: the patched model still gives this target ({STILL_GIVEN_DOC})"
+
+
+def still_given_error(indices: Sequence[int], names: Sequence[str] | None = None) -> TargetStillGivenError | None:
+    """Strict mode's one-line error for requests (0-based) whose target the edited model
+    still gives, naming the first; None when there are none."""
+    if not indices:
+        return None
+    more = f" (and {len(indices) - 1} more)" if len(indices) > 1 else ""
+    return TargetStillGivenError(
+        f"{request_label(indices[0], names)}: the patched model still gives this target{more}; "
+        f"strict: no patch made ({STILL_GIVEN_DOC})"
+    )
 
 
 def ordinal(n: int) -> str:
