@@ -182,6 +182,27 @@ def test_batched_optimisation_equals_one_at_a_time(tiny_llama, site: str) -> Non
     assert whole.final_nll == pytest.approx(batched.final_nll, rel=1e-4)
 
 
+def test_no_steps_gives_the_current_outputs(tiny_llama) -> None:
+    """``max_steps=0`` (the original representations' default): each vector is
+    the down projection's output at the fact token of the bare prompt, W·key,
+    and its NLL is that of the unedited model (the first pass of a run with steps)."""
+    model, tokenizer = tiny_llama
+    spec = resolve_architecture(model)
+    prefixes = ["", *generate_context_prefixes(model, tokenizer)[1:3]]
+    targets = [r.target for r in REQUESTS]
+    run = dict(site="down_proj", layer=1, prefixes=prefixes)
+    none = optimise_representations(model, tokenizer, spec, REQUESTS, targets, **run,
+                                    config=OptimisationConfig(max_steps=0))  # fmt: skip
+    some = optimise_representations(model, tokenizer, spec, REQUESTS, targets, **run,
+                                    config=OptimisationConfig(max_steps=2, converged_nll=0.0))  # fmt: skip
+    keys = fact_activations(model, tokenizer, spec, REQUESTS, [""], 1).keys
+    weight = down_proj_module(model, spec, 1).weight.detach()
+    torch.testing.assert_close(none.vectors, (weight.double() @ keys.double()).float(), rtol=1e-4, atol=1e-5)
+    assert none.steps == [0] * len(REQUESTS)
+    assert none.final_nll == none.initial_nll == pytest.approx(some.initial_nll, rel=1e-5)
+    assert not torch.allclose(some.vectors, none.vectors)  # steps do move them
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"])
 def test_steps_that_run_only_what_the_edit_changes_equal_whole_forwards(arch: str) -> None:
     """The optimisation runs the tokens before each fact token and the layers before

@@ -86,6 +86,7 @@ from zupatch.engine.stats import (
     model_device,
 )
 from zupatch.engine.targets import (
+    CURRENT_OUTPUTS,
     PAPER_OPTIMISATION,
     ContextConfig,
     NeighbourConfig,
@@ -174,7 +175,7 @@ class CreateConfig:
     gd_solver: Literal["exact", "adam"] = "exact"
     baseline: BaselineParams = field(default_factory=BaselineParams)
     contexts: ContextConfig = field(default_factory=ContextConfig)
-    original: OptimisationConfig = field(default_factory=OptimisationConfig)
+    original: OptimisationConfig = CURRENT_OUTPUTS
     neutral: OptimisationConfig = field(default_factory=OptimisationConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     retain_key_weight: float = 1.0
