@@ -240,3 +240,45 @@ def test_create_on_a_patch_stacks_and_a_sibling_gets_a_hint(world: dict, tmp_pat
     assert runner.invoke(app, ["verify", str(second), "-m", str(world["model"])]).exit_code == 4
     result = runner.invoke(app, create_args(world, tmp_path / "x.zup.safetensors", "-q", "--on", str(second)))
     assert result.exit_code == 4 and "not the base" in result.output and not (tmp_path / "x.zup.safetensors").exists()
+
+
+#: Room for the embedding and layers 0-2 of the tiny Llama in float32, not layer 3 and the head:
+#: accelerate then offloads those to the disk, where they are read from the checkpoint's own files.
+TINY_CPU_ROOM = "cpu=700KB"
+
+
+def test_a_device_map_spreads_the_layers_and_gives_the_same_patch(world: dict, tmp_path: Path) -> None:
+    """--device-map: accelerate places the layers (here CPU RAM, then the disk), the edit runs through
+    its hooks, and the patch is the one computed with the model in one piece."""
+    from tests.patching import folder_digest
+
+    before = folder_digest(world["model"])
+    plain, mapped = tmp_path / "plain.zup.safetensors", tmp_path / "mapped.zup.safetensors"
+    result = runner.invoke(app, create_args(world, plain, "--json", "--dtype", "float32"))
+    assert result.exit_code == 0, result.output
+    assert "placement" not in json.loads(result.stdout)
+    args = create_args(world, mapped, "--json", "--dtype", "float32", "--device-map", "sequential",
+                       "--max-memory", TINY_CPU_ROOM)  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["placement"] == {"cpu": 3, "disk": 1}
+    ours, theirs = Patch.load(plain), Patch.load(mapped)
+    for a, b in zip(ours.steps[0].entries, theirs.steps[0].entries):
+        for name in ("U", "B"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)
+    assert folder_digest(world["model"]) == before  # offloaded weights are read in place, never written
+    args.remove("--json")
+    result = runner.invoke(app, [*args, "--force"])  # the text summary names the placement
+    assert result.exit_code == 0 and "decoder layers 3 on cpu, 1 on disk" in result.output.replace("\n", " ")
+
+
+def test_a_device_map_that_offloads_an_edited_layer_is_refused(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.zup.safetensors"
+    args = create_args(world, out, "--dtype", "float32", "--device-map", "sequential", "--max-memory", TINY_CPU_ROOM)
+    args[args.index("--layers") + 1] = "2,3"
+    expect_error(args, "", "offloaded the down projection of layer(s) 3", output=out, inputs=[world["model"]])
+    expect_error(create_args(world, out, "--max-memory", "cpu=1GiB"), "", "give device_map", output=out)
+    for limits, problem in (("cpu70GiB", "not DEVICE=AMOUNT"), ("0=lots", "not an amount"), ("tpu=1GB", "unknown device")):
+        expect_error(create_args(world, out, "--device-map", "auto", "--max-memory", limits), "", problem, output=out)
+    result = runner.invoke(app, create_args(world, out, "--device-map", "everywhere"))
+    assert result.exit_code == 2 and "balanced_low_0" in result.output and not out.exists()

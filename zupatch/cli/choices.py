@@ -30,6 +30,13 @@ class Projection(str, Enum):
     off = "off"
 
 
+class DeviceMap(str, Enum):
+    auto = "auto"
+    balanced = "balanced"
+    balanced_low_0 = "balanced_low_0"
+    sequential = "sequential"
+
+
 class DType(str, Enum):
     auto = "auto"
     float32 = "float32"

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
-from zupatch.cli.choices import DType, Method, Preset, Projection, value
+from zupatch.cli.choices import DeviceMap, DType, Method, Preset, Projection, value
 from zupatch.errors import OutputExistsError, ZupatchError
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ def create(
     retain_weight: Annotated[float | None, typer.Option("--retain-weight", help="Weight of the --retain answers' NLL (baseline.retain_weight).", rich_help_panel=_BASELINE)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_COMPUTE)] = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).", rich_help_panel=_COMPUTE)] = DType.auto,
+    device_map: Annotated[DeviceMap | None, typer.Option("--device-map", help="Spread the layers over the GPUs and CPU RAM present (accelerate), for a model larger than one GPU.", rich_help_panel=_COMPUTE)] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="DEV=AMOUNT,...", help="With --device-map: what each device may hold, e.g. 0=70GiB,1=75GiB,cpu=200GiB.", rich_help_panel=_COMPUTE)] = None,
     layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
     down_proj: Annotated[str | None, typer.Option("--down-proj", help="MLP down projection inside a layer, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.", rich_help_panel=_COMPUTE)] = False,
@@ -125,6 +127,7 @@ def create(
             "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
             "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
             "overrides.down_proj": down_proj, "device": device, "dtype": value(dtype),
+            "device_map": value(device_map), "max_memory": max_memory,
             "baseline.learning_rate": lr, "baseline.steps": steps, "baseline.beta": beta,
             "baseline.retain_weight": retain_weight,
         }  # fmt: skip
@@ -217,6 +220,9 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
             f"same-pattern probes unchanged: {100 * probes['unchanged']:.0f}% of {probes['n']} "
             "(forget templates, other subjects, none of them protected; docs/eval.md)"
         )
+    if summary.get("placement"):
+        spread = ", ".join(f"{n} on {f'GPU {d}' if d.isdigit() else d}" for d, n in summary["placement"].items())
+        ui.console.print(f"device map: decoder layers {spread}")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items() if k != "total")
     ui.console.print(f"time: {summary['timings'].get('total', 0):.1f}s ({phases})", soft_wrap=True)
     size, touched = summary["patch_bytes"], summary["touched_bytes"]

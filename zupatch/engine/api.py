@@ -14,6 +14,7 @@ before computing anything.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from zupatch.checkpoint.folder import Checkpoint
 from zupatch.engine.architectures import (
     check_layers,
     checkpoint_tensor_name,
+    decoder_layers,
     default_layers,
     down_proj_weight_name,
     num_layers,
@@ -36,6 +38,7 @@ from zupatch.engine.architectures import (
     stored_tensor_name,
 )
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
+from zupatch.engine.placement import device_map_options, layers_per_device, placement_problem
 from zupatch.engine.precheck import (
     TargetCheck,
     TargetNotGivenWarning,
@@ -73,6 +76,7 @@ class CreateReport:
     edit: EditResult
     seconds: dict[str, float] = field(default_factory=dict)
     target_checks: list[TargetCheck] = field(default_factory=list)
+    placement: dict[str, int] | None = None  # decoder layers per device, with a device map
 
     @property
     def targets_not_given(self) -> list[int]:
@@ -100,6 +104,7 @@ class CreateReport:
             "touched_bytes": self.patch.touched_bytes(),
             "timings": {**self.edit.timings, **{k: round(v, 3) for k, v in self.seconds.items()}},
             "diagnostics": self.edit.diagnostics,
+            **({"placement": self.placement} if self.placement else {}),
         }
 
 
@@ -342,13 +347,29 @@ def load_tokenizer_and_config(folder: Path) -> tuple[Any, Any]:
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype | str = "auto", device: str = "auto", *, tokenizer: Any = None
+    folder: Path,
+    dtype: torch.dtype | str = "auto",
+    device: str = "auto",
+    *,
+    tokenizer: Any = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Model and tokenizer of a checkpoint folder, with one-line errors (``tokenizer``: one already loaded)."""
+    """Model and tokenizer of a checkpoint folder, with one-line errors (``tokenizer``: one already loaded).
+
+    With ``device_map`` the layers are spread over the GPUs and CPU RAM present
+    by accelerate (:mod:`zupatch.engine.placement`, ``max_memory`` caps each
+    device) instead of all going to ``device``.
+    """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from zupatch.engine.create import resolve_device, resolve_dtype
 
+    problem = placement_problem(device_map, max_memory)
+    if problem:
+        raise ZupatchError(problem)
+    placement = device_map_options(device_map, max_memory)
     if tokenizer is None:
         tokenizer, _ = load_tokenizer_and_config(folder)
     target = resolve_device(device)
@@ -356,10 +377,20 @@ def load_model(
     try:
         # A multimodal Gemma 3 config (model_type "gemma3") gives Gemma3ForConditionalGeneration here,
         # as AutoModelForImageTextToText would (transformers 5): its language model runs on text alone.
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        # What a device map offloaded is in create's summary ("placement"), not a library warning.
+        verbosity, accelerate_log = hf_logging.get_verbosity(), logging.getLogger("accelerate")
+        level = accelerate_log.level
+        if placement:
+            hf_logging.set_verbosity_error()
+            accelerate_log.setLevel(logging.ERROR)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            accelerate_log.setLevel(level)
     except Exception as exc:  # noqa: BLE001
         raise ZupatchError(f"cannot load the model ({exc.__class__.__name__}: {str(exc)[:200]})", folder) from None
-    return model.to(target).eval(), tokenizer
+    return (model if placement else model.to(target)).eval(), tokenizer
 
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -395,6 +426,9 @@ def _write_results(model: nn.Module, results: dict[str, tuple[np.ndarray, nm.DTy
     with torch.no_grad():
         for name, (bits, dtype) in results.items():
             parameter = find_parameter(model, name)
+            if parameter.device.type == "meta":  # offloaded by a device map: a write would be lost
+                raise ZupatchError(f"the device map offloaded {name}, which the earlier patch changes: give the "
+                                   "devices more room (--max-memory) so that it sits on a GPU or in CPU RAM")  # fmt: skip
             parameter.copy_(tensor_of(bits, dtype).to(parameter.device, parameter.dtype))
 
 
@@ -437,7 +471,8 @@ def create_from_checkpoint(
                           retain_requests=compute_options.get("retain_requests", ()))  # fmt: skip
     ckpt = Checkpoint(folder)
     on_results = _results_of(on, ckpt, folder) if on is not None else {}
-    model, tokenizer = load_model(folder, config.dtype, config.device, tokenizer=tokenizer)
+    model, tokenizer = load_model(folder, config.dtype, config.device, tokenizer=tokenizer,
+                                  device_map=config.device_map, max_memory=config.max_memory)  # fmt: skip
     _write_results(model, on_results)
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -450,6 +485,7 @@ def create_from_checkpoint(
     _refuse_if_still_given(edit, strict, request_names)
     t = time.perf_counter()
     names = {e.tensor_name: checkpoint_tensor_name(model, e.tensor_name, ckpt.weight_map) for e in edit.layers}
+    placement = layers_per_device(model, decoder_layers(model, resolve_architecture(model, config.overrides)))
     del model  # the patch is built from the files' bits: the model's memory goes before the base tensors come
     base: dict[str, tuple[np.ndarray, nm.DType]] = {}
     for name in names.values():
@@ -461,4 +497,4 @@ def create_from_checkpoint(
     patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
                             include_request_text=include_request_text, tensor_names=names)  # fmt: skip
     seconds["patch"] = time.perf_counter() - t
-    return CreateReport(patch=patch, edit=edit, seconds=seconds, target_checks=checks)
+    return CreateReport(patch=patch, edit=edit, seconds=seconds, target_checks=checks, placement=placement)

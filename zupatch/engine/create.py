@@ -69,6 +69,7 @@ from zupatch.engine.methods import METHODS, Method, get_method
 from zupatch.engine.methods.zerounlearn import MEASURED_CLOSED_FORM
 from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS
 from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
+from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, text_problem
@@ -161,6 +162,10 @@ class CreateConfig:
     an accelerator), "float32", "bfloat16", "float16". ``method`` "ga" / "npo"
     are the fine-tuning baselines (settings in ``baseline``); they use only
     ``layers``, ``baseline``, ``overrides``, ``device`` and ``dtype``.
+    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential"):
+    loading spreads the layers over the GPUs and CPU RAM present
+    (:mod:`zupatch.engine.placement`), capped per device by ``max_memory``
+    ("0=70GiB,cpu=120GiB"); ``device`` then only picks the dtype.
     ``layer_cache_mb``: memory (MiB) for the hidden states entering the first
     edited layer, so that the loop's repeated forwards of the same prompts
     skip the layers the edit does not change (:class:`LayerInputCache`);
@@ -187,6 +192,8 @@ class CreateConfig:
     overrides: ArchitectureOverrides = field(default_factory=ArchitectureOverrides)
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
     layer_cache_mb: int | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +202,9 @@ class CreateConfig:
         ):
             raise ZupatchError("layer_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off)")
         get_method(self.method)  # a one-line error for an unknown name
+        problem = placement_problem(self.device_map, self.max_memory)
+        if problem:
+            raise ZupatchError(problem)
         problem = neutral_target_problem(self.neutral_target)
         if problem:
             raise ZupatchError(f"neutral_target {problem}")
@@ -435,14 +445,14 @@ def compute_edit(
     ):
         model.to(device=device, dtype=dtype)
     device = model_device(model)
+    spec = resolve_architecture(model, config.overrides)
+    total_layers = num_layers(model, spec)
+    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
+    require_editable([(layer, down_proj_module(model, spec, layer)) for layer in layers])  # a device map's offloads
     if config.is_baseline:
         storage = {**stored_dtypes, **(storage_dtypes or {})}
         return _baseline_edit(model, tokenizer, requests, config, progress, retain_requests, storage, started)
     solve_device = device if device.type == "cuda" else torch.device("cpu")  # MPS lacks float64
-
-    spec = resolve_architecture(model, config.overrides)
-    total_layers = num_layers(model, spec)
-    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
     last_layer = layers[-1]
     if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
         key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)

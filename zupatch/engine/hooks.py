@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zupatch.engine.placement import model_device
+
 Key = TypeVar("Key")
 
 
@@ -373,7 +375,7 @@ class FrozenStarts:
         if not _takes_positions(self.base) or (window and max(map(len, rows)) + max(cuts) > window):
             cuts = [0] * len(rows)
         self.cuts = list(cuts)
-        device = next(model.parameters()).device
+        device = model_device(model)
         start, rest = max(cuts), max(len(r) - c for r, c in zip(rows, cuts))
         head = torch.full((len(rows), start), pad_id, dtype=torch.long)
         self.ids = torch.full((len(rows), rest), pad_id, dtype=torch.long)

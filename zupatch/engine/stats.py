@@ -55,6 +55,7 @@ from torch import nn
 from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module, down_proj_weight_math
 from zupatch.engine.distributed import Ranks
 from zupatch.engine.hooks import on_inputs, run_until_stopped
+from zupatch.engine.placement import model_device, readable
 from zupatch.engine.solvers import SecondMoment
 from zupatch.errors import ZupatchError
 from zupatch.io import jsondoc
@@ -409,10 +410,6 @@ def _until_eos(row: list[int], eos: int | None) -> list[int]:
 # --------------------------------------------------------------------------- collection
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def pad_right(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,12 +532,14 @@ def weights_fingerprints(
             continue
         seen.add(id(parameter))
         digest.update(f"{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
-        digest.update(_tensor_bytes(parameter, dtype))
+        with readable(model, name, parameter) as values:  # a device map may have offloaded the head
+            digest.update(_tensor_bytes(values, dtype))
     fingerprints = []
     for index in range(up_to_layer + 1):
         for name, parameter in layers[index].named_parameters():
             digest.update(f"{index}.{name}|{dtype or parameter.dtype}|{tuple(parameter.shape)}".encode())
-            digest.update(_tensor_bytes(parameter, dtype))
+            with readable(layers[index], name, parameter) as values:
+                digest.update(_tensor_bytes(values, dtype))
         fingerprints.append(digest.copy().hexdigest())
     return fingerprints
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zupatch.engine.placement import model_device
 from zupatch.engine.probes import next_token_ids
 from zupatch.engine.stats import special_prefix_ids
 from zupatch.engine.targets import target_separator
@@ -37,10 +38,6 @@ class AnswerScore:
     greedy: bool  # greedy decoding reproduces every answer token
     mean_probability: float  # mean over answer tokens of p(token | prefix)
     probability: float  # p(whole answer | prompt): the product over answer tokens
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def answer_ids(tokenizer: Any, prompt: str, answer: str, prefix: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -71,7 +68,7 @@ def score_answers(
         pairs = [answer_ids(tokenizer, p, a, prefix) for p, a in zip(prompts[start : start + batch_size],
                                                               answers[start : start + batch_size])]  # fmt: skip
         ids, mask = _padded_batch([p + a for p, a in pairs], pad)
-        logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float()
+        logits = model(input_ids=ids.to(model_device(model)), attention_mask=mask.to(model_device(model))).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for i, (p, a) in enumerate(pairs):
             positions = torch.arange(len(p) - 1, len(p) - 1 + len(a))  # logits predicting each answer token
@@ -101,7 +98,7 @@ def token_perplexity(model: nn.Module, windows: Sequence[Sequence[int]]) -> floa
     for window in windows:
         if len(window) < 2:
             continue
-        x = torch.tensor([list(window)], device=_device(model))
+        x = torch.tensor([list(window)], device=model_device(model))
         logits = model(input_ids=x).logits.float()
         total_nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
         total_tokens += len(window) - 1
