@@ -567,7 +567,14 @@ def compute_edit(
             report("layers", 3 * j + 2, 3 * len(layers))
             O = None
             original_summary = None
-            if config.needs_original_representations():
+            if config.needs_original_representations() and config.original.max_steps == 0:
+                # O as the model computes it now: the down projection's output W·k at each bare
+                # prompt's fact token, without the forward through the answer that steps need.
+                with _timed(timings, "original_representations"):
+                    bare = fact_activations(model, tokenizer, spec, requests, [""], layer, layer_cache=layer_cache)
+                    W_now = down_proj_weight_math(down_proj_module(model, spec, layer), spec).detach()
+                    O = W_now.to(solve_device, torch.float64) @ bare.keys.to(solve_device, torch.float64)
+            elif config.needs_original_representations():
                 with _timed(timings, "original_representations"):
                     original = optimise_representations(
                         model,
