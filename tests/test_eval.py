@@ -552,3 +552,43 @@ def test_retain_records_keep_their_chat_question(tmp_path: Path) -> None:
     data = load_eval_data(data_file, retain_file)
     assert [i.question for i in data.forget] == ["Capital of France?"]
     assert [i.question for i in data.retain] == ["Where does the government of Spain sit?", "Who speaks Polish?", ""]
+
+
+def noise_patch(folder: Path, path: Path, layers: list[int]) -> Path:
+    """A dense patch adding small noise to the down projections of ``layers`` (a bf16 checkpoint)."""
+    ckpt = Checkpoint(folder)
+    base = {DOWN.format(i): (ckpt.read_bits(DOWN.format(i), np.uint16), nm.FLOAT_DTYPES["BF16"]) for i in layers}
+    rng = np.random.default_rng(0)
+    build_patch([DenseEdit(name, rng.normal(0, 0.05, bits.shape)) for name, (bits, _) in base.items()], base,
+                method="manual").save(path)  # fmt: skip
+    return path
+
+
+def test_eval_with_a_device_map(tiny_checkpoint, tmp_path: Path) -> None:
+    """--device-map: the figures of the model in one piece; the attacks that rewrite or copy the
+    weights say why they are skipped; a patch of an offloaded layer is refused in one line."""
+    model = tiny_checkpoint("llama", max_shard_size="60KB")
+    data = jsonl(tmp_path / "forget.jsonl", [{"prompt": "The capital of {} is", "subject": "France", "target": "Paris",
+                                              "paraphrases": ["France's capital is"]}])  # fmt: skip
+    text = tmp_path / "text.txt"
+    text.write_text("Some ordinary words to score.\n")
+    patch = noise_patch(model, tmp_path / "p.zup.safetensors", [1, 2])
+    common = ["-m", str(model), "-d", str(data), "--text", str(text), "-p", str(patch), "--json", "-q",
+              "--dtype", "float32", "--probes", "2"]  # fmt: skip
+    mapped = ["--device-map", "sequential", "--max-memory", "cpu=700KB"]  # layer 3 and the head on the disk
+    code, plain = run_eval(*common)
+    assert code == 0, plain
+    code, spread = run_eval(*common, *mapped, "--attack", "quant:Q8_0", "--attack", "relearn:2")
+    assert code == 0, spread
+    plain, spread = json.loads(plain), json.loads(spread)
+    assert spread["settings"]["device_map"] == "sequential"
+    for ours, theirs in zip(plain["models"], spread["models"]):
+        for measure in ("efficacy", "generalization"):
+            assert theirs[measure]["probabilities"] == pytest.approx(ours[measure]["probabilities"], rel=1e-4)
+        assert theirs["fluency"]["perplexity"] == pytest.approx(ours["fluency"]["perplexity"], rel=1e-4)
+        reasons = {a["name"]: a["skipped"] for a in theirs["attacks"]}
+        assert "offloaded decoder weights" in reasons["quant:Q8_0"] and "device map" in reasons["relearn:2"]
+    whole = noise_patch(model, tmp_path / "all.zup.safetensors", [2, 3])
+    code, output = run_eval("-m", str(model), "-d", str(data), "-p", str(whole), "--dtype", "float32", *mapped)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "offloaded model.layers.3.mlp.down_proj.weight" in lines[0], output

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
-from zupatch.cli.choices import DType
+from zupatch.cli.choices import DeviceMap, DType, value
 from zupatch.cli.hub_cli import TokenOpt
 from zupatch.errors import ZupatchError
 
@@ -33,6 +33,8 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    device_map: Annotated[DeviceMap | None, typer.Option("--device-map", help="Spread the layers over the GPUs and CPU RAM present (accelerate), for a model larger than one GPU.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="DEV=AMOUNT,...", help="With --device-map: what each device may hold, e.g. 0=70GiB,1=75GiB,cpu=200GiB.")] = None,
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (format in docs/eval.md).")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Also draw each forget prompt's (and paraphrase's) answer probability, base and every patch, to this picture (overwritten); it shows the forget prompts and answers. Needs matplotlib: pip install 'zupatch[plot]'.")] = None,
@@ -62,7 +64,8 @@ def eval_command(
     from zupatch.hub import hub_output, load_patch
 
     with ui.guard(), hub_output(quiet or as_json):
-        config = EvalConfig(device=device, dtype=dtype.value, batch_size=batch_size, generations=generations,
+        config = EvalConfig(device=device, dtype=dtype.value, device_map=value(device_map), max_memory=max_memory,
+                            batch_size=batch_size, generations=generations,
                             new_tokens=new_tokens, text_tokens=text_tokens, probes=probes,
                             attacks=tuple(attack or ()))  # fmt: skip
         records = load_eval_data(data, retain)

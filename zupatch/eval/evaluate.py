@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from zupatch.checkpoint.folder import Checkpoint
+from zupatch.engine.placement import model_device, placement_problem
 from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
 from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
@@ -66,6 +67,8 @@ class EvalConfig:
 
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # spread over GPUs and CPU RAM (docs/create.md, "Devices and dtypes")
+    max_memory: str | None = None  # with device_map: "0=70GiB,cpu=120GiB"
     batch_size: int = 16
     generations: int = 3  # forget prompts shown with their greedy continuation (0: none)
     new_tokens: int = 12  # length of those continuations
@@ -85,6 +88,9 @@ class EvalConfig:
         for name in ("generations", "probes"):
             if getattr(self, name) < 0:
                 raise ZupatchError(f"{name} must be >= 0")
+        problem = placement_problem(self.device_map, self.max_memory)
+        if problem:
+            raise ZupatchError(problem)
 
 
 @dataclass
@@ -179,6 +185,9 @@ class InMemoryPatcher:
                     f"{label}: the model is not this patch's base ({patch.base_model or 'unknown base'}): "
                     f"tensor {name!r} differs (already patched? see `zupatch verify`)"
                 )
+            if find_parameter(self.model, name).device.type == "meta":  # a device map's offload: writes are lost
+                raise ZupatchError(f"{label}: the device map offloaded {name}, which the patch changes: give the "
+                                   "devices more room (--max-memory) so that it sits on a GPU or in CPU RAM")  # fmt: skip
 
     @contextmanager
     def patched(self, patch: Patch, label: str) -> Iterator[nn.Module]:
@@ -388,7 +397,8 @@ def evaluate(
 
     config = config or EvalConfig()
     checkpoint = Checkpoint(model_dir)
-    model, tokenizer = load_model(model_dir, config.dtype, config.device)
+    model, tokenizer = load_model(model_dir, config.dtype, config.device, device_map=config.device_map,
+                                  max_memory=config.max_memory)  # fmt: skip
     patcher = InMemoryPatcher(model, checkpoint)
     for label, patch in patches:
         patcher.check(patch, label)
@@ -408,7 +418,7 @@ def evaluate(
         },
         settings={
             **{k: getattr(config, k) for k in config.__dataclass_fields__},
-            "device": str(next(model.parameters()).device),
+            "device": str(model_device(model)),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
     )

@@ -117,6 +117,8 @@ def quantized(model: nn.Module, qtype: str) -> Iterator[dict[str, int]]:
 
 def run(settings: QuantSettings, subject: Subject, base: Outcome | None) -> Outcome:
     """Score the model after the round trip: every figure ``eval`` reports without attack."""
+    if any(weight.device.type == "meta" for weight, _ in decoder_linear_weights(subject.model)):
+        return Outcome(skipped="the device map offloaded decoder weights, which the round trip rewrites")
     with quantized(subject.model, settings.type) as counts:
         figures, raw = subject.score(subject.model, base.raw if base else None)
     return Outcome(figures=figures, details={"type": settings.type, **counts}, raw=raw)

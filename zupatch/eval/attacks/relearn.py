@@ -128,6 +128,8 @@ def fine_tune(
 
 
 def run(settings: RelearnSettings, subject: Subject, base: Outcome | None) -> Outcome:
+    if getattr(subject.model, "hf_device_map", None):  # the float32 copy would need the devices twice over
+        return Outcome(skipped="the model is spread by a device map; fine-tuning a copy of it is not supported")
     texts, source = training_texts(subject.data)
     batches = training_batches(subject.tokenizer, texts, settings.steps, settings.batch)
     if not batches:
