@@ -440,7 +440,7 @@ def compute_edit(
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     stored_dtypes = {name: p.dtype for name, p in model.named_parameters()}  # before any conversion
-    if not hasattr(model, "hf_device_map") and (
+    if not hasattr(model, "hf_device_map") and (  # a device map placed the layers: they stay where they are
         model_device(model) != device or next(model.parameters()).dtype != dtype
     ):
         model.to(device=device, dtype=dtype)

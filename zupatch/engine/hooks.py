@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zupatch.engine.placement import model_device
+from zupatch.engine.placement import dispatched, model_device
 
 Key = TypeVar("Key")
 
@@ -127,8 +127,8 @@ class LayerInputCache:
     the cache is used: it lives for one edit.
 
     At most ``max_bytes`` are held (a block that does not fit is not held);
-    ``start`` 0, and a model placed by accelerate (``hf_device_map``, whose
-    hooks own each layer's forward), hold nothing. A model whose forward
+    ``start`` 0, and a model whose layers accelerate's hooks run (a device map
+    over several devices, :func:`~zupatch.engine.placement.dispatched`), hold nothing. A model whose forward
     takes no position ids, or whose sliding window is too short for the
     padded rows, runs every prompt whole. Results are those of full forwards
     up to float reassociation (tested against one-prompt forwards for every
@@ -138,7 +138,7 @@ class LayerInputCache:
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], start: int, max_bytes: int):
         self.layers = list(layers)
         self.start = start
-        self.max_bytes = 0 if start == 0 or hasattr(model, "hf_device_map") else max_bytes
+        self.max_bytes = 0 if start == 0 or dispatched(model) else max_bytes
         self.held_bytes = 0
         self.replays = 0  # forwards that skipped the layers before ``start``
         self._starts: dict[bytes, torch.Tensor] = {}  # a shared start's tokens -> its states
@@ -358,8 +358,8 @@ class FrozenStarts:
 
     Rows are cut at 0 (run whole) when the model's forward takes no
     attention cache or position ids, or when a row would not fit a sliding
-    attention window; a model placed by accelerate (``hf_device_map``,
-    whose hooks own each layer's forward) runs every layer.
+    attention window; a model whose layers accelerate's hooks run (a device
+    map over several devices) runs every layer.
     """
 
     def __init__(
@@ -368,7 +368,7 @@ class FrozenStarts:
     ) -> None:  # fmt: skip
         self.base = model.base_model
         self.layers = list(layers)
-        self.skip = 0 if hasattr(model, "hf_device_map") else skip
+        self.skip = 0 if dispatched(model) else skip
         self.config = getattr(model, "config", None)
         self.cache_kwarg = cache_keyword(self.base)
         window = _sliding_window(model)

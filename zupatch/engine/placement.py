@@ -77,6 +77,13 @@ def device_map_options(device_map: str | None, max_memory: str | None) -> dict[s
     return options
 
 
+def dispatched(model: nn.Module) -> bool:
+    """Whether accelerate's hooks run the model's layers (a device map over several
+    devices, or with offloads): then they own each layer's forward, and zupatch
+    runs whole forwards. A map that put everything on one device adds no hooks."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())
+
+
 def offloaded(module: nn.Module) -> bool:
     """Whether accelerate keeps this module's weights off any device (meta tensors)."""
     return any(p.device.type == "meta" for p in module.parameters())

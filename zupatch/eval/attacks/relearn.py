@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zupatch.engine.placement import dispatched
 from zupatch.engine.stats import model_device, pad_right, pad_token_id, special_prefix_ids
 from zupatch.eval.attacks.base import Outcome, Subject, contains_answer, whole_number_parameter
 from zupatch.eval.data import EvalData
@@ -128,7 +129,7 @@ def fine_tune(
 
 
 def run(settings: RelearnSettings, subject: Subject, base: Outcome | None) -> Outcome:
-    if getattr(subject.model, "hf_device_map", None):  # the float32 copy would need the devices twice over
+    if dispatched(subject.model):  # the float32 copy would need the devices twice over
         return Outcome(skipped="the model is spread by a device map; fine-tuning a copy of it is not supported")
     texts, source = training_texts(subject.data)
     batches = training_batches(subject.tokenizer, texts, settings.steps, settings.batch)
