@@ -231,8 +231,9 @@ def test_gd_variant_on_twenty_requests(fact_model) -> None:
         restore_weights(model, result)
     assert all(answered(model, tokenizer, facts))
 
-#: Bars of the GD test: measured 18/20 forgotten and 28/28 kept (2026-11-23).
-GD_FORGOTTEN, GD_KEPT = 0.85, 0.9
+#: Bars of the GD test: measured 18/20 forgotten and 28/28 kept (2026-11-23, β 0.1); 17/20 and 28/28
+#: with the relative β (2026-12-01).
+GD_FORGOTTEN, GD_KEPT = 0.8, 0.9  # one request of margin below 17/20
 
 
 @pytest.mark.slow

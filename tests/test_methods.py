@@ -42,3 +42,24 @@ def test_unknown_method_and_malformed_plugin_are_refused() -> None:
         Method("both", "x", (), solve=lambda *a: None, train=lambda *a: None)
     with pytest.raises(ValueError, match="exactly one entry point"):
         Method("none", "x", ())
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_gd_relative_beta_means_the_same_on_keys_of_another_scale(relative: bool) -> None:
+    """With ``gd.relative_beta`` (the default), keys 7× larger with a weight 7× smaller (the same
+    outputs) get the same change of the forget outputs; the paper's absolute β does not."""
+    from tests.test_solvers import gd_setup, rel
+    from zupatch.engine.methods.zerounlearn_gd import layer_params
+    from zupatch.engine.solvers import GDParams
+
+    W, C, U0, K_f, V_star, O = gd_setup(3, seed=31)
+    hp = GDParams(relative_beta=0.5) if relative else GDParams()
+    config = CreateConfig(method="zerounlearn-gd", gd=hp)
+    solve = METHODS["zerounlearn-gd"].solve
+    c = 7.0
+    ours = solve(W, C, K_f, V_star, O, config).low_rank() @ K_f
+    theirs = solve(W / c, C * c**2, K_f * c, V_star, O, config).low_rank() @ (K_f * c)
+    assert (rel(theirs, ours) < 1e-9) == relative, rel(theirs, ours)
+    if relative:
+        beta = layer_params(hp, U0, K_f).beta
+        assert beta == pytest.approx(0.5 * hp.alpha * float((U0.T @ K_f).pow(2).sum()) / 3, rel=1e-12)

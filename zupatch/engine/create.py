@@ -67,7 +67,7 @@ from zupatch.engine.baselines import BaselineParams
 from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.methods import METHODS, Method, get_method
 from zupatch.engine.methods.zerounlearn import MEASURED_CLOSED_FORM
-from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS
+from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS, MEASURED_GD
 from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
@@ -176,7 +176,7 @@ class CreateConfig:
     method: MethodName = "zerounlearn"
     neutral_target: str | None = None
     closed_form: ClosedFormParams = MEASURED_CLOSED_FORM
-    gd: GDParams = field(default_factory=GDParams)
+    gd: GDParams = MEASURED_GD
     gd_solver: Literal["exact", "adam"] = "exact"
     baseline: BaselineParams = field(default_factory=BaselineParams)
     contexts: ContextConfig = field(default_factory=ContextConfig)
@@ -219,6 +219,7 @@ class CreateConfig:
         25 absolute-lr steps, no retain keys, bare prompts and one pass."""
         settings: dict[str, Any] = dict(
             closed_form=ClosedFormParams(),
+            gd=GDParams(),
             original=PAPER_OPTIMISATION,
             neutral=PAPER_OPTIMISATION,
             retain_key_weight=0.0,

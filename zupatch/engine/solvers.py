@@ -115,6 +115,10 @@ class GDParams:
     ``lr`` is not given by the paper; ``null_threshold`` is the eigenvalue
     cut-off for :func:`null_space_basis` (absolute, in the units of C), kept
     here so it is recorded with the other hyperparameters.
+    ``relative_beta``: when set, the method takes β per layer as
+    ``relative_beta · α · ‖U0ᵀK_f‖²/n`` (the mean squared null-space part of
+    a forget key) instead of ``beta``, so that the same setting means the same
+    shrinkage on models whose keys differ in scale (docs/maths.md).
     """
 
     alpha: float = 100.0
@@ -122,6 +126,7 @@ class GDParams:
     steps: int = 500
     lr: float = 0.1
     null_threshold: float = 1e-2
+    relative_beta: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -135,6 +140,8 @@ class GDParams:
             raise ParameterError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not math.isfinite(self.null_threshold):
             raise ParameterError(f"null_threshold must be finite, got {self.null_threshold!r}")
+        if self.relative_beta is not None and not (math.isfinite(self.relative_beta) and self.relative_beta > 0):
+            raise ParameterError(f"relative_beta must be a finite number > 0 or None, got {self.relative_beta!r}")
 
 
 # --------------------------------------------------------------------------- factor types
