@@ -38,7 +38,12 @@ from zupatch.engine.architectures import (
     stored_tensor_name,
 )
 from zupatch.engine.create import CreateConfig, EditResult, compute_edit
-from zupatch.engine.placement import device_map_options, layers_per_device, placement_problem
+from zupatch.engine.placement import (
+    device_map_options,
+    layers_per_device,
+    placement_problem,
+    require_written_on_device,
+)
 from zupatch.engine.precheck import (
     TargetCheck,
     TargetNotGivenWarning,
@@ -426,9 +431,7 @@ def _write_results(model: nn.Module, results: dict[str, tuple[np.ndarray, nm.DTy
     with torch.no_grad():
         for name, (bits, dtype) in results.items():
             parameter = find_parameter(model, name)
-            if parameter.device.type == "meta":  # offloaded by a device map: a write would be lost
-                raise ZupatchError(f"the device map offloaded {name}, which the earlier patch changes: give the "
-                                   "devices more room (--max-memory) so that it sits on a GPU or in CPU RAM")  # fmt: skip
+            require_written_on_device(name, parameter, "the earlier patch")
             parameter.copy_(tensor_of(bits, dtype).to(parameter.device, parameter.dtype))
 
 

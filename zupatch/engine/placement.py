@@ -121,6 +121,14 @@ def layers_per_device(model: nn.Module, layers: Sequence[nn.Module]) -> dict[str
     return counts
 
 
+def require_written_on_device(name: str, parameter: torch.Tensor, changed_by: str, where: str | None = None) -> None:
+    """Refuse, in one line (naming ``where``), to write into ``name`` when a device map
+    offloaded it (a meta tensor, where a write would be lost); ``changed_by`` says what writes it."""
+    if parameter.device.type == "meta":
+        raise ZupatchError(f"the device map offloaded {name}, which {changed_by} changes: give the devices more "
+                           "room (--max-memory) so that it sits on a GPU or in CPU RAM", where)  # fmt: skip
+
+
 def require_editable(modules: Sequence[tuple[int, nn.Module]]) -> None:
     """Refuse, in one line, an edit of down projections whose weights are offloaded."""
     away = [layer for layer, module in modules if offloaded(module)]

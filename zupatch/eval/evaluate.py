@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from zupatch.checkpoint.folder import Checkpoint
-from zupatch.engine.placement import model_device, placement_problem
+from zupatch.engine.placement import model_device, placement_problem, require_written_on_device
 from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
 from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
@@ -185,9 +185,7 @@ class InMemoryPatcher:
                     f"{label}: the model is not this patch's base ({patch.base_model or 'unknown base'}): "
                     f"tensor {name!r} differs (already patched? see `zupatch verify`)"
                 )
-            if find_parameter(self.model, name).device.type == "meta":  # a device map's offload: writes are lost
-                raise ZupatchError(f"{label}: the device map offloaded {name}, which the patch changes: give the "
-                                   "devices more room (--max-memory) so that it sits on a GPU or in CPU RAM")  # fmt: skip
+            require_written_on_device(name, find_parameter(self.model, name), "the patch", label)
 
     @contextmanager
     def patched(self, patch: Patch, label: str) -> Iterator[nn.Module]:
