@@ -272,6 +272,33 @@ def test_a_device_map_spreads_the_layers_and_gives_the_same_patch(world: dict, t
     assert result.exit_code == 0 and "decoder layers 3 on cpu, 1 on disk" in result.output.replace("\n", " ")
 
 
+def test_stats_compute_with_a_device_map(world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stats compute --device-map`: the same cache entries as the model in one piece, for layers in CPU
+    RAM and on the disk alike; torchrun and a device map together are refused."""
+    from zupatch.engine.stats import StatsCache
+
+    args = ["stats", "compute", "-m", str(world["model"]), "--layers", "1,3", "--tokens", "300", "--dtype", "float32"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "mapped"))
+    result = runner.invoke(app, [*args, "--device-map", "sequential", "--max-memory", TINY_CPU_ROOM])
+    assert result.exit_code == 0, result.output
+    assert "decoder layers 3 on cpu, 1 on disk" in result.output.replace("\n", " ")
+    plain = {e.path.name: e for e in StatsCache(tmp_path / "cache" / "stats").entries()}
+    mapped = {e.path.name: e for e in StatsCache(tmp_path / "mapped" / "stats").entries()}
+    assert len(plain) == 2 and set(mapped) == set(plain)  # the same cache keys: offloaded weights hashed in place
+    for name, entry in plain.items():
+        description = {k: v for k, v in entry.description.items() if k != "token_count"}
+        one = StatsCache(entry.path.parent).load(description)
+        two = StatsCache(mapped[name].path.parent).load(description)
+        assert one is not None and two is not None and one.token_count == two.token_count
+        torch.testing.assert_close(two.second_moment, one.second_moment, rtol=1e-6, atol=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    expect_error([*args, "--device-map", "auto"], "", "not both")
+    expect_error([*args, "--max-memory", "cpu=1GiB"], "", "give device_map")
+
+
 def test_a_device_map_that_offloads_an_edited_layer_is_refused(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "p.zup.safetensors"
     args = create_args(world, out, "--dtype", "float32", "--device-map", "sequential", "--max-memory", TINY_CPU_ROOM)

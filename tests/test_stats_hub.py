@@ -89,6 +89,12 @@ def test_stats_push_pull_and_create_with_shared_stats(hub: LoopbackHub, tmp_path
     code, out = zup(*push)
     assert code == 0 and "unchanged" in out, out
     assert len(hub.commits(STATS, repo_type="dataset")) == commits
+    # and so does computing them afresh with layer 2 offloaded by a device map: the same fingerprints and bits
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "mapped"))
+    code, out = zup(*push, "--dtype", "float32", "--device-map", "sequential", "--max-memory", "cpu=600KB")
+    assert code == 0 and "unchanged" in out, out
+    assert len(hub.commits(STATS, repo_type="dataset")) == commits
+    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "cache"))
 
     # pull into a fresh cache: the same matrices, bit for bit; then offline from the HF cache
     pushed_cache = StatsCache(tmp_path / "cache" / "stats")

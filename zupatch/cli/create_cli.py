@@ -221,8 +221,7 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
             "(forget templates, other subjects, none of them protected; docs/eval.md)"
         )
     if summary.get("placement"):
-        spread = ", ".join(f"{n} on {f'GPU {d}' if d.isdigit() else d}" for d, n in summary["placement"].items())
-        ui.console.print(f"device map: decoder layers {spread}")
+        ui.console.print(_placement_line(summary["placement"]))
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items() if k != "total")
     ui.console.print(f"time: {summary['timings'].get('total', 0):.1f}s ({phases})", soft_wrap=True)
     size, touched = summary["patch_bytes"], summary["touched_bytes"]
@@ -230,6 +229,12 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
         f"[green]wrote[/] [bold]{summary['output']}[/] ({ui.human_bytes(size)}, "
         f"{100 * size / touched:.2f}% of the {ui.human_bytes(touched)} it changes)"
     )
+
+
+def _placement_line(placement: dict[str, int]) -> str:
+    """Where a device map put the decoder layers, e.g. "device map: decoder layers 30 on GPU 0, 2 on cpu"."""
+    spread = ", ".join(f"{n} on {f'GPU {d}' if d.isdigit() else d}" for d, n in placement.items())
+    return f"device map: decoder layers {spread}"
 
 
 stats_app = typer.Typer(help="Precompute, list, clear, push and pull key statistics.", no_args_is_help=True)
@@ -244,9 +249,15 @@ def stats_compute(
     tokens: Annotated[int | None, typer.Option("--tokens", help="Token budget.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    device_map: Annotated[DeviceMap | None, typer.Option("--device-map", help="Spread the layers over the GPUs and CPU RAM present (accelerate), for a model larger than one GPU.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="DEV=AMOUNT,...", help="With --device-map: what each device may hold, e.g. 0=70GiB,1=75GiB,cpu=200GiB.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:  # fmt: skip
     """Compute key statistics for a model's layers and store them in the cache.
+
+    With --device-map one process spreads the model over the devices present
+    (the cache entry is the one a model in one piece writes); under torchrun
+    each process holds a whole copy, so the two are not combined.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m zupatch stats compute ...)
     each process sums its share of the corpus on its own device (cuda:LOCAL_RANK
@@ -257,9 +268,16 @@ def stats_compute(
     ui.require_engine("stats compute")
     from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import load_model
-    from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
+    from zupatch.engine.architectures import (
+        check_layers,
+        decoder_layers,
+        default_layers,
+        num_layers,
+        resolve_architecture,
+    )
     from zupatch.engine.create import CreateConfig, resolve_device
-    from zupatch.engine.distributed import process_group, rank_device
+    from zupatch.engine.distributed import current_ranks, launched_distributed, process_group, rank_device
+    from zupatch.engine.placement import layers_per_device, placement_problem
     from zupatch.engine.settings import with_settings
     from zupatch.engine.stats import FileCorpus, StatsCache, compute_key_statistics
 
@@ -267,11 +285,18 @@ def stats_compute(
         cfg = CreateConfig()
         if tokens is not None:
             cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
+        problem = placement_problem(value(device_map), max_memory)
+        if problem:
+            raise ZupatchError(problem, "--max-memory" if max_memory else "--device-map")
+        if device_map is not None and (launched_distributed() or current_ranks().distributed):
+            raise ZupatchError("under torchrun each process holds the whole model: give --device-map or torchrun, "
+                               "not both", "--device-map")  # fmt: skip
         target = rank_device(resolve_device(device))
         with process_group(target) as ranks:
             quiet = quiet or not ranks.is_main
             resolved = resolve_model(model, revision)
-            loaded, tokenizer = load_model(resolved.path, dtype.value, str(target))
+            loaded, tokenizer = load_model(resolved.path, dtype.value, str(target), device_map=value(device_map),
+                                           max_memory=max_memory)  # fmt: skip
             spec = resolve_architecture(loaded, cfg.overrides)
             total = num_layers(loaded, spec)
             chosen = check_layers(_layers(layers) or default_layers(total), total)
@@ -282,6 +307,9 @@ def stats_compute(
                     ranks=ranks,
                 )  # fmt: skip
         if not quiet:
+            placement = layers_per_device(loaded, decoder_layers(loaded, spec))
+            if placement:
+                ui.console.print(_placement_line(placement))
             where = f" ({ranks.world_size} processes, {ranks.backend})" if ranks.distributed else ""
             for layer, s in sorted(stats.items()):
                 ui.console.print(f"layer {layer}: {s.token_count} tokens, C is {tuple(s.second_moment.shape)}{where}")
@@ -298,6 +326,8 @@ def stats_push(
     description: Annotated[str | None, typer.Option("--description", help="A line about the corpus for the card (e.g. its name and licence); never its text.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    device_map: Annotated[DeviceMap | None, typer.Option("--device-map", help="Spread the layers over the GPUs and CPU RAM present (accelerate), for a model larger than one GPU.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="DEV=AMOUNT,...", help="With --device-map: what each device may hold, e.g. 0=70GiB,1=75GiB,cpu=200GiB.")] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private (if it is new).")] = False,
     token: Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN, or the one saved by `hf auth login`).", show_default=False)] = None,
     source_url: Annotated[str | None, typer.Option("--source-url", help="https URL of zupatch's git repository, for the card's install line.")] = None,
@@ -317,6 +347,7 @@ def stats_push(
     from zupatch.engine.api import load_model
     from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
     from zupatch.engine.create import CreateConfig
+    from zupatch.engine.placement import placement_problem
     from zupatch.engine.settings import with_settings
     from zupatch.engine.shared_stats import bundle_files
     from zupatch.engine.stats import FileCorpus, SampledCorpus, StatsCache, compute_key_statistics
@@ -332,8 +363,12 @@ def stats_push(
         cfg = CreateConfig()
         if tokens is not None:
             cfg = with_settings(cfg, {"stats.token_budget": tokens, "stats.sampled_token_budget": tokens})
+        problem = placement_problem(value(device_map), max_memory)
+        if problem:
+            raise ZupatchError(problem, "--max-memory" if max_memory else "--device-map")
         resolved = resolve_model(model, revision, token=token)
-        loaded, tokenizer = load_model(resolved.path, dtype.value, device)
+        loaded, tokenizer = load_model(resolved.path, dtype.value, device, device_map=value(device_map),
+                                       max_memory=max_memory)  # fmt: skip
         spec = resolve_architecture(loaded, cfg.overrides)
         total = num_layers(loaded, spec)
         chosen = check_layers(_layers(layers) or default_layers(total), total)
