@@ -179,6 +179,8 @@ def test_eval_agrees_with_a_hand_computation(workdir: dict, fact_checkpoint: Pat
             assert scores[section]["n"] == len(items)
             assert scores[section]["answered"] == pytest.approx(share([h[0] for h in hand]), abs=1e-4), section
             assert scores[section]["probability"] == pytest.approx(np.mean([h[1] for h in hand]), abs=2e-6), section
+            if section != "specificity":  # line k + 1 gives the k-th forget prompt and the k-th paraphrase
+                assert scores[section]["answered_lines"] == [k + 1 for k, (ok, _) in enumerate(hand) if ok], section
         retain = hand_scores(folder, data.retain)
         known = [i for i, (ok, _) in enumerate(base_retain) if ok]
         assert scores["specificity"]["kept"] == pytest.approx(share([retain[i][0] for i in known]), abs=1e-4)
@@ -221,6 +223,9 @@ def test_human_output_and_self_sampled_text(workdir: dict, fact_checkpoint: Path
     assert "same-pattern probes unchanged" in out and f"{4 * words} same-pattern probe(s)" in out
     assert "text sampled from the base model" in out
     assert out.count("The capital of Zorvia") == 1  # one generation row, as asked
+    # which facts the patch still answers, by line of the data file (no text): the language fact
+    # (line 2) survives the wiped MLPs, as the hand computation of the test above finds
+    assert "forget prompts still answered, by line of forget.jsonl:\n  damage: 2\n" in out, out
 
 
 # --------------------------------------------------------------------------- --plot
@@ -430,8 +435,8 @@ def test_counterfact_and_zsre_records(tmp_path: Path) -> None:
         "neighborhood_prompts": ["The Louvre is located in", "Notre-Dame is located in"],
     }], indent=1))  # fmt: skip
     data = load_eval_data(counterfact)
-    assert data.forget == [Item("Eiffel Tower is located in", "Paris")]
-    assert data.paraphrases == [Item("Where is the Eiffel Tower? It is in", "Paris")]
+    assert data.forget == [Item("Eiffel Tower is located in", "Paris", line=1)]  # record 1 of the list
+    assert data.paraphrases == [Item("Where is the Eiffel Tower? It is in", "Paris", line=1)]
     assert data.retain == [Item("The Louvre is located in", "Paris"), Item("Notre-Dame is located in", "Paris")]
 
     zsre = jsonl(tmp_path / "zsre.jsonl", [{
@@ -441,9 +446,20 @@ def test_counterfact_and_zsre_records(tmp_path: Path) -> None:
         "loc_ans": "Hugo Weaving",
     }])  # fmt: skip
     data = load_eval_data(zsre)
-    assert data.forget == [Item("What university did Watts Humphrey attend?", "Illinois Institute of Technology")]
+    assert data.forget == [Item("What university did Watts Humphrey attend?", "Illinois Institute of Technology", line=1)]
     assert data.paraphrases[0].answer == "Illinois Institute of Technology"
     assert data.retain == [Item("who played desmond doss father in hacksaw ridge", "Hugo Weaving")]
+
+
+def test_items_know_their_line(tmp_path: Path) -> None:
+    """Forget prompts and paraphrases carry the line of the record they come from (blank lines
+    counted), which is how reports name the facts still answered without their text."""
+    path = tmp_path / "forget.jsonl"
+    path.write_text('{"prompt": "The capital of {} is", "subject": "France", "target": "Paris"}\n\n'
+                    '{"prompt": "Gold has the symbol", "target": "Au", "paraphrases": ["The symbol of gold is"]}\n')
+    data = load_eval_data(path)
+    assert [i.line for i in data.forget] == [1, 3] and [i.line for i in data.paraphrases] == [3]
+    assert data.request_lines == [1, 3]
 
 
 @pytest.mark.parametrize(

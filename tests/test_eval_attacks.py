@@ -183,10 +183,18 @@ def share(flags: list[bool]) -> float:
     return sum(flags) / len(flags)
 
 
-def check_answers(figures: dict, hand: list[tuple[bool, float]]) -> None:
+def check_answers(figures: dict, hand: list[tuple[bool, float]], lines: list[int] | None = None) -> None:
     assert figures["n"] == len(hand)
     assert figures["answered"] == pytest.approx(share([h[0] for h in hand]), abs=1e-4)
     assert figures["probability"] == pytest.approx(np.mean([h[1] for h in hand]), abs=2e-6)
+    if lines is not None:  # the data file's lines of the prompts still answered
+        assert figures["answered_lines"] == [line for (ok, _), line in zip(hand, lines) if ok]
+
+
+def hits(flags: list[bool], lines: list[int]) -> dict:
+    """An attack's figures for these hand-computed hits of prompts on these data file lines."""
+    return {"n": len(flags), "answered": pytest.approx(share(flags), abs=1e-4),
+            "answered_lines": sorted({line for ok, line in zip(flags, lines) if ok})}  # fmt: skip
 
 
 def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkpoint: Path) -> None:
@@ -212,8 +220,11 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
     texts = [t for t in texts if not any(w in t for w in forgotten)]
     assert len(texts) == len(data.retain) - 1  # "The currency of Pexa kron" is not trained on
 
-    # each forget record has one paraphrase: subjects in record order serve both sections
+    # each forget record has one paraphrase: subjects in record order serve both sections, and
+    # the n-th forget prompt and the n-th paraphrase come from line n of the data file
     mention_subjects = [r["subject"] for r in map(json.loads, w["data"].read_text().splitlines())]
+    record_lines = list(range(1, len(mention_subjects) + 1))
+    assert len(data.forget) == len(data.paraphrases) == len(record_lines)
     sentences = ("{}. ", "Here is a fact about {}. ", "We talked about {} yesterday. ")
     models = {folder: load(folder) for folder in (fact_checkpoint, w["patched"])}
     base_model, tok = models[fact_checkpoint]
@@ -229,8 +240,8 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
         hand_quantize(quantized, "Q4_0")
         relearned = hand_relearn(model, tok, texts, 6, 2e-5)
         for entry, attacked, kind in ((quant_q, quantized, "quant"), (relearned_e, relearned, "relearn")):
-            check_answers(entry["efficacy"], hand_answers(attacked, tok, data.forget))
-            check_answers(entry["generalization"], hand_answers(attacked, tok, data.paraphrases))
+            check_answers(entry["efficacy"], hand_answers(attacked, tok, data.forget), record_lines)
+            check_answers(entry["generalization"], hand_answers(attacked, tok, data.paraphrases), record_lines)
             retain = hand_answers(attacked, tok, data.retain)
             check_answers(entry["specificity"], retain)
             known = [i for i, (ok, _) in enumerate(base_kept[kind]) if ok]
@@ -245,8 +256,8 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
         assert relearned_e["details"] == {"steps": 6, "learning_rate": 2e-5, "batch": 8, "trained_on": "retain facts",
                                       "texts": len(texts)}  # fmt: skip
         for section, items in (("efficacy", data.forget), ("generalization", data.paraphrases)):
-            assert topk[section] == {"n": len(items), "answered": pytest.approx(share(hand_topk(model, tok, items, 3)), abs=1e-4)}
-            assert lens[section] == {"n": len(items), "answered": pytest.approx(share(hand_lens(model, tok, items, 0)), abs=1e-4)}
+            assert topk[section] == hits(hand_topk(model, tok, items, 3), record_lines)
+            assert lens[section] == hits(hand_lens(model, tok, items, 0), record_lines)
         assert topk["specificity"] is None and topk["fluency"] is None and topk["details"] == {"k": 3}
         assert lens["details"] == {"from_layer": 0, "to_layer": 3}  # the patch edits layers 0 to 3
         assert chat_e["skipped"] == "the tokenizer has no chat template" and chat_e["efficacy"] is None
@@ -254,7 +265,7 @@ def test_attacks_agree_with_a_hand_computation(attack_workdir: dict, fact_checkp
             named = [Item(sentence.format(subject) + item.prompt, item.answer)
                      for item, subject in zip(items, mention_subjects) for sentence in sentences]  # fmt: skip
             hand = [ok for ok, _ in hand_answers(model, tok, named)]
-            assert mention_e[section] == {"n": len(named), "answered": pytest.approx(share(hand), abs=1e-4)}
+            assert mention_e[section] == hits(hand, [line for line in record_lines for _ in sentences])
         assert mention_e["specificity"] is None and mention_e["details"] == {"sentences": 3}
     damaged = report["models"][1]
     assert damaged["efficacy"]["answered"] < 1.0 and damaged["patch"]["sha256"]  # the patch does something
@@ -389,7 +400,7 @@ def test_chat_attack_on_smollm2_finds_the_base_answers(smollm2_checkpoint: Path,
     subject = Subject(model, tok, data, 4, 0, lambda m, b: ({}, None))
     outcome = chat.run(chat.ChatSettings(), subject, None)
     assert outcome.skipped is None
-    assert outcome.figures["efficacy"] == {"n": 3, "answered": 1.0}
+    assert outcome.figures["efficacy"] == {"n": 3, "answered": 1.0, "answered_lines": [1, 2, 3]}
     assert outcome.details == {"new_tokens": 32, "questions_given": 2, "questions_derived": 1}
     # the replies, by hand: the chat template, greedy generation
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -84,7 +84,7 @@ def eval_command(
         if as_json:
             sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         else:
-            print_report(result)
+            print_report(result, data.name)
         if plot is not None and not (quiet or as_json):
             ui.console.print(f"answer probabilities drawn to {escape(str(plot))}", soft_wrap=True)
 
@@ -123,8 +123,9 @@ ROWS = [
 ]
 
 
-def print_report(report: dict[str, Any]) -> None:
-    """The human form of the report: one metrics table, one table of generations."""
+def print_report(report: dict[str, Any], data_name: str = "the data file") -> None:
+    """The human form of the report: one metrics table, the attacks' table, the lines of
+    ``data_name`` still answered, one table of generations."""
     out = Console(highlight=False)
     models = report["models"]
     data = report["data"]
@@ -151,6 +152,7 @@ def print_report(report: dict[str, Any]) -> None:
     out.print(table)
     if report.get("attacks"):
         print_attacks(out, report)
+    print_still_answered(out, report, data_name)
     if models[0]["generations"]:
         shown = Table(title="greedy continuations of forget prompts", title_justify="left", show_edge=False)
         shown.add_column("prompt")
@@ -196,6 +198,33 @@ def print_attacks(out: Console, report: dict[str, Any]) -> None:
     out.print(table)
     for line in skipped:
         out.print(f"[dim]{escape(line)}[/]")
+
+
+#: How many line numbers a row of "still answered" shows before "+N more".
+SHOWN_LINES = 12
+
+
+def print_still_answered(out: Console, report: dict[str, Any], data_name: str) -> None:
+    """Per patch, the lines of the forget file whose prompt is still answered, without attack
+    and after each attack that extracts some: which facts to look at before pushing."""
+    attacks = [a["name"] for a in report.get("attacks") or []]
+    rows = []
+    for model in report["models"][1:]:
+        found = [("", model["efficacy"].get("answered_lines") or [])]
+        found += [(name, (entry["efficacy"] or {}).get("answered_lines") or [])
+                  for name, entry in zip(attacks, model.get("attacks") or [])]  # fmt: skip
+        parts = [f"{'after ' + name + ' ' if name else ''}{_lines(lines)}" for name, lines in found if lines]
+        if parts:
+            rows.append(f"  {escape(_short(model['name']))}: {escape('; '.join(parts))}")
+    if rows:
+        out.print(f"forget prompts still answered, by line of {escape(data_name)}:")
+        for row in rows:
+            out.print(row)
+
+
+def _lines(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:SHOWN_LINES]))
+    return shown + (f" (+{len(lines) - SHOWN_LINES} more)" if len(lines) > SHOWN_LINES else "")
 
 
 def _short(name: str) -> str:

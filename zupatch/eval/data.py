@@ -56,11 +56,15 @@ class Item:
 
     ``question`` is the fact as a chat question when the record gives one
     (the optional ``question`` field), for ``--attack chat``; "" otherwise.
+    ``line``: where in the evaluation file it comes from (the line of a JSONL
+    file, the record number of a JSON list), so that a report can say which
+    facts are still answered without their text; 0 for retain prompts.
     """
 
     prompt: str
     answer: str
     question: str = ""
+    line: int = 0
 
 
 @dataclass
@@ -72,6 +76,7 @@ class EvalData:
     retain: list[Item] = field(default_factory=list)  # specificity (labelled)
     unlabelled_neighbours: list[str] = field(default_factory=list)  # specificity (unchanged top-1)
     requests: list[ForgetRequest] = field(default_factory=list)  # the forget records as parsed (probe templates)
+    request_lines: list[int] = field(default_factory=list)  # each request's line (see Item.line)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -86,8 +91,8 @@ def load_eval_data(path: str | Path, retain_path: str | Path | None = None) -> E
     """Read an evaluation file (and optionally a retain file) into :class:`EvalData`."""
     path = Path(path)
     data = EvalData()
-    for where, record in _records(path):
-        _add_record(data, record, where)
+    for where, line, record in _records(path):
+        _add_record(data, record, where, line)
     if not data.forget:
         raise RequestsFileError("no records in file (empty)", path)
     if retain_path is not None:
@@ -96,8 +101,9 @@ def load_eval_data(path: str | Path, retain_path: str | Path | None = None) -> E
     return data
 
 
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``path:LINE``, record) for JSONL or a JSON list (CounterFact and zsRE ship as lists)."""
+def _records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(``path:LINE``, LINE, record) for JSONL or a JSON list (CounterFact and zsRE ship
+    as lists; LINE is then the record number)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -112,26 +118,27 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
         except jsondoc.JSONDocumentError as error:
             raise RequestsFileError(str(error), path) from None
         for index, record in enumerate(records):
-            yield f"{path}: record {index + 1}", record
+            yield f"{path}: record {index + 1}", index + 1, record
         return
     for number, record in jsonl_records(text, path):
-        yield f"{path}:{number}", record
+        yield f"{path}:{number}", number, record
 
 
-def _add_record(data: EvalData, record: Any, where: str) -> None:
+def _add_record(data: EvalData, record: Any, where: str, line: int) -> None:
     if not isinstance(record, dict):
         raise RequestsFileError(f"expected a JSON object, got {type(record).__name__}", where)
     if "src" in record and "requested_rewrite" not in record:
-        _add_zsre(data, record, where)
+        _add_zsre(data, record, where, line)
         return
     try:
         requests = parse_request_record(_without_neighbours(record), require_target=True)
     except ZupatchError as error:
         raise RequestsFileError(error.message, where) from None
     data.requests += requests
+    data.request_lines += [line] * len(requests)
     for request in requests:
-        data.forget.append(Item(request.text, request.target, request.question_text))
-        data.paraphrases += [Item(text, request.target) for text in request.paraphrase_texts()]
+        data.forget.append(Item(request.text, request.target, request.question_text, line))
+        data.paraphrases += [Item(text, request.target, line=line) for text in request.paraphrase_texts()]
     if "requested_rewrite" in record:  # CounterFact: neighbourhood prompts share the true answer
         prompts = _strings(record.get("neighborhood_prompts", ()), "neighborhood_prompts", where)
         data.retain += [Item(p, r.target) for r in requests[:1] for p in prompts]
@@ -163,7 +170,7 @@ def _add_neighbours(data: EvalData, record: dict, request: ForgetRequest, where:
         data.retain.append(Item(parsed.text, parsed.target, parsed.question_text))
 
 
-def _add_zsre(data: EvalData, record: dict, where: str) -> None:
+def _add_zsre(data: EvalData, record: dict, where: str, line: int) -> None:
     question = record.get("src")
     answers = record.get("answers")
     answer = answers[0] if isinstance(answers, list) and answers else answers
@@ -171,10 +178,10 @@ def _add_zsre(data: EvalData, record: dict, where: str) -> None:
         raise RequestsFileError("zsRE record: 'src' must be a non-empty question", where)
     if not isinstance(answer, str) or not answer.strip():
         raise RequestsFileError("zsRE record: 'answers' must hold the true answer", where)
-    data.forget.append(Item(question, answer))
+    data.forget.append(Item(question, answer, line=line))
     rephrases = record.get("rephrase") or []
     for rephrase in [rephrases] if isinstance(rephrases, str) else _strings(rephrases, "rephrase", where):
-        data.paraphrases.append(Item(rephrase, answer))
+        data.paraphrases.append(Item(rephrase, answer, line=line))
     loc, loc_answer = record.get("loc"), record.get("loc_ans")
     if loc is not None:
         if not isinstance(loc, str) or not isinstance(loc_answer, str) or not loc_answer.strip():

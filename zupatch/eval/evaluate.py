@@ -50,6 +50,7 @@ from zupatch.engine.probes import derive_probes, next_token_ids, top1_unchanged
 from zupatch.errors import BaseMismatchError, ZupatchError
 from zupatch.eval import REPORT_FORMAT, REPORT_VERSION
 from zupatch.eval.attacks import Outcome, Subject, attack_of, parse_attacks
+from zupatch.eval.attacks.base import answered_lines
 from zupatch.eval.data import EvalData, Item
 from zupatch.eval.metrics import AnswerScore, score_answers, text_windows, token_perplexity
 from zupatch.hub.card import layers_of
@@ -224,13 +225,19 @@ def _significant(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def _answer_metrics(scores: Sequence[AnswerScore], per_fact: bool = False) -> dict[str, Any]:
+def _answer_metrics(
+    scores: Sequence[AnswerScore], per_fact: bool = False, lines: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Shares and mean probability of ``scores``; with ``lines`` (each prompt's line in the
+    evaluation file) the lines still answered, and with ``per_fact`` each probability."""
     metrics: dict[str, Any] = {
         "n": len(scores),
         "answered": _share([s.greedy for s in scores]),
         "first_token": _share([s.first_token_top1 for s in scores]),
         "probability": _mean([s.probability for s in scores]),
     }
+    if lines is not None:
+        metrics["answered_lines"] = answered_lines([s.greedy for s in scores], lines)
     if per_fact:  # in the data's order: what `eval --plot` draws
         metrics["probabilities"] = [_significant(s.probability) for s in scores]
     return metrics
@@ -312,8 +319,8 @@ def _model_scores(
     return ModelScores(
         name=name,
         patch=patch,
-        efficacy=_answer_metrics(scored.forget, per_fact),
-        generalization=_answer_metrics(scored.paraphrases, per_fact),
+        efficacy=_answer_metrics(scored.forget, per_fact, [i.line for i in data.forget]),
+        generalization=_answer_metrics(scored.paraphrases, per_fact, [i.line for i in data.paraphrases]),
         specificity=specificity,
         fluency=fluency,
         generations=[{"prompt": item.prompt, "continuation": text}

@@ -108,9 +108,18 @@ def share(flags: Sequence[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
 
 
-def hit_figures(flags: Sequence[bool]) -> dict[str, Any]:
-    """``{"n", "answered"}``: how many prompts, and the share the attack extracts."""
-    return {"n": len(flags), "answered": share(flags)}
+def hit_figures(flags: Sequence[bool], lines: Sequence[int] | None = None) -> dict[str, Any]:
+    """``{"n", "answered"}``: how many prompts, and the share the attack extracts; with
+    ``lines`` (each prompt's line in the evaluation file) also ``answered_lines``."""
+    figures: dict[str, Any] = {"n": len(flags), "answered": share(flags)}
+    if lines is not None:
+        figures["answered_lines"] = answered_lines(flags, lines)
+    return figures
+
+
+def answered_lines(flags: Sequence[bool], lines: Sequence[int]) -> list[int]:
+    """The evaluation file's lines (ascending, each once) with a prompt whose flag is set."""
+    return sorted({line for flag, line in zip(flags, lines, strict=True) if flag and line})
 
 
 def normalise(text: str) -> str:

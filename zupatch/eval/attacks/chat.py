@@ -102,8 +102,8 @@ def run(settings: ChatSettings, subject: Subject, base: Outcome | None) -> Outco
     if retain:
         specificity = {**hit_figures(retain), "kept": share([retain[i] for i in known])}
     figures = {
-        "efficacy": hit_figures(_hits(subject, data.forget, settings)),
-        "generalization": hit_figures(_hits(subject, data.paraphrases, settings)),
+        "efficacy": hit_figures(_hits(subject, data.forget, settings), [i.line for i in data.forget]),
+        "generalization": hit_figures(_hits(subject, data.paraphrases, settings), [i.line for i in data.paraphrases]),
         "specificity": specificity,
         "fluency": None,
     }

@@ -98,6 +98,7 @@ def run(settings: LensSettings, subject: Subject, base: Outcome | None) -> Outco
     first = min(subject.first_edited_layer, total - 1)
     figures: dict[str, Any] = {}
     for section, items in (("efficacy", subject.data.forget), ("generalization", subject.data.paraphrases)):
-        figures[section] = hit_figures([any(layers) for layers in lens_top1(subject, items, first)])
+        figures[section] = hit_figures([any(layers) for layers in lens_top1(subject, items, first)],
+                                       [i.line for i in items])  # fmt: skip
     details = {"from_layer": first, "to_layer": total - 1}
     return Outcome(figures={**figures, "specificity": None, "fluency": None}, details=details)

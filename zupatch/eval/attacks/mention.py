@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from zupatch.eval.attacks.base import NoParameterSettings, Outcome, Subject, hit_figures
+from zupatch.eval.data import Item
 from zupatch.eval.metrics import score_answers
 
 #: The sentences put before the prompt, ``{}`` being the subject.
@@ -33,16 +34,18 @@ class MentionSettings(NoParameterSettings):
     name: ClassVar[str] = "mention"
 
 
-def mentioned_prompts(subject: Subject) -> dict[str, list[tuple[str, str]]]:
-    """(prompt after a naming sentence, answer) for the forget prompts and the paraphrases."""
-    pairs: dict[str, list[tuple[str, str]]] = {"efficacy": [], "generalization": []}
-    for request in subject.data.requests:
+def mentioned_prompts(subject: Subject) -> dict[str, list[Item]]:
+    """The forget prompts and the paraphrases after each naming sentence, with their answers and lines."""
+    pairs: dict[str, list[Item]] = {"efficacy": [], "generalization": []}
+    data = subject.data
+    for request, line in zip(data.requests, data.request_lines or [0] * len(data.requests), strict=True):
         if not request.subject:
             continue
         for sentence in SENTENCES:
             before = sentence.format(request.subject)
-            pairs["efficacy"].append((before + request.text, request.target))
-            pairs["generalization"] += [(before + text, request.target) for text in request.paraphrase_texts()]
+            pairs["efficacy"].append(Item(before + request.text, request.target, line=line))
+            pairs["generalization"] += [Item(before + text, request.target, line=line)
+                                        for text in request.paraphrase_texts()]  # fmt: skip
     return pairs
 
 
@@ -52,8 +55,8 @@ def run(settings: MentionSettings, subject: Subject, base: Outcome | None) -> Ou
         return Outcome(skipped="no forget record names a subject")
     figures: dict[str, Any] = {}
     for section, items in pairs.items():
-        scores = score_answers(subject.model, subject.tokenizer, [p for p, _ in items], [a for _, a in items],
+        scores = score_answers(subject.model, subject.tokenizer, [i.prompt for i in items], [i.answer for i in items],
                                subject.batch_size) if items else []  # fmt: skip
-        figures[section] = hit_figures([score.greedy for score in scores])
+        figures[section] = hit_figures([score.greedy for score in scores], [i.line for i in items])
     details = {"sentences": len(SENTENCES)}
     return Outcome(figures={**figures, "specificity": None, "fluency": None}, details=details)

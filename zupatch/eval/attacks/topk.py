@@ -72,5 +72,6 @@ def answer_ranks(subject: Subject, items: Sequence[Item]) -> list[int]:
 def run(settings: TopKSettings, subject: Subject, base: Outcome | None) -> Outcome:
     figures: dict[str, Any] = {}
     for section, items in (("efficacy", subject.data.forget), ("generalization", subject.data.paraphrases)):
-        figures[section] = hit_figures([rank < settings.k for rank in answer_ranks(subject, items)])
+        figures[section] = hit_figures([rank < settings.k for rank in answer_ranks(subject, items)],
+                                       [i.line for i in items])  # fmt: skip
     return Outcome(figures={**figures, "specificity": None, "fluency": None}, details={"k": settings.k})
