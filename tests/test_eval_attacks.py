@@ -402,15 +402,21 @@ def test_chat_attack_on_smollm2_finds_the_base_answers(smollm2_checkpoint: Path,
     assert outcome.skipped is None
     assert outcome.figures["efficacy"] == {"n": 3, "answered": 1.0, "answered_lines": [1, 2, 3]}
     assert outcome.details == {"new_tokens": 32, "questions_given": 2, "questions_derived": 1}
-    # the replies, by hand: the chat template, greedy generation
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True, tokenize=False)  # fmt: skip
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
-                             pad_token_id=tok.pad_token_id)  # fmt: skip
-    reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert chat_replies(model, tok, ["What is the capital of France?"], 32) == [reply] and "Paris" in reply
+    # the replies, by hand: the chat template, greedy generation, one question at a time
+    questions = [question_for(i) for i in data.forget] + ["Hi", "Name a very large river in South America, please."]
+    replies = []
+    for question in questions:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                       tokenize=False)  # fmt: skip
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=32, pad_token_id=tok.pad_token_id)  # fmt: skip
+        replies.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert "Paris" in replies[0] and len({len(tok(q)["input_ids"]) for q in questions}) == 4
+    # generated together (left-padded: questions of four lengths), in pairs, and one by one: the same replies
+    for batch_size in (len(questions), 2, 1):
+        assert chat_replies(model, tok, questions, 32, batch_size) == replies, batch_size
 
 
 # --------------------------------------------------------------------------- names and errors
