@@ -235,6 +235,32 @@ def test_a_failing_apply_leaves_no_thread_writing(tmp_path: Path) -> None:
     no_output(tmp_path / "out")
 
 
+@pytest.mark.parametrize("spawned", [False, True], ids=["before-spawn", "after-spawn"])
+def test_an_interrupt_inside_the_copy_threads_start(spawned: bool, world: dict, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ctrl-C/SIGTERM landing inside ``Thread.start()``: the interrupt is what surfaces.
+
+    A signal handler raises KeyboardInterrupt wherever the main thread is; in
+    CI it once landed in ``start()`` while it waited for the new thread, and
+    the cleanup's ``join()`` replaced the interrupt with "cannot join thread
+    before it is started" and a traceback. The interrupt is raised here at
+    the two places it can land: before the thread exists, and after it runs.
+    """
+    real_start = threading.Thread.start
+
+    def interrupted_start(self: threading.Thread) -> None:
+        if self.name != "zupatch-copy":
+            return real_start(self)
+        if spawned:
+            real_start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        apply_to_checkpoint(Patch.load(world["patch"]), world["single"], tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- what the patch writes
 
 

@@ -280,9 +280,12 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
         errors: list[BaseException] = []
 
         def copy() -> None:
+            # The copier holds its own descriptors: an interrupt that lands inside
+            # ``start()`` leaves a thread that cannot be joined, and it must never
+            # write through a descriptor number the caller has closed and reused.
             try:
-                with open(st.path, "rb") as fh:
-                    _copy_ranges(fh.fileno(), fd, _untouched_ranges(size, infos), stop, st.path)
+                with open(st.path, "rb") as fh, open(dst, "r+b", buffering=0) as out:
+                    _copy_ranges(fh.fileno(), out.fileno(), _untouched_ranges(size, infos), stop, st.path)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
 
@@ -307,7 +310,10 @@ def _write_shard(patch: Patch, ckpt: Checkpoint, filename: str, names: list[str]
         raise
     finally:
         if copier is not None:
-            copier.join()  # never close the descriptor under a thread still writing into it
+            try:
+                copier.join()  # a failed shard is not reported while its copy still runs
+            except RuntimeError:
+                pass  # start() itself was interrupted; the thread, if any, sees ``stop``
         os.close(fd)
 
 
