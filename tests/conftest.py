@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,17 @@ from zupatch.models.gemma3 import gemma3_checkpoint
 
 
 TinyCheckpointFactory = Callable[..., Path]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Child processes get the default SIGINT even when pytest was started with it ignored.
+
+    A shell starts background jobs (``pytest &``) with SIGINT ignored, and
+    children inherit that: the Ctrl-C tests then interrupt nothing and fail.
+    A Python handler here is reset to the default in every child at exec.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
