@@ -64,3 +64,28 @@ def test_ctrl_c_during_start_up_is_one_line(delay: float, tmp_path: Path) -> Non
     assert proc.returncode == 130, (proc.returncode, text)
     assert text.strip() == "interrupted: nothing was written", text
     assert out == b"" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_the_engine_loads_waits_for_it(number: int) -> None:
+    """Ctrl-C inside torch's import could end in std::terminate (a C++ message, exit -6):
+    while the engine loads the signal is held, then raised as the ordinary interrupt."""
+    from zupatch.cli import ui
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    outer = {n: signal.signal(n, interrupt) for n in held}  # as zupatch's main() sets them
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt):
+            with ui.interrupts_held():
+                os.kill(os.getpid(), number)
+                time.sleep(0.05)  # Python runs signal handlers here
+                finished.append(True)
+        assert finished == [True]
+        assert all(signal.getsignal(n) is interrupt for n in held)
+    finally:
+        for n, handler in outer.items():
+            signal.signal(n, handler)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +76,33 @@ def require_engine(command: str) -> None:
                    'pip install "zupatch[create]" (docs/dependencies.md)')  # fmt: skip
         console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1)
+    with interrupts_held():
+        import torch  # noqa: F401 - loaded here, where Ctrl-C cannot land inside it
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt.
+
+    torch's import runs Python callbacks from C++ (pybind11): a KeyboardInterrupt
+    raised in one of them cannot be caught, and the process ends in
+    ``std::terminate`` with a C++ message instead of "interrupted". Held, the
+    signal arrives a moment later as the ordinary interrupt. A no-op outside the
+    main thread, where signal handlers cannot be set.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, _frame: pending.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    if pending:
+        raise KeyboardInterrupt
 
 
 STAGES = {"hash": "checking base hashes", "copy": "copying untouched files (MB)",
