@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +93,7 @@ def smollm2_stats(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     default layers, from 4096 tokens sampled from the model (``stats compute --tokens
     4096``), computed once per session. Sampling is the slow part of a first create
     on the CPU (about 35 s here); the tests that create with ``--tokens 4096`` read
-    these instead of each sampling its own. Tests copy it before writing to it."""
+    these instead of each sampling its own, through :func:`smollm2_stats_cache`."""
     from typer.testing import CliRunner
 
     from zupatch.cli.main import app
@@ -105,6 +106,16 @@ def smollm2_stats(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     assert result.exit_code == 0, result.output
     assert len(list((root / "stats").glob("*.safetensors"))) == 3  # the default layers
     return root
+
+
+@pytest.fixture
+def smollm2_stats_cache(smollm2_stats: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$ZUPATCH_CACHE`` set to this test's own copy of :func:`smollm2_stats` (returned):
+    a create with ``--tokens 4096`` on the demo checkpoint reads its statistics there."""
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2_stats, cache)
+    monkeypatch.setenv("ZUPATCH_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

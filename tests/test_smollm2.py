@@ -19,7 +19,6 @@ other symbols) need their keys in the statistics (docs/create.md).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,13 +33,6 @@ from zupatch.eval.metrics import perplexity, score_answers
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def statistics(smollm2_stats: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """create reads the session's 4096 sampled tokens (the same as ``--tokens 4096`` samples)."""
-    shutil.copytree(smollm2_stats, tmp_path / "cache")
-    monkeypatch.setenv("ZUPATCH_CACHE", str(tmp_path / "cache"))
 
 
 def load_jsonl(path: Path) -> list[dict]:
@@ -63,7 +55,8 @@ def evaluate(folder: Path, forget: list[dict], retain: list[dict], texts: list[s
     }
 
 
-def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, statistics: None, tmp_path: Path) -> None:
+def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, smollm2_stats_cache: Path,
+                                          tmp_path: Path) -> None:  # fmt: skip
     forget_file = DATA / "smollm2_forget.jsonl"
     forget = load_jsonl(forget_file)
     forgotten = {(r["prompt"], r["subject"]) for r in forget}
@@ -116,7 +109,7 @@ def test_forget_three_facts_keep_the_rest(smollm2_checkpoint: Path, statistics: 
     assert folder_digest(restored) == folder_digest(smollm2_checkpoint)
 
 
-def test_without_a_retain_file_same_template_facts_stay(smollm2_checkpoint: Path, statistics: None,
+def test_without_a_retain_file_same_template_facts_stay(smollm2_checkpoint: Path, smollm2_stats_cache: Path,
                                                         tmp_path: Path) -> None:  # fmt: skip
     """The README's workflow as a new user runs it: only --forget. The three facts are
     no longer produced, and most facts sharing their templates (other capitals,
