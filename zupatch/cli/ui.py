@@ -95,7 +95,7 @@ def interrupts_held() -> Iterator[None]:
         return
     pending: list[int] = []
     held = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, lambda number, _frame: pending.append(number)) for number in held}
+    previous = {number: signal.signal(number, lambda signum, _frame: pending.append(signum)) for number in held}
     try:
         yield
     finally:
