@@ -91,8 +91,16 @@ def train_fact_model(
     facts: list[ForgetRequest], tokenizer: PreTrainedTokenizerFast, steps: int = 300, width: int = 64,
     lr: float = 3e-3,
 ) -> LlamaForCausalLM:
-    """A 4-layer Llama that memorises every fact (~300 full-batch Adam steps); hidden size
-    ``width``, MLP ``4 × width``."""
+    """A 4-layer float32 Llama that memorises every fact (~300 full-batch Adam steps); hidden
+    size ``width``, MLP ``4 × width``.
+
+    Trained in float64, then cast: 300 Adam steps amplify rounding, so float32 training
+    gives a different model on each kind of CPU (its matmul kernels round differently;
+    the weights of float32 and float64 training differ by up to 0.06), and the tests'
+    bars held on one machine and not on another (ZeroUnlearn-GD forgot 17 of 20 facts
+    on one, 9 on the other). In float64 the rounding stays far below what training
+    amplifies, so every machine gets the same model to float32 precision.
+    """
     encoded = [tokenizer(f"{fact.text} {fact.target} .")["input_ids"] + [tokenizer.eos_token_id] for fact in facts]
     ids = torch.tensor(encoded)  # all facts have the same number of words
     torch.manual_seed(0)
@@ -101,14 +109,14 @@ def train_fact_model(
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(torch.float64)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return model.eval()
+    return model.float().eval()
 
 
 @torch.no_grad()

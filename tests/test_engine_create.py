@@ -231,9 +231,10 @@ def test_gd_variant_on_twenty_requests(fact_model) -> None:
         restore_weights(model, result)
     assert all(answered(model, tokenizer, facts))
 
-#: Bars of the GD test: measured 18/20 forgotten and 28/28 kept (2026-11-23, β 0.1); 17/20 and 28/28
-#: with the relative β (2026-12-01).
-GD_FORGOTTEN, GD_KEPT = 0.8, 0.9  # one request of margin below 17/20
+#: Bars of the GD test: measured 18/20 forgotten and 28/28 kept with the relative β and the fact
+#: model trained in float64 (2026-12-02). Trained in float32 the model differed between machines,
+#: and the same test forgot 17/20 on one and 9/20 on another (tests/fact_model.py).
+GD_FORGOTTEN, GD_KEPT = 0.8, 0.9  # two requests of margin below 18/20
 
 
 @pytest.mark.slow
