@@ -18,6 +18,8 @@ Data (benchmarks/data/):
 Runs (``--runs``, all through the real CLI, no retain file unless named):
 
 - ``zerounlearn``: today's defaults;
+- ``stop-2``: today's defaults with the refinement passes' stop before
+  2026-12-02 (``refine.forgotten_nll`` 2 nats, now 3);
 - ``robust``: ``--preset robust`` (one key column per context prefix, λ_f 7);
 - ``fast``: ``--preset fast`` (larger neutral-target steps, an earlier stop, two context starts);
 - ``layers-17-19``: today's defaults at the layers edited before 2026-11-30
@@ -40,7 +42,7 @@ prints a second table: for every run and attack, forget prompts and
 paraphrases answered, tuning facts kept, probes unchanged and the perplexity
 change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
 
-Usage: python benchmarks/quality.py [--runs zerounlearn,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
+Usage: python benchmarks/quality.py [--runs zerounlearn,stop-2,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
        [--attacks all]
 """
@@ -72,6 +74,7 @@ PREVIOUS = (
 #: name -> (method, extra create arguments, retain file?)
 RUNS = {
     "zerounlearn": ("zerounlearn", (), False),
+    "stop-2": ("zerounlearn", ("--set=refine.forgotten_nll=2",), False),
     "robust": ("zerounlearn", ("--preset=robust",), False),
     "fast": ("zerounlearn", ("--preset=fast",), False),
     "layers-17-19": ("zerounlearn", ("--layers=17,18,19",), False),

@@ -110,8 +110,10 @@ class RefineConfig:
 
     After a pass, a request still counts as answered when greedy decoding
     still gives its whole answer after the bare prompt, or the answer's mean
-    token NLL is below ``forgotten_nll`` (nats; 2.0 is a geometric-mean token
-    probability of 13.5%). The next pass moves only those requests further
+    token NLL is below ``forgotten_nll`` (nats; 3.0 is a geometric-mean token
+    probability of 5%; 2.0 until 2026-12-02, when 3.0 kept the facts forgotten
+    in chat more often at about the same specificity: docs/create.md, "A
+    deeper stop for the passes"). The next pass moves only those requests further
     towards their neutral targets and keeps the others' outputs where they
     are, so a pass adds collateral only where it is needed. The layer edits of
     all passes compose into one identity-plus-low-rank factor per layer (rank
@@ -120,7 +122,7 @@ class RefineConfig:
     """
 
     max_passes: int = 3
-    forgotten_nll: float = 2.0
+    forgotten_nll: float = 3.0
 
     def __post_init__(self) -> None:
         if self.max_passes < 1:
