@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -15,8 +17,10 @@ from zupatch.engine.architectures import (
     down_proj_weight_math,
     down_proj_weight_name,
     num_layers,
+    post_mlp_norm_module,
     resolve_architecture,
 )
+from zupatch.engine.norms import rms_norm_gain, rms_normalise
 from zupatch.errors import ZupatchError
 
 
@@ -45,6 +49,57 @@ def test_spec_finds_the_down_projection(arch: str, tiny_models: dict) -> None:
         )
     assert spec.weight_transposed == (arch in CONV1D_ARCHITECTURES)
     assert spec.has_bias == (getattr(down_proj_module(model, spec, 0), "bias", None) is not None)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_the_down_projection_reaches_the_residual_as_the_spec_says(arch: str, tiny_models: dict) -> None:
+    """What the engine assumes of every family: a change Δ of the down projection's output v
+    at one token changes that decoder layer's output there by Δ, or by N(v + Δ) − N(v) behind
+    the spec's post-MLP norm N, and nowhere else. A spec that missed a norm or a scale between
+    the MLP and the residual stream (OLMo 2 without its post-feed-forward norm) fails here."""
+    model = copy.deepcopy(tiny_models[arch]).eval()
+    spec = resolve_architecture(model)
+    layer, at = 2, 5
+    module, block = down_proj_module(model, spec, layer), model.get_submodule(spec.layers_path)[layer]
+    norm = post_mlp_norm_module(model, spec, layer)
+    with torch.no_grad():  # outputs far above the norm's eps, as in a trained model (here rms² ≈ eps)
+        module.weight.mul_(100.0)
+        if norm is not None:  # and a gain that is not all ones
+            norm.weight.copy_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    seen: dict[str, torch.Tensor] = {}
+
+    def shift(_module, _inputs, output):
+        seen["v"] = output[0, at].detach().double()
+        if seen.get("shift"):
+            output = output.clone()
+            output[0, at] += delta.to(output.dtype) * seen["v"].norm().to(output.dtype)
+        return output
+
+    def keep(_module, _inputs, output):
+        seen["out"] = (output[0] if isinstance(output, tuple) else output).detach().double()
+
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(3))
+    handles = [module.register_forward_hook(shift), block.register_forward_hook(keep)]
+    try:
+        outputs = []
+        for shifted in (False, True):
+            seen["shift"] = shifted
+            with torch.no_grad():
+                model(input_ids=ids)
+            outputs.append(seen["out"][0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    v, change = seen["v"], delta.double() * seen["v"].norm()
+    if norm is None:
+        expected = change
+    else:
+        gain = rms_norm_gain(norm, model.config.hidden_size)
+        expected = rms_normalise(v + change, gain) - rms_normalise(v, gain)
+    moved = outputs[1] - outputs[0]
+    torch.testing.assert_close(moved[at], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(outputs[1][:at], outputs[0][:at]) and torch.equal(outputs[1][at + 1 :], outputs[0][at + 1 :])
 
 
 def test_math_layout_matches_the_module_output(tiny_models: dict) -> None:

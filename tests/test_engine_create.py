@@ -284,16 +284,21 @@ def test_without_a_retain_file_the_other_facts_of_the_relation_stay(fact_model) 
         restore_weights(model, result)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "olmo2", "olmo3"])
 def test_behind_a_post_mlp_norm_the_edit_moves_the_residual_towards_the_target(arch: str) -> None:
-    """Gemma 2/3 add N(W k) to the residual: each layer's share R of the way to the
+    """Gemma 2/3 and OLMo 2/3 add N(W k) to the residual: each layer's share R of the way to the
     neutral target is placed through N (zupatch.engine.norms), so the change of
     N(W k) at the forget keys points along R (residual_achieved, weighted by ‖R‖²)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
     with torch.no_grad():  # a gain that is not all ones, as in a trained model
         for layer in model.model.layers:
-            layer.post_feedforward_layernorm.weight.normal_(0.0, 0.5)
+            layer.post_feedforward_layernorm.weight.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.5)  # 1 + w, w
+            if arch.startswith("olmo"):  # no norm before OLMo's MLP: at this init its output is ~1e-7,
+                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):  # below eps
+                    linear.weight.mul_(20.0)
+        if arch.startswith("olmo"):
+            model.model.embed_tokens.weight.mul_(50.0)
     config = CreateConfig(**{**FAST.__dict__, "neutral": OptimisationConfig(max_steps=10)})
     result = compute_edit(model, tiny_tokenizer(), REQUESTS, config, corpus=CORPUS)
     assert result.architecture == arch

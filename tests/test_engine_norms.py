@@ -1,4 +1,4 @@
-"""The edit's target through a post-MLP RMSNorm (Gemma 2/3): zupatch.engine.norms."""
+"""The edit's target through a post-MLP RMSNorm (Gemma 2/3, OLMo 2/3): zupatch.engine.norms."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def N(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return rms_normalise(v.T, g).T
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "olmo2", "olmo3"])
 def test_the_gain_is_read_from_the_model_norm(arch: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch))
@@ -40,7 +40,8 @@ def test_the_gain_is_read_from_the_model_norm(arch: str) -> None:
     with torch.no_grad():
         module.weight.normal_()
     g = rms_norm_gain(module, model.config.hidden_size)
-    torch.testing.assert_close(g, 1.0 + module.weight.detach().double(), atol=1e-6, rtol=1e-6)
+    offset = 1.0 if arch.startswith("gemma") else 0.0  # Gemma's gain is 1 + weight, OLMo's the weight
+    torch.testing.assert_close(g, offset + module.weight.detach().double(), atol=1e-6, rtol=1e-6)
     x = torch.randn(3, model.config.hidden_size)
     torch.testing.assert_close(module(x).double(), rms_normalise(x.double(), g), atol=1e-5, rtol=1e-5)
     assert post_mlp_norm_module(AutoModelForCausalLM.from_config(tiny_config("llama")),

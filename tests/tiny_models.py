@@ -25,6 +25,9 @@ TINY_ARCHITECTURES: tuple[str, ...] = (
     "gemma2",
     "gemma3",
     "phi3",
+    "smollm3",
+    "olmo2",
+    "olmo3",
     "gpt2",
     "gpt_neox",
 )
@@ -45,6 +48,9 @@ MLP_DOWN_PROJ: dict[str, str] = {
     "gemma2": "model.layers.{i}.mlp.down_proj.weight",
     "gemma3": "model.layers.{i}.mlp.down_proj.weight",
     "phi3": "model.layers.{i}.mlp.down_proj.weight",
+    "smollm3": "model.layers.{i}.mlp.down_proj.weight",
+    "olmo2": "model.layers.{i}.mlp.down_proj.weight",
+    "olmo3": "model.layers.{i}.mlp.down_proj.weight",
     "gpt2": "transformer.h.{i}.mlp.c_proj.weight",
     "gpt_neox": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
 }
@@ -98,6 +104,12 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "gemma2": {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 128, "tie_word_embeddings": True},
     "gemma3": {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 128, "tie_word_embeddings": True},
     "phi3": {**_LLAMA_LIKE, "original_max_position_embeddings": 256, "tie_word_embeddings": False},
+    # SmolLM3: no rotary embedding in every fourth layer (here the last).
+    "smollm3": {**_LLAMA_LIKE, "tie_word_embeddings": True},
+    # OLMo 2/3: a norm on the MLP output before the residual add; OLMo 3 slides its window
+    # in three layers of four.
+    "olmo2": {**_LLAMA_LIKE, "tie_word_embeddings": False},
+    "olmo3": {**_LLAMA_LIKE, "sliding_window": 128, "tie_word_embeddings": False},
     "gpt2": {
         "n_embd": HIDDEN_SIZE,
         "n_inner": INTERMEDIATE_SIZE,

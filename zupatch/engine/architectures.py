@@ -6,8 +6,9 @@ everything the engine needs to know about a family is one frozen
 :class:`ArchitectureSpec`; the rest of the code asks the spec and never
 branches on ``model_type``.
 
-Adding a family means adding one entry to :data:`ARCHITECTURES`. Gemma 2 and
-Gemma 3 pass the MLP output through a norm before the residual add; their
+Adding a family means adding one entry to :data:`ARCHITECTURES`. Gemma 2,
+Gemma 3, OLMo 2 and OLMo 3 pass the MLP output through a norm before the
+residual add; their
 spec names that norm (``post_mlp_norm``) and the engine places the edit's
 target through it (:mod:`zupatch.engine.norms`). A model whose
 family is not listed can still be edited by naming its modules by hand
@@ -53,7 +54,7 @@ class ArchitectureSpec:
     embedding_path: str = "model.embed_tokens"
     num_layers_attr: str = "num_hidden_layers"
     #: A norm applied to the MLP output before the residual add, relative to one
-    #: decoder layer (Gemma 2/3: ``post_feedforward_layernorm``); None when the
+    #: decoder layer (Gemma 2/3, OLMo 2/3: ``post_feedforward_layernorm``); None when the
     #: down projection's output is added to the residual stream as it is.
     post_mlp_norm: str | None = None
     #: Where the decoder layers are in the checkpoint's files when transformers renames them
@@ -90,6 +91,11 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         stored_layers_path="language_model.model.layers",
     ),
     ArchitectureSpec("phi3", ("phi3",), **_LLAMA_LIKE),
+    # SmolLM3: Llama's layout; some layers have no rotary embedding, which the edit never reads.
+    ArchitectureSpec("smollm3", ("smollm3",), **_LLAMA_LIKE),
+    # OLMo 2 and 3 norm the MLP output before the residual add, as Gemma 2/3 do (gain = weight).
+    ArchitectureSpec("olmo2", ("olmo2",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
+    ArchitectureSpec("olmo3", ("olmo3",), **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     ArchitectureSpec(
         "gpt2",
         ("gpt2",),

@@ -15,7 +15,7 @@ The loop, for layers l_1 < ... < l_m (L = l_m):
    (current block-L outputs), O (only when the projection or the GD variant
    needs it), ``R = (Z - H_L)/(m - j)``, ``V* = W K_f + R``; solve with the
    key statistics plus the retain keys; write ``W' = c W + U B``. Where the
-   MLP output passes a norm N before the residual add (Gemma 2/3), V* is the
+   MLP output passes a norm N before the residual add (Gemma 2/3, OLMo 2/3), V* is the
    output whose N is closest to ``N(W K_f) + R`` (:mod:`zupatch.engine.norms`);
 3. while a request's answer is still given, another pass over the layers
    moves only those requests (``refine``); each layer's factors compose.
@@ -459,7 +459,7 @@ def compute_edit(
     last_layer = layers[-1]
     if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
         key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)
-    norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3; a norm of another kind fails here
+    norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3, OLMo 2/3; a norm of another kind fails here
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
         raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')
@@ -812,7 +812,7 @@ def _rounded(values: Sequence[float]) -> list[float]:
 
 
 def _post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per edited layer, the gain of the norm on its MLP output (Gemma 2/3); empty without one."""
+    """Per edited layer, the gain of the norm on its MLP output (Gemma 2/3, OLMo 2/3); empty without one."""
     gains = {}
     for layer in layers:
         module = post_mlp_norm_module(model, spec, layer)

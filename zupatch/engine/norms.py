@@ -1,10 +1,10 @@
-"""The edit's target through a norm on the MLP output (Gemma 2 and Gemma 3).
+"""The edit's target through a norm on the MLP output (Gemma 2 and 3, OLMo 2 and 3).
 
 Most families add the down projection's output ``v = W k`` to the residual
 stream as it is, so a wanted change ``R`` of the residual at the fact token is
 the output target ``V* = W k + R`` (docs/maths.md). Gemma 2/3 add
 ``N(v) = g ⊙ v / rms(v)`` instead (``post_feedforward_layernorm``, an RMSNorm
-with gain ``g = 1 + weight``). There the down projection must produce a
+with gain ``g = 1 + weight``), and so do OLMo 2/3 (``g = weight``). There the down projection must produce a
 ``v*`` with ``N(v*) = N(W k) + R``. The edit is still solved for the down
 projection's output, so this module turns the residual share into that
 output, through the norm:
