@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.fact_model import FORGET, answered
 from tests.tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_tokenizer
-from zupatch.engine.architectures import resolve_architecture
+from zupatch.engine.architectures import ArchitectureOverrides, resolve_architecture
 from zupatch.engine.create import (
     CreateConfig,
     compute_edit,
@@ -347,3 +347,22 @@ def test_progress_reaches_the_end_of_every_phase(fact_model) -> None:
         assert counts[-1][0] == counts[-1][1] > 0, (stage, counts)
         if stage != "layers":  # layers start again with each refinement pass
             assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), (stage, counts)
+
+
+def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> None:
+    """OLMo 2 edited by hand (--layers-path/--down-proj, its own entry not applying): its MLP
+    output passes a norm that the hand-named layout does not model, so the edit would be solved
+    for the wrong output. It is refused in one line before any work; under its own entry the
+    same model is edited."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("olmo2")).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.config.model_type = "olmo2-by-hand"
+    by_hand = dataclasses.replace(FAST, overrides=ArchitectureOverrides("model.layers", "mlp.down_proj"))
+    with pytest.raises(ZupatchError, match=r"model\.layers\.0\.mlp\.down_proj's output does not reach") as info:
+        compute_edit(model, tiny_tokenizer(), REQUESTS, by_hand, corpus=CORPUS)
+    assert "\n" not in str(info.value) and "as it is" in str(info.value)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    model.config.model_type = "olmo2"
+    result = compute_edit(model, tiny_tokenizer(), REQUESTS, FAST, corpus=CORPUS)
+    assert result.architecture == "olmo2"

@@ -27,6 +27,8 @@ mis-modelled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,3 +98,82 @@ def outputs_for_residual(outputs: torch.Tensor, residual: torch.Tensor, gain: to
     targets = z * (Y.norm(dim=0) / z.norm(dim=0).clamp_min(1e-300))
     unchanged = R.abs().amax(dim=0) == 0
     return torch.where(unchanged[None, :], Y, targets)
+
+
+def check_residual_path(
+    block: nn.Module, down_proj: nn.Module, norm: nn.Module | None, gain: torch.Tensor | None,
+    forward: Callable[[], Any], where: str,
+) -> None:  # fmt: skip
+    """Refuse a layer whose down projection does not reach its output as the engine models it.
+
+    ``forward()`` runs the model on a few tokens. A change ``Δ`` of the down
+    projection's output at one of them must change ``block``'s output there
+    by ``Δ`` (no ``norm``), or by ``N(v + Δ) − N(v)`` through ``norm`` (its
+    ``eps`` included), and nowhere else up to rounding. A norm or a scale
+    between the MLP and the residual stream that the architecture entry does
+    not name (a family edited by hand with ``--layers-path``, or a new
+    transformers release that changed a layer) would otherwise be edited
+    silently wrong; here it is a one-line :class:`ZupatchError`. ``where``
+    names the down projection in that message.
+    """
+    from zupatch.engine.hooks import StopForward, hidden_of, run_until_stopped
+
+    seen: dict[str, Any] = {}
+
+    def shift(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        hidden = hidden_of(output)
+        seen["v"] = hidden[0, -1].detach().to(torch.float64).cpu()
+        if "delta" not in seen:
+            return output
+        hidden = hidden.clone()
+        hidden[0, -1] += seen["delta"].to(device=hidden.device, dtype=hidden.dtype)
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+    def keep(_module: nn.Module, _args: tuple, output: Any) -> None:
+        seen["out"] = hidden_of(output)[0].detach().to(torch.float64).cpu()
+        raise StopForward
+
+    handles = [down_proj.register_forward_hook(shift), block.register_forward_hook(keep)]
+    try:
+        with torch.no_grad():
+            run_until_stopped(forward)
+            before, v = seen["out"], seen["v"]
+            direction = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            # Behind a norm only the direction counts; as it is, a change as large as the layer's
+            # output itself keeps the output's rounding small against it.
+            scale = v.norm() if norm is not None else max(float(v.norm()), float(before[-1].norm()))
+            seen["delta"] = direction / direction.norm() * scale
+            run_until_stopped(forward)
+            after = seen["out"]
+    finally:
+        for handle in handles:
+            handle.remove()
+    delta = seen["delta"]
+    if norm is None or gain is None:
+        expected = delta
+    else:
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+
+        def normalised(x: torch.Tensor) -> torch.Tensor:
+            return gain.to(x) * x / (x.pow(2).mean() + eps).sqrt()
+
+        expected = normalised(v + delta) - normalised(v)
+    moved = after - before
+    rounding = 8 * torch.finfo(_floating_dtype(block)).eps * (float(before[-1].norm()) + float(after[-1].norm()))
+    off = float((moved[-1] - expected).norm())
+    if off > 0.02 * float(expected.norm()) + rounding:
+        how = "as it is" if norm is None else "through the post-MLP norm"
+        share = off / max(float(expected.norm()), 1e-30)
+        raise ZupatchError(
+            f"a change of {where}'s output does not reach the layer's output {how} (off by {share:.0%}): "
+            "a norm or a scale between the MLP and the residual stream that zupatch does not model; "
+            "this layout cannot be edited"
+        )
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of a module's first floating parameter (float32 without one)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
