@@ -309,3 +309,14 @@ def test_a_device_map_that_offloads_an_edited_layer_is_refused(world: dict, tmp_
         expect_error(create_args(world, out, "--device-map", "auto", "--max-memory", limits), "", problem, output=out)
     result = runner.invoke(app, create_args(world, out, "--device-map", "everywhere"))
     assert result.exit_code == 2 and "balanced_low_0" in result.output and not out.exists()
+
+
+def test_a_post_mlp_norm_named_by_hand_is_checked_on_the_model(world: dict, tmp_path: Path) -> None:
+    """--post-mlp-norm names a norm on the MLP output: a path that is not there, or a norm that is
+    not where the MLP output goes (the input norm of a Llama layer), is a one-line error, and
+    nothing is written."""
+    out = tmp_path / "p.zup.safetensors"
+    expect_error(create_args(world, out, "--post-mlp-norm", "nothing"), "'nothing'", "check --post-mlp-norm",
+                 output=out, inputs=[world["model"]])  # fmt: skip
+    expect_error(create_args(world, out, "--post-mlp-norm", "input_layernorm"), "mlp.down_proj's output",
+                 "does not reach the layer's output through the post-MLP norm", output=out, inputs=[world["model"]])  # fmt: skip

@@ -352,8 +352,8 @@ def test_progress_reaches_the_end_of_every_phase(fact_model) -> None:
 def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> None:
     """OLMo 2 edited by hand (--layers-path/--down-proj, its own entry not applying): its MLP
     output passes a norm that the hand-named layout does not model, so the edit would be solved
-    for the wrong output. It is refused in one line before any work; under its own entry the
-    same model is edited."""
+    for the wrong output. It is refused in one line before any work. With the norm named too
+    (--post-mlp-norm) it is edited, exactly as under its own entry."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("olmo2")).eval()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -363,6 +363,14 @@ def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> 
         compute_edit(model, tiny_tokenizer(), REQUESTS, by_hand, corpus=CORPUS)
     assert "\n" not in str(info.value) and "as it is" in str(info.value)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    named = dataclasses.replace(
+        FAST, overrides=ArchitectureOverrides("model.layers", "mlp.down_proj", "post_feedforward_layernorm")
+    )
+    by_hand_with_norm = compute_edit(model, tiny_tokenizer(), REQUESTS, named, corpus=CORPUS)
+    edited = {name: dict(model.named_parameters())[name].detach().clone() for name in by_hand_with_norm.tensor_names}
+    restore_weights(model, by_hand_with_norm)
     model.config.model_type = "olmo2"
     result = compute_edit(model, tiny_tokenizer(), REQUESTS, FAST, corpus=CORPUS)
-    assert result.architecture == "olmo2"
+    assert result.architecture == "olmo2"  # its own entry: the same edit as with the norm named by hand
+    for name, weight in edited.items():
+        assert torch.equal(dict(model.named_parameters())[name].detach(), weight), name

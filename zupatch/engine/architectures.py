@@ -121,13 +121,16 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
 
 @dataclass(frozen=True)
 class ArchitectureOverrides:
-    """Module paths named by hand (CLI ``--layers-path`` / ``--down-proj``)."""
+    """Module paths named by hand (CLI ``--layers-path`` / ``--down-proj`` /
+    ``--post-mlp-norm``, the last for a layer that norms its MLP output before the
+    residual add, relative to one layer)."""
 
     layers_path: str | None = None
     down_proj: str | None = None
+    post_mlp_norm: str | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.layers_path or self.down_proj)
+        return bool(self.layers_path or self.down_proj or self.post_mlp_norm)
 
 
 def supported_model_types() -> list[str]:
@@ -163,6 +166,7 @@ def resolve_architecture(model_or_config: Any, overrides: ArchitectureOverrides 
             down_proj=overrides.down_proj,
             final_norm_path="",
             embedding_path="",
+            post_mlp_norm=overrides.post_mlp_norm,
         )
     elif overrides:
         layers_path = overrides.layers_path or spec.layers_path
@@ -170,6 +174,7 @@ def resolve_architecture(model_or_config: Any, overrides: ArchitectureOverrides 
             spec,
             layers_path=layers_path,
             down_proj=overrides.down_proj or spec.down_proj,
+            post_mlp_norm=overrides.post_mlp_norm or spec.post_mlp_norm,
             # the files' name for the layers is known only for the family's own path
             stored_layers_path=spec.stored_layers_path if layers_path == spec.layers_path else None,
         )
@@ -188,7 +193,7 @@ def _checked_against_model(spec: ArchitectureSpec, model: nn.Module) -> Architec
             f"{spec.layers_path}.0.{spec.down_proj} has no 2-D weight; --down-proj must name a linear layer"
         )
     if spec.post_mlp_norm is not None:
-        _get_path(layers[0], spec.post_mlp_norm, what="post_mlp_norm", spec=spec)
+        _get_path(layers[0], spec.post_mlp_norm, what="--post-mlp-norm", spec=spec)
     transposed = type(module).__name__ == "Conv1D"  # GPT-2 style: y = x @ W + b
     has_bias = getattr(module, "bias", None) is not None
     if (transposed, has_bias) != (spec.weight_transposed, spec.has_bias):

@@ -167,7 +167,7 @@ def check_residual_path(
         raise ZupatchError(
             f"a change of {where}'s output does not reach the layer's output {how} (off by {share:.0%}): "
             "a norm or a scale between the MLP and the residual stream that zupatch does not model; "
-            "this layout cannot be edited"
+            "name such a norm with --post-mlp-norm, or this layout cannot be edited"
         )
 
 
