@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import tiny_config
-from zupatch.engine.architectures import post_mlp_norm_module, resolve_architecture
-from zupatch.engine.norms import outputs_for_residual, rms_norm_gain, rms_normalise
+from tests.tiny_models import MULTIMODAL_ARCHITECTURES, TINY_ARCHITECTURES, tiny_config
+from zupatch.engine.architectures import num_layers, post_mlp_norm_module, resolve_architecture
+from zupatch.engine.norms import check_residual_paths, outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.errors import ZupatchError
 
 D = 32
@@ -85,3 +86,27 @@ def test_an_unreachable_residual_gets_the_closest_normalised_output() -> None:
         for step in (1e-2, 1e-4):  # small moves of the direction never get nearer
             moved = V[:, i : i + 1] + step * V[:, i].norm() * others[:, :200] / math.sqrt(D)
             assert ((N(moved, g) - wanted[:, i : i + 1]).norm(dim=0) >= best[i] - 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", [*TINY_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES])
+def test_the_layout_check_passes_every_family_and_refuses_a_missing_norm(arch: str, dtype: torch.dtype) -> None:
+    """check_residual_paths, which create runs before any work: every layer of every supported
+    family passes, in float32 and bfloat16; a family with a post-MLP norm whose entry is stripped
+    of it is refused at every layer, in one line naming the down projection."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype).eval()
+    spec = resolve_architecture(model)
+    layers = list(range(num_layers(model, spec)))
+    gains = {}
+    for layer in layers:
+        norm = post_mlp_norm_module(model, spec, layer)
+        if norm is not None:
+            gains[layer] = rms_norm_gain(norm, model.config.get_text_config().hidden_size)
+    check_residual_paths(model, spec, layers, gains)
+    if spec.post_mlp_norm is None:
+        return
+    stripped = dataclasses.replace(spec, post_mlp_norm=None)
+    for layer in layers:
+        with pytest.raises(ZupatchError, match=rf"layers\.{layer}\.mlp\.down_proj's output does not reach .* as it is"):
+            check_residual_paths(model, stripped, [layer], {})

@@ -68,7 +68,7 @@ from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.methods import METHODS, Method, get_method
 from zupatch.engine.methods.zerounlearn import MEASURED_CLOSED_FORM
 from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS, MEASURED_GD
-from zupatch.engine.norms import check_residual_path, outputs_for_residual, rms_norm_gain, rms_normalise
+from zupatch.engine.norms import check_residual_paths, outputs_for_residual, rms_norm_gain, rms_normalise
 from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
@@ -460,7 +460,7 @@ def compute_edit(
     if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
         key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)
     norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3, OLMo 2/3; a norm of another kind fails here
-    _check_residual_paths(model, spec, layers, norm_gains)
+    check_residual_paths(model, spec, layers, norm_gains)
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
         raise ZupatchError('the tokenizer has no EOS token; give a neutral target (e.g. "I don\'t know.")')
@@ -821,28 +821,6 @@ def _post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Seque
             d = down_proj_weight_math(down_proj_module(model, spec, layer), spec).shape[0]
             gains[layer] = rms_norm_gain(module, d, where=f"{spec.post_mlp_norm} of layer {layer}")
     return gains
-
-
-def _check_residual_paths(
-    model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int], gains: Mapping[int, torch.Tensor]
-) -> None:
-    """Each edited layer's down projection reaches the layer's output as the architecture
-    entry says (:func:`zupatch.engine.norms.check_residual_path`): two short forwards
-    that stop at the layer, before anything is computed from that assumption."""
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.tensor([[(7919 * i) % vocab for i in range(1, 9)]], device=model_device(model))
-    blocks = decoder_layers(model, spec)
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in layers:
-            check_residual_path(
-                blocks[layer], down_proj_module(model, spec, layer), post_mlp_norm_module(model, spec, layer),
-                gains.get(layer), lambda: model(input_ids=ids, use_cache=False),
-                f"{spec.layers_path}.{layer}.{spec.down_proj}",
-            )  # fmt: skip
-    finally:
-        model.train(was_training)
 
 
 def _residual_achieved(

@@ -27,12 +27,14 @@ mis-modelled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module, post_mlp_norm_module
+from zupatch.engine.placement import model_device
 from zupatch.errors import ZupatchError
 
 _BISECTION_STEPS = 200
@@ -169,6 +171,28 @@ def check_residual_path(
             "a norm or a scale between the MLP and the residual stream that zupatch does not model; "
             "name such a norm with --post-mlp-norm, or this layout cannot be edited"
         )
+
+
+def check_residual_paths(
+    model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int], gains: Mapping[int, torch.Tensor]
+) -> None:
+    """Each edited layer's down projection reaches the layer's output as the architecture
+    entry says (:func:`check_residual_path`): two short forwards
+    that stop at the layer, before anything is computed from that assumption."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[(7919 * i) % vocab for i in range(1, 9)]], device=model_device(model))
+    blocks = decoder_layers(model, spec)
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            check_residual_path(
+                blocks[layer], down_proj_module(model, spec, layer), post_mlp_norm_module(model, spec, layer),
+                gains.get(layer), lambda: model(input_ids=ids, use_cache=False),
+                f"{spec.layers_path}.{layer}.{spec.down_proj}",
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
