@@ -21,7 +21,10 @@ output, through the norm:
 
 The gain is read from the model's own norm module and checked against the
 formula on a random vector, so a norm of another kind is refused instead of
-mis-modelled.
+mis-modelled. Before any edit, :func:`check_residual_paths` checks on the model
+itself that each edited layer's down projection reaches the layer's output as
+the architecture entry says (as it is, or through the named norm), so a norm
+or a scale the entry does not name is refused instead of edited wrong.
 """
 
 from __future__ import annotations
