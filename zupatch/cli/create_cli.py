@@ -76,7 +76,7 @@ def create(
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="DEV=AMOUNT,...", help="With --device-map: what each device may hold, e.g. 0=70GiB,1=75GiB,cpu=200GiB.", rich_help_panel=_COMPUTE)] = None,
     layers_path: Annotated[str | None, typer.Option("--layers-path", help="Module path of the decoder layers, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
     down_proj: Annotated[str | None, typer.Option("--down-proj", help="MLP down projection inside a layer, for unknown architectures.", rich_help_panel=_COMPUTE)] = None,
-    post_mlp_norm: Annotated[str | None, typer.Option("--post-mlp-norm", help="Norm applied to the MLP output before the residual add, inside a layer (e.g. post_feedforward_layernorm), for unknown architectures that have one.", rich_help_panel=_COMPUTE)] = None,
+    post_mlp_norm: Annotated[str | None, typer.Option("--post-mlp-norm", help="Norm inside a layer that the MLP output passes before the residual add, for unknown architectures that have one.", rich_help_panel=_COMPUTE)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.", rich_help_panel=_COMPUTE)] = False,
     include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).", rich_help_panel=_OUT)] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.", rich_help_panel=_OUT)] = False,
