@@ -123,9 +123,10 @@ def test_smollm2_adapter_matches_the_applied_checkpoint(smollm2_checkpoint: Path
     assert peft_diff <= F32_TOLERANCE and edit_size > 1.0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "olmo2", "smollm3"])
 def test_other_families_and_stacks_are_exact_in_float32(arch: str, tmp_path: Path) -> None:
-    """GPT-2's transposed Conv1D (fan_in_fan_out), GPT-NeoX's names, and a stack of two steps on one tensor."""
+    """GPT-2's transposed Conv1D (fan_in_fan_out), GPT-NeoX's names, OLMo 2 (the adapter sits before
+    its post-feed-forward norm, as the patch does), SmolLM3, and a stack of two steps on one tensor."""
     base = make_tiny_checkpoint(arch, tmp_path / "base", dtype=torch.float32)
     names = [MLP_DOWN_PROJ[arch].format(i=i) for i in (1, 2)]
     first = c1_patch(base, names, [2, 3], amplitude=0.3, seed=1)
