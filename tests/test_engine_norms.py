@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from tests.tiny_models import MULTIMODAL_ARCHITECTURES, TINY_ARCHITECTURES, tiny_config
 from zupatch.engine.architectures import num_layers, post_mlp_norm_module, resolve_architecture
-from zupatch.engine.norms import check_residual_paths, outputs_for_residual, rms_norm_gain, rms_normalise
+from zupatch.engine.norms import (
+    check_residual_paths,
+    outputs_for_residual,
+    post_mlp_norm_gains,
+    rms_norm_gain,
+    rms_normalise,
+)
 from zupatch.errors import ZupatchError
 
 D = 32
@@ -98,12 +104,7 @@ def test_the_layout_check_passes_every_family_and_refuses_a_missing_norm(arch: s
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype).eval()
     spec = resolve_architecture(model)
     layers = list(range(num_layers(model, spec)))
-    gains = {}
-    for layer in layers:
-        norm = post_mlp_norm_module(model, spec, layer)
-        if norm is not None:
-            gains[layer] = rms_norm_gain(norm, model.config.get_text_config().hidden_size)
-    check_residual_paths(model, spec, layers, gains)
+    check_residual_paths(model, spec, layers, post_mlp_norm_gains(model, spec, layers))
     if spec.post_mlp_norm is None:
         return
     stripped = dataclasses.replace(spec, post_mlp_norm=None)

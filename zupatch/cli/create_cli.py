@@ -127,8 +127,8 @@ def create(
             "closed_form.projection": value(projection), "closed_form.lambda_retain": lambda_retain,
             "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
             "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
-            "overrides.down_proj": down_proj, "overrides.post_mlp_norm": post_mlp_norm, "device": device, "dtype": value(dtype),
-            "device_map": value(device_map), "max_memory": max_memory,
+            "overrides.down_proj": down_proj, "overrides.post_mlp_norm": post_mlp_norm,
+            "device": device, "dtype": value(dtype), "device_map": value(device_map), "max_memory": max_memory,
             "baseline.learning_rate": lr, "baseline.steps": steps, "baseline.beta": beta,
             "baseline.retain_weight": retain_weight,
         }  # fmt: skip

@@ -8,11 +8,11 @@ branches on ``model_type``.
 
 Adding a family means adding one entry to :data:`ARCHITECTURES`. Gemma 2,
 Gemma 3, OLMo 2 and OLMo 3 pass the MLP output through a norm before the
-residual add; their
-spec names that norm (``post_mlp_norm``) and the engine places the edit's
-target through it (:mod:`zupatch.engine.norms`). A model whose
-family is not listed can still be edited by naming its modules by hand
-(``--layers-path`` and ``--down-proj``, i.e. :class:`ArchitectureOverrides`).
+residual add; their spec names that norm (``post_mlp_norm``) and the engine
+places the edit's target through it (:mod:`zupatch.engine.norms`). A model
+whose family is not listed can still be edited by naming its modules by hand
+(``--layers-path``, ``--down-proj`` and, where it has one, ``--post-mlp-norm``,
+i.e. :class:`ArchitectureOverrides`).
 """
 
 from __future__ import annotations

@@ -52,7 +52,6 @@ from torch import nn
 
 from zupatch.engine.architectures import (
     ArchitectureOverrides,
-    ArchitectureSpec,
     check_layers,
     decoder_layers,
     default_layers,
@@ -60,7 +59,6 @@ from zupatch.engine.architectures import (
     down_proj_weight_math,
     down_proj_weight_name,
     num_layers,
-    post_mlp_norm_module,
     resolve_architecture,
 )
 from zupatch.engine.baselines import BaselineParams
@@ -68,7 +66,7 @@ from zupatch.engine.hooks import LayerInputCache
 from zupatch.engine.methods import METHODS, Method, get_method
 from zupatch.engine.methods.zerounlearn import MEASURED_CLOSED_FORM
 from zupatch.engine.methods.zerounlearn_gd import GD_SOLVERS, MEASURED_GD
-from zupatch.engine.norms import check_residual_paths, outputs_for_residual, rms_norm_gain, rms_normalise
+from zupatch.engine.norms import check_residual_paths, outputs_for_residual, post_mlp_norm_gains, rms_normalise
 from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
@@ -459,7 +457,7 @@ def compute_edit(
     last_layer = layers[-1]
     if key_statistics is None and shared_statistics is not None:  # refused before any work if they do not fit
         key_statistics = shared_statistics.statistics_for(model, spec, layers, model_identity)
-    norm_gains = _post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3, OLMo 2/3; a norm of another kind fails here
+    norm_gains = post_mlp_norm_gains(model, spec, layers)  # Gemma 2/3, OLMo 2/3; a norm of another kind fails here
     check_residual_paths(model, spec, layers, norm_gains)
     neutral_target = config.neutral_target if config.neutral_target is not None else tokenizer.eos_token
     if not neutral_target:
@@ -810,17 +808,6 @@ def _retain_moment(
 
 def _rounded(values: Sequence[float]) -> list[float]:
     return [round(float(v), 4) for v in values]
-
-
-def _post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per edited layer, the gain of the norm on its MLP output (Gemma 2/3, OLMo 2/3); empty without one."""
-    gains = {}
-    for layer in layers:
-        module = post_mlp_norm_module(model, spec, layer)
-        if module is not None:
-            d = down_proj_weight_math(down_proj_module(model, spec, layer), spec).shape[0]
-            gains[layer] = rms_norm_gain(module, d, where=f"{spec.post_mlp_norm} of layer {layer}")
-    return gains
 
 
 def _residual_achieved(

@@ -4,8 +4,8 @@ Most families add the down projection's output ``v = W k`` to the residual
 stream as it is, so a wanted change ``R`` of the residual at the fact token is
 the output target ``V* = W k + R`` (docs/maths.md). Gemma 2/3 add
 ``N(v) = g ⊙ v / rms(v)`` instead (``post_feedforward_layernorm``, an RMSNorm
-with gain ``g = 1 + weight``), and so do OLMo 2/3 (``g = weight``). There the down projection must produce a
-``v*`` with ``N(v*) = N(W k) + R``. The edit is still solved for the down
+with gain ``g = 1 + weight``), and so do OLMo 2/3 (``g = weight``). There the
+down projection must produce a ``v*`` with ``N(v*) = N(W k) + R``. The edit is still solved for the down
 projection's output, so this module turns the residual share into that
 output, through the norm:
 
@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from zupatch.engine.architectures import ArchitectureSpec, decoder_layers, down_proj_module, post_mlp_norm_module
+from zupatch.engine.architectures import (
+    ArchitectureSpec,
+    decoder_layers,
+    down_proj_module,
+    down_proj_weight_math,
+    post_mlp_norm_module,
+)
+from zupatch.engine.hooks import edit_output, on_outputs, run_until_stopped
 from zupatch.engine.placement import model_device
 from zupatch.errors import ZupatchError
 
@@ -105,6 +112,17 @@ def outputs_for_residual(outputs: torch.Tensor, residual: torch.Tensor, gain: to
     return torch.where(unchanged[None, :], Y, targets)
 
 
+def post_mlp_norm_gains(model: nn.Module, spec: ArchitectureSpec, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per edited layer, the gain of the norm on its MLP output (Gemma 2/3, OLMo 2/3); empty without one."""
+    gains = {}
+    for layer in layers:
+        module = post_mlp_norm_module(model, spec, layer)
+        if module is not None:
+            d = down_proj_weight_math(down_proj_module(model, spec, layer), spec).shape[0]
+            gains[layer] = rms_norm_gain(module, d, where=f"{spec.post_mlp_norm} of layer {layer}")
+    return gains
+
+
 def check_residual_path(
     block: nn.Module, down_proj: nn.Module, norm: nn.Module | None, gain: torch.Tensor | None,
     forward: Callable[[], Any], where: str,
@@ -112,49 +130,40 @@ def check_residual_path(
     """Refuse a layer whose down projection does not reach its output as the engine models it.
 
     ``forward()`` runs the model on a few tokens. A change ``Δ`` of the down
-    projection's output at one of them must change ``block``'s output there
-    by ``Δ`` (no ``norm``), or by ``N(v + Δ) − N(v)`` through ``norm`` (its
-    ``eps`` included), and nowhere else up to rounding. A norm or a scale
-    between the MLP and the residual stream that the architecture entry does
-    not name (a family edited by hand with ``--layers-path``, or a new
+    projection's output at the last of them must change ``block``'s output
+    there by ``Δ`` (no ``norm``), or by ``N(v + Δ) − N(v)`` through ``norm``
+    with its ``gain`` (its ``eps`` included), up to rounding. A norm or a
+    scale between the MLP and the residual stream that the architecture entry
+    does not name (a family edited by hand with ``--layers-path``, or a new
     transformers release that changed a layer) would otherwise be edited
     silently wrong; here it is a one-line :class:`ZupatchError`. ``where``
     names the down projection in that message.
     """
-    from zupatch.engine.hooks import StopForward, hidden_of, run_until_stopped
-
     seen: dict[str, Any] = {}
 
-    def shift(_module: nn.Module, _args: tuple, output: Any) -> Any:
-        hidden = hidden_of(output)
-        seen["v"] = hidden[0, -1].detach().to(torch.float64).cpu()
+    def shift(hidden: torch.Tensor) -> torch.Tensor:
+        seen["v"], seen["dtype"] = hidden[0, -1].detach().to(torch.float64).cpu(), hidden.dtype
         if "delta" not in seen:
-            return output
+            return hidden
         hidden = hidden.clone()
         hidden[0, -1] += seen["delta"].to(device=hidden.device, dtype=hidden.dtype)
-        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+        return hidden
 
-    def keep(_module: nn.Module, _args: tuple, output: Any) -> None:
-        seen["out"] = hidden_of(output)[0].detach().to(torch.float64).cpu()
-        raise StopForward
+    def keep(_key: str, hidden: torch.Tensor) -> None:
+        seen["out"] = hidden[0, -1].detach().to(torch.float64).cpu()
 
-    handles = [down_proj.register_forward_hook(shift), block.register_forward_hook(keep)]
-    try:
-        with torch.no_grad():
-            run_until_stopped(forward)
-            before, v = seen["out"], seen["v"]
-            direction = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            # Behind a norm only the direction counts; as it is, a change as large as the layer's
-            # output itself keeps the output's rounding small against it.
-            scale = v.norm() if norm is not None else max(float(v.norm()), float(before[-1].norm()))
-            seen["delta"] = direction / direction.norm() * scale
-            run_until_stopped(forward)
-            after = seen["out"]
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), edit_output(down_proj, shift), on_outputs({"block": block}, keep, stop_at="block"):
+        run_until_stopped(forward)
+        before, v = seen["out"], seen["v"]
+        direction = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        # Behind a norm only the direction counts; as it is, a change as large as the layer's
+        # output itself keeps the output's rounding small against it.
+        scale = v.norm() if gain is not None else max(float(v.norm()), float(before.norm()))
+        seen["delta"] = direction / direction.norm() * scale
+        run_until_stopped(forward)
+        after = seen["out"]
     delta = seen["delta"]
-    if norm is None or gain is None:
+    if gain is None:
         expected = delta
     else:
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
@@ -163,11 +172,10 @@ def check_residual_path(
             return gain.to(x) * x / (x.pow(2).mean() + eps).sqrt()
 
         expected = normalised(v + delta) - normalised(v)
-    moved = after - before
-    rounding = 8 * torch.finfo(_floating_dtype(block)).eps * (float(before[-1].norm()) + float(after[-1].norm()))
-    off = float((moved[-1] - expected).norm())
+    rounding = 8 * torch.finfo(seen["dtype"]).eps * (float(before.norm()) + float(after.norm()))
+    off = float((after - before - expected).norm())
     if off > 0.02 * float(expected.norm()) + rounding:
-        how = "as it is" if norm is None else "through the post-MLP norm"
+        how = "as it is" if gain is None else "through the post-MLP norm"
         share = off / max(float(expected.norm()), 1e-30)
         raise ZupatchError(
             f"a change of {where}'s output does not reach the layer's output {how} (off by {share:.0%}): "
@@ -197,10 +205,3 @@ def check_residual_paths(
     finally:
         model.train(was_training)
 
-
-def _floating_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype of a module's first floating parameter (float32 without one)."""
-    for parameter in module.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
