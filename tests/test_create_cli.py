@@ -319,4 +319,5 @@ def test_a_post_mlp_norm_named_by_hand_is_checked_on_the_model(world: dict, tmp_
     expect_error(create_args(world, out, "--post-mlp-norm", "nothing"), "'nothing'", "check --post-mlp-norm",
                  output=out, inputs=[world["model"]])  # fmt: skip
     expect_error(create_args(world, out, "--post-mlp-norm", "input_layernorm"), "mlp.down_proj's output",
-                 "does not reach the layer's output through the post-MLP norm", output=out, inputs=[world["model"]])  # fmt: skip
+                 "does not reach the layer's output through the post-MLP norm",
+                 output=out, inputs=[world["model"]])  # fmt: skip

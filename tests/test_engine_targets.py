@@ -452,7 +452,8 @@ def plain_last_states(model, rows: list[list[int]], module, is_input: bool) -> t
     return torch.stack(seen)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3", "smollm3", "olmo2", "olmo3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma3_multimodal", "gpt2", "gpt_neox", "phi3",
+                                  "smollm3", "olmo2", "olmo3"])  # fmt: skip
 def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> None:
     """Rows of a group run what they share once (its attention cache kept) and their
     own tokens on it: the states at each row's last token are a plain forward's,
