@@ -18,6 +18,9 @@ Data (benchmarks/data/):
 Runs (``--runs``, all through the real CLI, no retain file unless named):
 
 - ``zerounlearn``: today's defaults;
+- ``subject``: today's defaults with the keys read at the subject's last token,
+  at layers 4-6 (the defaults before 2026-12-02; now the prompt's last token,
+  layers 24-26);
 - ``stop-2``: today's defaults with the refinement passes' stop before
   2026-12-02 (``refine.forgotten_nll`` 2 nats, now 3);
 - ``robust``: ``--preset robust`` (one key column per context prefix, λ_f 7);
@@ -42,7 +45,7 @@ prints a second table: for every run and attack, forget prompts and
 paraphrases answered, tuning facts kept, probes unchanged and the perplexity
 change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
 
-Usage: python benchmarks/quality.py [--runs zerounlearn,stop-2,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
+Usage: python benchmarks/quality.py [--runs zerounlearn,subject,stop-2,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
        [--attacks all]
 """
@@ -68,16 +71,17 @@ TEXT = ROOT / "tests" / "data" / "ordinary_text.txt"
 
 #: The create defaults before the same-kind protection, paraphrase keys and refinement passes.
 PREVIOUS = (
-    "layers=[17,18,19]", "neighbours.similar=0", "phrasings.weight=0", "refine.max_passes=1",
+    "fact_token=subject", "layers=[17,18,19]", "neighbours.similar=0", "phrasings.weight=0", "refine.max_passes=1",
     "neutral.max_steps=60", "neutral.patience=0", "probes=0",
 )
 #: name -> (method, extra create arguments, retain file?)
 RUNS = {
     "zerounlearn": ("zerounlearn", (), False),
+    "subject": ("zerounlearn", ("--set=fact_token=subject",), False),
     "stop-2": ("zerounlearn", ("--set=refine.forgotten_nll=2",), False),
     "robust": ("zerounlearn", ("--preset=robust",), False),
     "fast": ("zerounlearn", ("--preset=fast",), False),
-    "layers-17-19": ("zerounlearn", ("--layers=17,18,19",), False),
+    "layers-17-19": ("zerounlearn", ("--layers=17,18,19", "--set=fact_token=subject"), False),
     "previous": ("zerounlearn", tuple(f"--set={s}" for s in PREVIOUS), False),
     "zerounlearn+retain": ("zerounlearn", (), True),
     "ga": ("ga", (), False),

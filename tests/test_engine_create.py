@@ -260,16 +260,18 @@ def test_keys_per_context_forget_with_the_rank_of_one_key_per_request(fact_model
 
 
 @pytest.mark.slow
-def test_without_a_retain_file_the_other_facts_of_the_relation_stay(fact_model) -> None:
+@pytest.mark.parametrize("fact_token", ["subject", "last"])
+def test_without_a_retain_file_the_other_facts_of_the_relation_stay(fact_model, fact_token: str) -> None:
     """Forgetting one capital keeps the other capitals with no --retain file, no
     request neighbours and no model-proposed subjects: the default protection
     (the forget template filled with the vocabulary words nearest the subject)
-    keeps the shared "capital of" direction out of the edit. Judged on the
+    keeps the shared "capital of" direction out of the edit, whether the keys
+    are read at the subject or at the prompt's last token. Judged on the
     capitals whose subjects were not among the protected words."""
     model, tokenizer, facts = fact_model
     forget_index = FORGET[0]
     relation = [i for i, f in enumerate(facts) if f.prompt == facts[forget_index].prompt and i != forget_index]
-    config = dataclasses.replace(BEHAVIOUR, neighbours=NeighbourConfig(subjects=0))  # vocabulary words only
+    config = dataclasses.replace(BEHAVIOUR, neighbours=NeighbourConfig(subjects=0), fact_token=fact_token)
     result = compute_edit(model, tokenizer, [facts[forget_index]], config)
     try:
         now = answered(model, tokenizer, facts)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.fact_model import SUBJECTS
 from zupatch.engine.create import CreateConfig, RefineConfig
-from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phrasings
 from zupatch.engine.settings import with_settings
 from zupatch.engine.subjects import (
     PhrasingConfig,
@@ -94,3 +96,37 @@ def test_phrasing_and_refine_settings() -> None:
         RefineConfig(max_passes=0)
     paper = CreateConfig.paper()
     assert paper.refine.max_passes == 1 and paper.phrasings.weight == 0 and paper.neighbours.similar == 0
+
+
+def test_last_token_requests_and_phrasings() -> None:
+    """``fact_token = "last"``: the subject stays known (for the subjects to protect),
+    the fact token moves to the prompt's end, and every paraphrase counts, with or
+    without the subject."""
+    request = ForgetRequest("The capital of {} is", "France", "Paris", paraphrases=(
+        "The French capital is", "{}'s capital is", "Paris is the capital of France. The capital of France is"))  # fmt: skip
+    last = at_last_token(request)
+    assert last.subject == "France" and last.text == request.text and last.target == "Paris"
+    assert request.fact_char_end() == len("The capital of France") and last.fact_char_end() == len(request.text)
+    variants, owners = last_token_phrasings([ForgetRequest("Water boils at", "", "100"), request])
+    assert [v.text for v in variants] == ["The French capital is", "France's capital is",
+                                          "Paris is the capital of France. The capital of France is"]  # fmt: skip
+    assert owners == [1, 1, 1]
+    assert [v.subject for v in variants] == ["", "France", "France"]
+    assert all(v.fact_char_end() == len(v.text) and v.target == "Paris" for v in variants)
+
+
+def test_fact_token_setting_and_its_layers() -> None:
+    assert CreateConfig().keys_at == "last" and CreateConfig().layers_for(30) == (24, 25, 26)
+    assert CreateConfig(method="zerounlearn-gd").keys_at == "subject"  # each method where it was measured
+    assert CreateConfig.paper().keys_at == "subject"
+    assert CreateConfig(method="zerounlearn-gd", fact_token="last").keys_at == "last"
+    config = with_settings(CreateConfig(), {"fact_token": "last"})
+    assert config.fact_token == "last"
+    assert config.layers_for(30) == (24, 25, 26) and config.layers_for(18) == (14, 15, 16)
+    assert replace(config, fact_token="subject").layers_for(30) == (4, 5, 6)
+    assert replace(config, method="ga").layers_for(30) == (4, 5, 6)  # the baselines keep their measured layers
+    assert replace(config, layers=(7,)).layers_for(30) == (7,)
+    with pytest.raises(ZupatchError, match="unknown fact_token 'middle'"):
+        CreateConfig(fact_token="middle")  # type: ignore[arg-type]
+    with pytest.raises(ZupatchError, match="layer"):
+        replace(config, layers=(40,)).layers_for(30)

@@ -11,11 +11,12 @@ answers (other capitals, symbols, authors, and facts about the same
 subjects: Japan's language):
 - efficacy: none of the three answers is still given (target 0%);
 - kept: the other facts the base answers are still answered. The goal is 90%;
-  measured 2026-11-30: 49 of 54 (90.7%, met by one fact), so the bar, 85%,
-  leaves room for float summation order on other machines and guards what
-  holds today;
+  measured 2026-11-30: 49 of 54 (90.7%, met by one fact), and 48 of 54
+  (88.9%) since the keys are read at the last token (2026-12-02), so the
+  bar, 85%, leaves room for float summation order on other machines and
+  guards what holds today;
 - perplexity of ordinary text (with Gemma's BOS) rises by at most 5%
-  (measured 20.96 -> 21.58, +3.0%).
+  (measured 20.96 -> 21.58, +3.0%; at the last token 21.13, +0.8%).
 
 To fit the suite's time budget on 2 CPU cores, the key statistics come from
 the repository's own documentation (``--corpus``, 16,384 tokens) instead of
@@ -55,7 +56,7 @@ def created(gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 def test_create_edits_gemma3_through_the_post_feedforward_norm(created: tuple[Path, dict]) -> None:
     _, summary = created
     assert summary["architecture"] == "gemma3"
-    assert summary["layers"] == [3, 4, 5]  # 18 layers, from 0.14 of the depth
+    assert summary["layers"] == [14, 15, 16]  # 18 layers, keys at the last token: from 0.8 of the depth
     assert summary["targets_not_given"] == []  # the base model gives all three answers
 
 

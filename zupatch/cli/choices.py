@@ -30,6 +30,11 @@ class Projection(str, Enum):
     off = "off"
 
 
+class FactToken(str, Enum):
+    subject = "subject"
+    last = "last"
+
+
 class DeviceMap(str, Enum):
     auto = "auto"
     balanced = "balanced"

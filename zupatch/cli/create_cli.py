@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
-from zupatch.cli.choices import DeviceMap, DType, Method, Preset, Projection, value
+from zupatch.cli.choices import DeviceMap, DType, FactToken, Method, Preset, Projection, value
 from zupatch.errors import OutputExistsError, ZupatchError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ METHOD_HELP = (
 _IO, _METHOD, _BASELINE, _COMPUTE, _OUT = ("Inputs", "Method and settings", "Baselines (--method ga or npo)",
                                            "Compute", "Output and messages")  # fmt: skip
 #: Options that only ZeroUnlearn uses, and those only the baselines use (for a clear error).
-ZEROUNLEARN_ONLY = ("--target", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens",
+ZEROUNLEARN_ONLY = ("--target", "--fact-token", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens",
                     "--stats")
 BASELINE_ONLY = ("--lr", "--steps", "--beta", "--retain-weight")
 
@@ -60,6 +61,7 @@ def create(
     preset: Annotated[Preset, typer.Option("--preset", help="measured (defaults that measured best), robust (forgetting that holds in chat and after text naming the subject, for some specificity), fast (about 4x faster neutral targets for long deletion lists, at some cost in specificity or depth) or paper (the paper's recipe).", rich_help_panel=_METHOD)] = Preset.measured,
     config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of settings (see docs/create.md).", rich_help_panel=_METHOD)] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Any setting, e.g. closed_form.lambda_retain=2000 (repeatable).", rich_help_panel=_METHOD)] = None,
+    fact_token: Annotated[FactToken | None, typer.Option("--fact-token", help="Where keys are read: last (the prompt's last token, default; reaches phrasings without the subject) or subject (its last token; the paper's, and ZeroUnlearn-GD's default).", rich_help_panel=_METHOD)] = None,
     projection: Annotated[Projection | None, typer.Option("--projection", help="Where P applies: everywhere (paper), forget, off.", rich_help_panel=_METHOD)] = None,
     lambda_retain: Annotated[float | None, typer.Option("--lambda-retain", help="Weight of the retain statistics.", rich_help_panel=_METHOD)] = None,
     lambda_forget: Annotated[float | None, typer.Option("--lambda-forget", help="Weight of the forget targets.", rich_help_panel=_METHOD)] = None,
@@ -123,7 +125,8 @@ def create(
         cfg = presets.get(preset, CreateConfig)()
         chosen: dict[str, Any] = load_settings_file(config) if config else {}
         explicit = {
-            "layers": _layers(layers), "method": value(method), "neutral_target": target,
+            "layers": _layers(layers), "method": value(method), "fact_token": value(fact_token),
+            "neutral_target": target,
             "closed_form.projection": value(projection), "closed_form.lambda_retain": lambda_retain,
             "closed_form.lambda_forget": lambda_forget, "stats.token_budget": tokens,
             "stats.sampled_token_budget": tokens, "overrides.layers_path": layers_path,
@@ -135,9 +138,10 @@ def create(
         chosen.update({k: v for k, v in explicit.items() if v is not None})
         chosen.update(parse_assignment(s) for s in settings or [])
         cfg = with_settings(cfg, chosen, str(config) if config else "settings")
-        given = {"--target": target, "--projection": value(projection), "--lambda-retain": lambda_retain,
-                 "--lambda-forget": lambda_forget, "--corpus": corpus or None, "--tokens": tokens, "--lr": lr,
-                 "--steps": steps, "--beta": beta, "--retain-weight": retain_weight, "--stats": stats}  # fmt: skip
+        given = {"--target": target, "--fact-token": value(fact_token), "--projection": value(projection),
+                 "--lambda-retain": lambda_retain, "--lambda-forget": lambda_forget, "--corpus": corpus or None,
+                 "--tokens": tokens, "--lr": lr, "--steps": steps, "--beta": beta, "--retain-weight": retain_weight,
+                 "--stats": stats}  # fmt: skip
         unused = ZEROUNLEARN_ONLY if cfg.is_baseline else BASELINE_ONLY
         wrong = [option for option in unused if given[option] is not None]
         if wrong:
@@ -269,13 +273,7 @@ def stats_compute(
     ui.require_engine("stats compute")
     from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import load_model
-    from zupatch.engine.architectures import (
-        check_layers,
-        decoder_layers,
-        default_layers,
-        num_layers,
-        resolve_architecture,
-    )
+    from zupatch.engine.architectures import decoder_layers, num_layers, resolve_architecture
     from zupatch.engine.create import CreateConfig, resolve_device
     from zupatch.engine.distributed import current_ranks, launched_distributed, process_group, rank_device
     from zupatch.engine.placement import layers_per_device, placement_problem
@@ -300,7 +298,7 @@ def stats_compute(
                                            max_memory=max_memory)  # fmt: skip
             spec = resolve_architecture(loaded, cfg.overrides)
             total = num_layers(loaded, spec)
-            chosen = check_layers(_layers(layers) or default_layers(total), total)
+            chosen = replace(cfg, layers=_layers(layers) or None).layers_for(total)
             with ui.progress(quiet) as progress:
                 stats = compute_key_statistics(
                     loaded, tokenizer, spec, chosen, FileCorpus(tuple(corpus)) if corpus else None, cfg.stats,
@@ -346,7 +344,7 @@ def stats_push(
     ui.require_engine("stats push")
     from zupatch.hub.resolve import resolve_model
     from zupatch.engine.api import load_model
-    from zupatch.engine.architectures import check_layers, default_layers, num_layers, resolve_architecture
+    from zupatch.engine.architectures import num_layers, resolve_architecture
     from zupatch.engine.create import CreateConfig
     from zupatch.engine.placement import placement_problem
     from zupatch.engine.settings import with_settings
@@ -372,7 +370,7 @@ def stats_push(
                                        max_memory=max_memory)  # fmt: skip
         spec = resolve_architecture(loaded, cfg.overrides)
         total = num_layers(loaded, spec)
-        chosen = check_layers(_layers(layers) or default_layers(total), total)
+        chosen = replace(cfg, layers=_layers(layers) or None).layers_for(total)
         source = FileCorpus(tuple(corpus)) if corpus else SampledCorpus()
         with ui.progress(quiet or as_json) as progress:
             stats = compute_key_statistics(

@@ -28,10 +28,8 @@ from torch import nn
 
 from zupatch.checkpoint.folder import Checkpoint
 from zupatch.engine.architectures import (
-    check_layers,
     checkpoint_tensor_name,
     decoder_layers,
-    default_layers,
     down_proj_weight_name,
     num_layers,
     resolve_architecture,
@@ -122,8 +120,7 @@ def _refuse_if_still_given(edit: EditResult, strict: bool, request_names: Sequen
 def _target_layers(model: nn.Module, config: CreateConfig) -> list[str]:
     spec = resolve_architecture(model, config.overrides)
     total = num_layers(model, spec)
-    layers = check_layers(config.layers if config.layers is not None else default_layers(total), total)
-    return [down_proj_weight_name(spec, layer) for layer in layers]
+    return [down_proj_weight_name(spec, layer) for layer in config.layers_for(total)]
 
 
 def _requests_audit(requests: Sequence[ForgetRequest], include_text: bool) -> dict[str, Any]:

@@ -34,6 +34,11 @@ from zupatch.errors import ZupatchError
 #: layers do in ROME and MEMIT (GPT-J: 3-8 of 28).
 DEFAULT_RELATIVE_DEPTH = 0.14
 DEFAULT_LAYER_COUNT = 3
+#: The same with keys read at the prompt's last token (create's ``fact_token = "last"``):
+#: 30 layers -> 24. There the answer about to be said is written, whatever the
+#: phrasing; layers 24-26 and 25-27 of SmolLM2 forgot the most paraphrases
+#: (docs/create.md, "Keys at the last token").
+LAST_TOKEN_RELATIVE_DEPTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,8 @@ def default_layers(
     """``count`` consecutive layers starting at ``relative_depth`` of the model.
 
     28 or 30 layers (SmolLM2) -> (4, 5, 6), 18 (Gemma 3 270M) -> (3, 4, 5);
-    docs/create.md says how the depth was chosen. At least one layer is
+    at :data:`LAST_TOKEN_RELATIVE_DEPTH`, 30 -> (24, 25, 26), 18 -> (14, 15, 16).
+    docs/create.md says how the depths were chosen. At least one layer is
     left after the last edited one: the neutral target is read at the
     subject token, and only later layers carry it to the position where
     the answer is predicted.

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 
 from zupatch.engine.architectures import (
+    DEFAULT_RELATIVE_DEPTH,
+    LAST_TOKEN_RELATIVE_DEPTH,
     ArchitectureOverrides,
     check_layers,
     decoder_layers,
@@ -70,7 +72,7 @@ from zupatch.engine.norms import check_residual_paths, outputs_for_residual, pos
 from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
-from zupatch.engine.requests import ForgetRequest, text_problem
+from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phrasings, text_problem
 from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
@@ -100,6 +102,8 @@ from zupatch.engine.targets import (
 from zupatch.errors import ZupatchError
 
 MethodName = Literal["zerounlearn", "zerounlearn-gd", "ga", "npo"]
+FactToken = Literal["subject", "last"]
+FACT_TOKENS: tuple[str, ...] = ("subject", "last")  # where the keys are read: docs/create.md
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,11 @@ FAST_CONTEXT_STARTS = ContextConfig().starts[:2]
 class CreateConfig:
     """Everything :func:`compute_edit` needs besides model, tokenizer and requests.
 
-    ``layers=None`` picks :func:`default_layers`. ``neutral_target=None`` uses
+    ``layers=None`` picks :func:`default_layers` (see :meth:`layers_for`).
+    ``fact_token``: where each prompt's key is read, "subject" (the subject's
+    last token, the paper's) or "last" (the prompt's last token, where the
+    answer is about to be said, in any phrasing); None: :attr:`keys_at`.
+    ``neutral_target=None`` uses
     the tokenizer's EOS token. ``retain_key_weight``: each retain key (from
     ``retain_requests``, the requests' ``neighbours`` and the neighbour
     subjects the model proposes, see ``neighbours``) is protected as strongly
@@ -174,6 +182,7 @@ class CreateConfig:
 
     layers: tuple[int, ...] | None = None
     method: MethodName = "zerounlearn"
+    fact_token: FactToken | None = None
     neutral_target: str | None = None
     closed_form: ClosedFormParams = MEASURED_CLOSED_FORM
     gd: GDParams = MEASURED_GD
@@ -212,6 +221,8 @@ class CreateConfig:
             raise ZupatchError(f"unknown GD solver {self.gd_solver!r}; choose {' or '.join(GD_SOLVERS)}")
         if self.retain_key_weight < 0:
             raise ZupatchError("retain key weight must be >= 0")
+        if self.fact_token is not None and self.fact_token not in FACT_TOKENS:
+            raise ZupatchError(f"unknown fact_token {self.fact_token!r}; choose {' or '.join(FACT_TOKENS)}")
 
     @classmethod
     def paper(cls, **changes: Any) -> CreateConfig:
@@ -227,6 +238,7 @@ class CreateConfig:
             neighbours=NeighbourConfig(subjects=0, similar=0),
             phrasings=PhrasingConfig(weight=0.0),
             refine=RefineConfig(max_passes=1),
+            fact_token="subject",
         )
         settings.update(changes)
         return cls(**settings)
@@ -255,6 +267,26 @@ class CreateConfig:
         )
         settings.update(changes)
         return cls(**settings)
+
+    def layers_for(self, total_layers: int) -> tuple[int, ...]:
+        """The layers to edit in a model of ``total_layers``: ``layers``, else by relative
+        depth, deeper when the keys are read at the last token (:func:`default_layers`;
+        the baselines train the subject-token layers, where they were measured)."""
+        last = self.keys_at == "last"
+        depth = LAST_TOKEN_RELATIVE_DEPTH if last else DEFAULT_RELATIVE_DEPTH
+        chosen = self.layers if self.layers is not None else default_layers(total_layers, relative_depth=depth)
+        return check_layers(chosen, total_layers)
+
+    @property
+    def keys_at(self) -> FactToken:
+        """Where the keys are read: ``fact_token``, else (None) the prompt's last token
+        for the closed form and the subject's last token for ZeroUnlearn-GD and the
+        baselines, as each was measured (docs/create.md, "Keys at the last token")."""
+        if self.is_baseline:
+            return "subject"
+        if self.fact_token is not None:
+            return self.fact_token
+        return "last" if self.method_plugin.same_kind else "subject"
 
     @property
     def method_plugin(self) -> Method:
@@ -448,7 +480,7 @@ def compute_edit(
     device = model_device(model)
     spec = resolve_architecture(model, config.overrides)
     total_layers = num_layers(model, spec)
-    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
+    layers = config.layers_for(total_layers)
     require_editable([(layer, down_proj_module(model, spec, layer)) for layer in layers])  # a device map's offloads
     if config.is_baseline:
         storage = {**stored_dtypes, **(storage_dtypes or {})}
@@ -483,6 +515,11 @@ def compute_edit(
         variants, owners = phrasing_variants(requests, config.phrasings.derived) if use_phrasings else ([], [])
         use_similar = same_kind and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
+        subject_requests = requests  # the probes fill the templates with other subjects
+        if config.keys_at == "last":  # every key at the prompt's last token; the subjects chose the neighbours
+            requests = [at_last_token(r) for r in requests]
+            retain, similar = [at_last_token(r) for r in retain], [at_last_token(r) for r in similar]
+            variants, owners = last_token_phrasings(subject_requests) if use_phrasings else ([], [])
         report("preparing", 3, 3)
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (
@@ -515,7 +552,7 @@ def compute_edit(
     answer_nll_before = target_nll(model, tokenizer, requests, answers)
     with _timed(timings, "probes"):
         report("probes", 0, 2)
-        probes = _Probes.before(model, tokenizer, requests, config, proposed)
+        probes = _Probes.before(model, tokenizer, subject_requests, config, proposed)
         report("probes", 1, 2)
 
     factors_of: dict[int, Factors] = {}
@@ -692,7 +729,7 @@ def _baseline_edit(
     """GA or NPO on the layers ZeroUnlearn would edit, as dense layer edits."""
     spec = resolve_architecture(model, config.overrides)
     total_layers = num_layers(model, spec)
-    layers = check_layers(config.layers if config.layers is not None else default_layers(total_layers), total_layers)
+    layers = config.layers_for(total_layers)
     answers = [r.target for r in requests]
     answer_nll_before = target_nll(model, tokenizer, requests, answers)
     probes = _Probes.before(model, tokenizer, requests, config)

@@ -29,7 +29,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ForgetRequest:
     paraphrases: tuple[str, ...] = ()
     neighbours: tuple[str, ...] = ()
     question: str = ""  # the fact asked as a chat question ({} = subject); "" = none given
+    fact_at_end: bool = False  # the fact token is the prompt's last token even with a subject (create's fact_token)
 
     def __post_init__(self) -> None:
         texts = {"prompt": self.prompt, "subject": self.subject, "target": self.target}
@@ -87,8 +88,8 @@ class ForgetRequest:
         return at, at + len(self.subject)
 
     def fact_char_end(self) -> int:
-        """End of the fact token's text: subject end, else end of the prompt."""
-        span = self.subject_span()
+        """End of the fact token's text: subject end, else (or with ``fact_at_end``) end of the prompt."""
+        span = None if self.fact_at_end else self.subject_span()
         return span[1] if span else len(self.text)
 
     def paraphrase_texts(self) -> list[str]:
@@ -120,6 +121,29 @@ def text_problem(value: str) -> str | None:
 
 def fill_prompt(prompt: str, subject: str) -> str:
     return prompt.replace(SUBJECT_PLACEHOLDER, subject, 1) if subject else prompt
+
+
+def at_last_token(request: ForgetRequest) -> ForgetRequest:
+    """``request`` read at its prompt's last token (``fact_token = "last"``); its
+    subject stays known, for choosing the subjects to protect."""
+    return replace(request, fact_at_end=True)
+
+
+def last_token_phrasings(requests: Sequence[ForgetRequest]) -> tuple[list[ForgetRequest], list[int]]:
+    """Every paraphrase of every request, read at its last token, with the index of its
+    request. Unlike the subject token, the last token is where any phrasing's answer
+    is predicted, so a paraphrase that never names the subject ("The French capital
+    is") has a key to edit too."""
+    variants, owners = [], []
+    for index, request in enumerate(requests):
+        for paraphrase in request.paraphrases:
+            named = bool(request.subject) and (SUBJECT_PLACEHOLDER in paraphrase or request.subject in paraphrase)
+            if SUBJECT_PLACEHOLDER in paraphrase and not named:  # a '{}' with no subject to fill it
+                continue
+            subject = request.subject if named else ""
+            variants.append(ForgetRequest(paraphrase, subject, request.target, fact_at_end=True))
+            owners.append(index)
+    return variants, owners
 
 
 def _request_problem(prompt: str, subject: str) -> str | None:

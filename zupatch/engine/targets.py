@@ -626,7 +626,7 @@ def _build_rows(
             owner.append(index)
             is_kl.append(False)
     for index, request in enumerate(requests):
-        if request.subject:
+        if request.subject and not request.fact_at_end:  # the change is kept off the subject's own token
             kl_row.append(len(texts))
             texts.append(f"{request.subject} is a")
             ends.append(len(request.subject))
