@@ -215,6 +215,8 @@ def test_cli_dense_patch_forgets_and_inverts_exactly(
         (["--method", "npo", "--set", "baseline.optimizer=lion"], "unknown baseline.optimizer"),
         (["--lr", "1e-4"], "--lr only apply to --method ga and npo"),
         (["--method", "ga", "--target", "I don't know.", "--tokens", "100"], "--target, --tokens only apply"),
+        (["--method", "npo", "--fact-token", "last"], "--fact-token only apply to --method zerounlearn"),
+        (["--set", "fact_token=middle"], "unknown fact_token 'middle'; choose subject or last"),
     ],
 )
 def test_cli_bad_baseline_options(extra: list[str], problem: str, fact_checkpoint: Path, forget_file: Path,
