@@ -136,13 +136,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 def bench_statistics(folder: Path, corpus: Path, settings: Settings) -> dict:
     """Fill the cache with the default layers' statistics and time the pass (tokens/s, fraction of peak)."""
     from zupatch.engine.api import load_model
-    from zupatch.engine.architectures import decoder_layers, default_layers, num_layers, resolve_architecture
+    from zupatch.engine.architectures import decoder_layers, num_layers, resolve_architecture
+    from zupatch.engine.create import CreateConfig
     from zupatch.engine.stats import FileCorpus, StatsCache, StatsConfig, compute_key_statistics
 
     model, tokenizer = load_model(folder, settings.dtype, settings.device)
     device = next(model.parameters()).device
     spec = resolve_architecture(model)
-    layers = list(default_layers(num_layers(model, spec)))
+    layers = list(CreateConfig().layers_for(num_layers(model, spec)))  # the layers create edits by default
     config = StatsConfig(token_budget=settings.tokens, batch_size=settings.batch_size)
     marks: list[tuple[float, int]] = []
 

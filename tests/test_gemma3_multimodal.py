@@ -31,13 +31,13 @@ from zupatch.cli.main import app
 from zupatch.engine.architectures import (
     ArchitectureOverrides,
     checkpoint_tensor_name,
-    default_layers,
     down_proj_weight_name,
     num_layers,
     post_mlp_norm_module,
     resolve_architecture,
     stored_tensor_name,
 )
+from zupatch.engine.create import CreateConfig
 from zupatch.engine.precheck import context_length
 from zupatch.engine.requests import ForgetRequest
 from zupatch.patch.format import Patch
@@ -131,7 +131,7 @@ def test_the_architecture_is_read_from_the_text_config(tiny_checkpoint) -> None:
 
 def test_create_edits_only_the_language_models_down_projections(world: dict) -> None:
     summary = world["summary"]
-    layers = list(default_layers(NUM_LAYERS))
+    layers = list(CreateConfig().layers_for(NUM_LAYERS))  # create's default layers
     assert summary["architecture"] == ARCH and summary["layers"] == layers
     assert summary["tensors"] == [MULTIMODAL_FILE_DOWN_PROJ[ARCH].format(i=i) for i in layers]
     patch = Patch.load(world["patch"])
@@ -179,7 +179,6 @@ def test_a_patch_made_in_memory_names_the_files_tensors(world: dict, tmp_path: P
     """``zupatch.create`` on a loaded model: the patch names ``language_model.model.*`` as the files
     do, so it applies to the model (``applied``) and to its folder alike."""
     from zupatch.engine.api import create
-    from zupatch.engine.create import CreateConfig
     from zupatch.engine.settings import with_settings
 
     model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.bfloat16).eval()

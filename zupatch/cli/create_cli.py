@@ -26,8 +26,8 @@ METHOD_HELP = (
 _IO, _METHOD, _BASELINE, _COMPUTE, _OUT = ("Inputs", "Method and settings", "Baselines (--method ga or npo)",
                                            "Compute", "Output and messages")  # fmt: skip
 #: Options that only ZeroUnlearn uses, and those only the baselines use (for a clear error).
-ZEROUNLEARN_ONLY = ("--target", "--fact-token", "--projection", "--lambda-retain", "--lambda-forget", "--corpus", "--tokens",
-                    "--stats")
+ZEROUNLEARN_ONLY = ("--target", "--fact-token", "--projection", "--lambda-retain", "--lambda-forget", "--corpus",
+                    "--tokens", "--stats")
 BASELINE_ONLY = ("--lr", "--steps", "--beta", "--retain-weight")
 
 

@@ -511,15 +511,17 @@ def compute_edit(
         # keeps its single solve on the prompts (with them, the fact model forgot 16 of 20 requests
         # instead of 18 and kept 23 of 28 other facts instead of 28: docs/create.md).
         same_kind = config.method_plugin.same_kind
-        use_phrasings = same_kind and config.phrasings.weight > 0
-        variants, owners = phrasing_variants(requests, config.phrasings.derived) if use_phrasings else ([], [])
+        at_last = config.keys_at == "last"
+        variants, owners = [], []
+        if same_kind and config.phrasings.weight > 0:
+            variants, owners = (last_token_phrasings(requests) if at_last
+                                else phrasing_variants(requests, config.phrasings.derived))  # fmt: skip
         use_similar = same_kind and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
         subject_requests = requests  # the probes fill the templates with other subjects
-        if config.keys_at == "last":  # every key at the prompt's last token; the subjects chose the neighbours
+        if at_last:  # every key at the prompt's last token; the subjects chose the neighbours
             requests = [at_last_token(r) for r in requests]
             retain, similar = [at_last_token(r) for r in retain], [at_last_token(r) for r in similar]
-            variants, owners = last_token_phrasings(subject_requests) if use_phrasings else ([], [])
         report("preparing", 3, 3)
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (

@@ -71,9 +71,9 @@ def rms_norm_gain(module: nn.Module, hidden_size: int, *, where: str = "post-MLP
     return gain
 
 
-def rms_normalise(outputs: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """``g ⊙ v / rms(v)`` for each row of ``outputs`` (…×d), ``eps`` neglected."""
-    rms = outputs.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
+def rms_normalise(outputs: torch.Tensor, gain: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``g ⊙ v / sqrt(mean(v²) + eps)`` for each row of ``outputs`` (…×d); ``eps`` 0 neglects it."""
+    rms = (outputs.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt().clamp_min(1e-30)
     return gain.to(outputs) * outputs / rms
 
 
@@ -167,11 +167,7 @@ def check_residual_path(
         expected = delta
     else:
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
-
-        def normalised(x: torch.Tensor) -> torch.Tensor:
-            return gain.to(x) * x / (x.pow(2).mean() + eps).sqrt()
-
-        expected = normalised(v + delta) - normalised(v)
+        expected = rms_normalise(v + delta, gain, eps) - rms_normalise(v, gain, eps)
     rounding = 8 * torch.finfo(seen["dtype"]).eps * (float(before.norm()) + float(after.norm()))
     off = float((after - before - expected).norm())
     if off > 0.02 * float(expected.norm()) + rounding:
