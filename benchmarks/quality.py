@@ -47,7 +47,7 @@ change (docs/eval.md#attacks). ``all`` adds several minutes per run on a CPU.
 
 Usage: python benchmarks/quality.py [--runs zerounlearn,subject,stop-2,robust,fast,layers-17-19,previous,zerounlearn+retain,ga,npo]
        [--tokens N] [--device auto] [--out quality.json] [--set RUN:KEY=VALUE ...]
-       [--attacks all]
+       [--attacks all] [--facts 1,4,6,7]
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the raw results (JSON) here")
     parser.add_argument("--set", action="append", default=[], metavar="RUN:KEY=VALUE",
                         help="extra create setting for one run, e.g. ga:baseline.learning_rate=1e-4")
+    parser.add_argument("--facts", default="", metavar="N,N,...",
+                        help="forget only these lines of quality_forget.jsonl (1-based; default: all 10)")
     parser.add_argument("--attacks", default="", metavar="NAME[:PARAM],...",
                         help="eval attacks, comma-separated, or all (default: none)")
     args = parser.parse_args()
@@ -121,7 +123,15 @@ def main() -> None:
     model = demo_checkpoint(progress=True)
     work = Path(tempfile.mkdtemp(prefix="zupatch-quality-"))
     forget_plain = work / "forget.jsonl"  # what create sees: no paraphrases
-    records = [json.loads(line) for line in FORGET.read_text().splitlines() if line.strip()]
+    lines = [line for line in FORGET.read_text().splitlines() if line.strip()]
+    if args.facts:
+        chosen = [int(n) for n in args.facts.split(",")]
+        if not all(1 <= n <= len(lines) for n in chosen):
+            raise SystemExit(f"--facts: lines 1-{len(lines)} only")
+        lines = [lines[n - 1] for n in chosen]
+    forget_scored = work / "forget_scored.jsonl"  # what eval sees: the chosen facts with their paraphrases
+    forget_scored.write_text("\n".join(lines) + "\n")
+    records = [json.loads(line) for line in lines]
     forget_plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "paraphrases"}) + "\n"
                                     for r in records))  # fmt: skip
     tuning = [line for line in TUNING.read_text().splitlines() if line.strip()]
@@ -143,11 +153,11 @@ def main() -> None:
         print(f"{name}: {figures['seconds']:.1f}s, {patch.stat().st_size} bytes", file=sys.stderr)
 
     patches = [a for name in runs for a in ("-p", created[name]["patch"])]
-    common = ["-m", str(model), "-d", str(FORGET), "--device", args.device, "--json", "-q", *patches]
+    common = ["-m", str(model), "-d", str(forget_scored), "--device", args.device, "--json", "-q", *patches]
     attacks = [a for name in args.attacks.split(",") if name.strip() for a in ("--attack", name.strip())]
     tuned = run_json(zupatch("eval", *common, "--retain", str(TUNING), "--text", str(TEXT), *attacks))
     held = run_json(zupatch("eval", *common, "--retain", str(HELD_OUT), "--generations", "0", "--probes", "0"))
-    same = _same_template_kept(held, runs)
+    same = _same_template_kept(held, runs, forget_scored)
 
     rows = []
     for index, name in enumerate(["base", *runs]):
@@ -173,28 +183,28 @@ def main() -> None:
     if args.out:
         facts = {"forget": tuned["data"]["forget"], "paraphrases": tuned["data"]["paraphrases"],
                  "tuning": tuned["data"]["retain"], "held_out": held["data"]["retain"],
-                 "held_out_same_template": len(_same_template_facts())}  # fmt: skip
+                 "held_out_same_template": len(_same_template_facts(forget_scored))}  # fmt: skip
         args.out.write_text(json.dumps({"facts": facts, "rows": rows, "created": created, "eval": tuned,
                                         "eval_held_out": held},
                                        indent=2, ensure_ascii=False))  # fmt: skip
 
 
-def _same_template_facts() -> list[str]:
+def _same_template_facts(forget: Path) -> list[str]:
     """The held-out facts (JSONL lines) whose prompt is a forget fact's prompt."""
-    forget_templates = {json.loads(line)["prompt"] for line in FORGET.read_text().splitlines() if line.strip()}
+    forget_templates = {json.loads(line)["prompt"] for line in forget.read_text().splitlines() if line.strip()}
     return [line for line in HELD_OUT.read_text().splitlines()
             if line.strip() and json.loads(line)["prompt"] in forget_templates]  # fmt: skip
 
 
-def _same_template_kept(held: dict, runs: list[str]) -> dict[str, float]:
+def _same_template_kept(held: dict, runs: list[str], forget: Path) -> dict[str, float]:
     """Held-out facts sharing a forget template: re-scored here from the eval's own
     per-fact figures is not possible (the report holds shares), so a third eval
     run on that subset gives them."""
-    subset = _same_template_facts()
+    subset = _same_template_facts(forget)
     path = Path(tempfile.mkdtemp(prefix="zupatch-quality-")) / "same_template.jsonl"
     path.write_text("\n".join(subset) + "\n")
     patches = [a for m in held["models"][1:] for a in ("-p", m["patch"]["ref"])]
-    report = run_json(zupatch("eval", "-m", held["model"], "-d", str(FORGET), "--retain", str(path), "--json", "-q",
+    report = run_json(zupatch("eval", "-m", held["model"], "-d", str(forget), "--retain", str(path), "--json", "-q",
                               "--generations", "0", "--probes", "0", "--text", str(TEXT), *patches))  # fmt: skip
     return {name: report["models"][i]["specificity"]["kept"] for i, name in enumerate(["base", *runs])}
 

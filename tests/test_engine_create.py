@@ -22,7 +22,7 @@ from zupatch.engine.create import (
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.solvers import ClosedFormParams
 from zupatch.engine.stats import StatsCache, StatsConfig, TextCorpus, compute_key_statistics
-from zupatch.engine.subjects import similar_subjects
+from zupatch.engine.subjects import similar_requests, similar_subjects
 from zupatch.engine.targets import ContextConfig, NeighbourConfig, OptimisationConfig
 from zupatch.errors import ZupatchError
 
@@ -349,6 +349,25 @@ def test_progress_reaches_the_end_of_every_phase(fact_model) -> None:
         assert counts[-1][0] == counts[-1][1] > 0, (stage, counts)
         if stage != "layers":  # layers start again with each refinement pass
             assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), (stage, counts)
+
+
+@pytest.mark.parametrize("count", [1, 2, None])
+def test_similar_subjects_are_read_in_as_many_contexts_as_set(fact_model, count: int | None) -> None:
+    """``neighbours.similar_contexts`` bounds the contexts the similar-subject prompts run
+    in (their rows, as the progress counts them); unset, all of them; 0 is refused."""
+    model, tokenizer, facts = fact_model
+    events: list[tuple[str, int, int]] = []
+    config = dataclasses.replace(FAST, contexts=ContextConfig(starts=("The", "I"), prefix_tokens=3),
+                                 neighbours=NeighbourConfig(subjects=0, similar=8, similar_contexts=count))  # fmt: skip
+    result = compute_edit(model, tokenizer, facts[:1], config, lambda *event: events.append(event), corpus=CORPUS)
+    restore_weights(model, result)
+    assert result.hyperparameters["context_prefixes"] == 3
+    prompts = len(similar_requests(model, tokenizer, facts[:1], 8))
+    assert prompts > 0
+    read = [(done, total) for stage, done, total in events if stage == "similar keys"]
+    assert read[-1] == (prompts * (count or 3) * len(result.layers),) * 2, read  # rows run, as counted per forward
+    with pytest.raises(ZupatchError, match="similar_contexts"):
+        NeighbourConfig(similar_contexts=0)
 
 
 def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> None:

@@ -562,7 +562,7 @@ def compute_edit(
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
     similar_keys: dict[int, torch.Tensor] = {}
-    similar_contexts = prefixes if config.neighbours.similar_in_contexts else [""]
+    similar_contexts = prefixes[: config.neighbours.similar_contexts]
     similar_rows = [0, len(similar) * len(similar_contexts) * len(layers)]  # read so far, in all
 
     def similar_read(rows: int) -> None:

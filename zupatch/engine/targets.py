@@ -306,14 +306,22 @@ class NeighbourConfig:
     :func:`zupatch.engine.subjects.similar_subjects`) fill its templates;
     "France" brings Belgium, Portugal, Greece..., so the edit has to act on
     what is specific to France rather than on what all countries share.
-    ``similar_in_contexts``: their keys are averaged over the context prefixes
-    like the forget keys (else bare prompts only, cheaper).
+    ``similar_contexts``: how many of the context prefixes (the bare prompt
+    first) their keys are averaged over, like the forget keys; None: all of
+    them. Each one fewer runs every similar prompt once less (2 of 6 took a
+    third of the time and kept as many tuning facts, but 5 points fewer
+    held-out facts: docs/create.md).
     """
 
     subjects: int = 8
     new_tokens: int = 48
     similar: int = 64
-    similar_in_contexts: bool = True
+    similar_contexts: int | None = None
+
+    def __post_init__(self) -> None:
+        count = self.similar_contexts
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ZupatchError("neighbours.similar_contexts must be a whole number >= 1 (1: bare prompts only)")
 
 
 def greedy_continuations(
