@@ -22,7 +22,7 @@ from zupatch.engine.create import (
 from zupatch.engine.requests import ForgetRequest
 from zupatch.engine.solvers import ClosedFormParams
 from zupatch.engine.stats import StatsCache, StatsConfig, TextCorpus, compute_key_statistics
-from zupatch.engine.subjects import similar_requests, similar_subjects
+from zupatch.engine.subjects import similar_requests, similar_subjects, template_requests
 from zupatch.engine.targets import ContextConfig, NeighbourConfig, OptimisationConfig
 from zupatch.errors import ZupatchError
 
@@ -358,7 +358,8 @@ def test_similar_subjects_are_read_in_as_many_contexts_as_set(fact_model, count:
     model, tokenizer, facts = fact_model
     events: list[tuple[str, int, int]] = []
     config = dataclasses.replace(FAST, contexts=ContextConfig(starts=("The", "I"), prefix_tokens=3),
-                                 neighbours=NeighbourConfig(subjects=0, similar=8, similar_contexts=count))  # fmt: skip
+                                 neighbours=NeighbourConfig(subjects=0, similar=8, similar_contexts=count,
+                                                            templates=()))  # fmt: skip
     result = compute_edit(model, tokenizer, facts[:1], config, lambda *event: events.append(event), corpus=CORPUS)
     restore_weights(model, result)
     assert result.hyperparameters["context_prefixes"] == 3
@@ -368,6 +369,33 @@ def test_similar_subjects_are_read_in_as_many_contexts_as_set(fact_model, count:
     assert read[-1] == (prompts * (count or 3) * len(result.layers),) * 2, read  # rows run, as counted per forward
     with pytest.raises(ZupatchError, match="similar_contexts"):
         NeighbourConfig(similar_contexts=0)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+def test_other_templates_of_the_similar_subjects_are_read_in_bare_prompts(fact_model, weight: float) -> None:
+    """``neighbours.templates`` filled with the subjects nearest the request's join the
+    protected keys (bare prompts: one row each, as the progress counts them), those the
+    similar subjects already fill once only; weight 0 turns them off. Bad entries are
+    refused in one line."""
+    model, tokenizer, facts = fact_model
+    templates = ("The language of {}", "The currency of {}", facts[0].prompt)
+    events: list[tuple[str, int, int]] = []
+    config = dataclasses.replace(FAST, neighbours=NeighbourConfig(subjects=0, similar=8, templates=templates,
+                                                                  template_subjects=4, template_weight=weight))  # fmt: skip
+    result = compute_edit(model, tokenizer, facts[:1], config, lambda *event: events.append(event), corpus=CORPUS)
+    restore_weights(model, result)
+    similar = {r.text for r in similar_requests(model, tokenizer, facts[:1], 8)}
+    other = [r for r in template_requests(model, tokenizer, facts[:1], templates, 4) if r.text not in similar]
+    assert other and len(other) < 3 * 4  # the request's own template adds nothing new
+    contexts = result.hyperparameters["context_prefixes"]
+    expected = (len(similar) * contexts + (len(other) if weight else 0)) * len(result.layers)
+    read = [(done, total) for stage, done, total in events if stage == "similar keys"]
+    assert read[-1] == (expected, expected), read
+    assert result.layers[0].diagnostics["retain_keys"] == len(similar) + (len(other) if weight else 0)
+    with pytest.raises(ZupatchError, match="exactly one"):
+        NeighbourConfig(templates=("no placeholder",))
+    with pytest.raises(ZupatchError, match="template_weight"):
+        NeighbourConfig(template_weight=-1.0)
 
 
 def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> None:

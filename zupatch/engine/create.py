@@ -41,7 +41,7 @@ measured again (``diagnostics["verification"]``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,6 +54,7 @@ from zupatch.engine.architectures import (
     DEFAULT_RELATIVE_DEPTH,
     LAST_TOKEN_RELATIVE_DEPTH,
     ArchitectureOverrides,
+    ArchitectureSpec,
     check_layers,
     decoder_layers,
     default_layers,
@@ -73,7 +74,7 @@ from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phrasings, text_problem
-from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests
+from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests, template_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
@@ -518,10 +519,19 @@ def compute_edit(
                                 else phrasing_variants(requests, config.phrasings.derived))  # fmt: skip
         use_similar = same_kind and config.retain_key_weight > 0
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
+        other_templates: list[ForgetRequest] = []  # measured at the last token only
+        if use_similar and at_last and config.neighbours.template_weight > 0:
+            seen = {r.text for r in similar}
+            other_templates = [
+                r for r in template_requests(model, tokenizer, requests, config.neighbours.templates,
+                                             config.neighbours.template_subjects)
+                if r.text not in seen
+            ]  # fmt: skip
         subject_requests = requests  # the probes fill the templates with other subjects
         if at_last:  # every key at the prompt's last token; the subjects chose the neighbours
             requests = [at_last_token(r) for r in requests]
             retain, similar = [at_last_token(r) for r in retain], [at_last_token(r) for r in similar]
+            other_templates = [at_last_token(r) for r in other_templates]
         report("preparing", 3, 3)
     with _timed(timings, "statistics"):  # from the cache, a layer's f×f matrix is read when it is solved
         statistics = (
@@ -561,9 +571,9 @@ def compute_edit(
     original_weights: dict[str, torch.Tensor] = {}
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
-    similar_keys: dict[int, torch.Tensor] = {}
+    similar_keys: dict[int, torch.Tensor] = {}  # the similar subjects', then the other templates' keys
     similar_contexts = prefixes[: config.neighbours.similar_contexts]
-    similar_rows = [0, len(similar) * len(similar_contexts) * len(layers)]  # read so far, in all
+    similar_rows = [0, (len(similar) * len(similar_contexts) + len(other_templates)) * len(layers)]  # read, in all
 
     def similar_read(rows: int) -> None:
         similar_rows[0] += rows
@@ -588,13 +598,13 @@ def compute_edit(
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:].mean(dim=2)
             else:
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:]
-            if similar:
+            if similar or other_templates:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
-                        similar_keys[layer] = fact_activations(
-                            model, tokenizer, spec, similar, similar_contexts, layer, layer_cache=layer_cache,
-                            on_batch=similar_read,
-                        ).keys  # fmt: skip
+                        similar_keys[layer] = _similar_keys(
+                            model, tokenizer, spec, layer, layer_cache, similar_read, (similar, similar_contexts, 1.0),
+                            (other_templates, [""], config.neighbours.template_weight),
+                        )  # fmt: skip
                 retain_keys = torch.cat([retain_keys, similar_keys[layer]], dim=1)
             if variants:
                 with _timed(timings, "keys"):
@@ -768,6 +778,26 @@ def _baseline_edit(
         request_count=len(requests),
         original_weights=run.original_weights,
     )
+
+
+def _similar_keys(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchitectureSpec,
+    layer: int,
+    layer_cache: LayerInputCache,
+    on_batch: Callable[[int], None],
+    *groups: tuple[Sequence[ForgetRequest], Sequence[str], float],
+) -> torch.Tensor:
+    """The keys of each group of (prompts, context prefixes, weight) side by side, each
+    scaled by the square root of its weight (the weight of its columns in the retain moment)."""
+    columns = [
+        fact_activations(model, tokenizer, spec, prompts, contexts, layer, layer_cache=layer_cache,
+                         on_batch=on_batch).keys * weight**0.5
+        for prompts, contexts, weight in groups
+        if prompts
+    ]  # fmt: skip
+    return torch.cat(columns, dim=1)
 
 
 def _mean_over_variants(keys: torch.Tensor, variant_keys: torch.Tensor, owners: Sequence[int], weight: float) -> torch.Tensor:

@@ -163,6 +163,34 @@ def filled_templates(templates: Sequence[str], subjects: Sequence[str]) -> list[
     return [ForgetRequest(template, subject, "") for template in templates for subject in subjects]
 
 
+#: Factual templates of the kinds users most often ask to forget (places, languages,
+#: currencies, what a thing is known for), written for ``create``'s protection and chosen on
+#: the tuning facts (docs/create.md, "Other templates of the similar subjects").
+GENERIC_TEMPLATES = (
+    "The capital of {} is",
+    "The official language of {} is",
+    "The primary language spoken in {} is",
+    "The currency of {} is the",
+    "{} is located in",
+    "The people of {} speak",
+    "{} is famous for its",
+    "The population of {} is",
+)
+
+
+def template_requests(
+    model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], templates: Sequence[str], count: int
+) -> list[ForgetRequest]:
+    """``templates`` filled with the ``count`` protect-half words closest to each request's
+    subject (:func:`similar_subjects`): the other facts of the similar subjects, which an
+    edit of one relation must not move either. Distinct texts only; answers unknown."""
+    out: dict[str, ForgetRequest] = {}
+    for subjects in similar_subjects(model, tokenizer, requests, count, "protect"):
+        for filled in filled_templates(templates, subjects):
+            out.setdefault(filled.text, filled)
+    return list(out.values())
+
+
 def similar_requests(
     model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], count: int
 ) -> list[ForgetRequest]:
@@ -224,6 +252,7 @@ def phrasing_variants(
 
 
 __all__ = [
+    "GENERIC_TEMPLATES",
     "PhrasingConfig",
     "excluded_words",
     "filled_templates",
@@ -233,5 +262,6 @@ __all__ = [
     "request_templates",
     "similar_requests",
     "similar_subjects",
+    "template_requests",
     "vocabulary_words",
 ]

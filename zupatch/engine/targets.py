@@ -49,7 +49,7 @@ from zupatch.engine.architectures import (
     down_proj_module,
 )
 from zupatch.engine.hooks import FrozenStarts, LayerInputCache, by_width, edit_output
-from zupatch.engine.requests import ForgetRequest
+from zupatch.engine.requests import SUBJECT_PLACEHOLDER, ForgetRequest
 from zupatch.engine.stats import (
     ProgressCallback,
     document_start_ids,
@@ -58,6 +58,7 @@ from zupatch.engine.stats import (
     pad_token_id,
     special_prefix_ids,
 )
+from zupatch.engine.subjects import GENERIC_TEMPLATES
 from zupatch.errors import ZupatchError
 
 Site = Literal["down_proj", "block"]
@@ -311,17 +312,31 @@ class NeighbourConfig:
     them. Each one fewer runs every similar prompt once less (2 of 6 took a
     third of the time and kept as many tuning facts, but 5 points fewer
     held-out facts: docs/create.md).
+    ``templates``: other factual templates (default: a built-in set, places,
+    languages, currencies...), each filled with the ``template_subjects``
+    words closest to each request's subject, bare prompts only, their keys
+    counting ``template_weight`` times a forget key's (keys at the prompt's
+    last token only): forgetting Italy's official language leaves the
+    language spoken in Spain, and Spain's capital, where they were.
     """
 
     subjects: int = 8
     new_tokens: int = 48
     similar: int = 64
     similar_contexts: int | None = None
+    templates: tuple[str, ...] = GENERIC_TEMPLATES
+    template_subjects: int = 16
+    template_weight: float = 0.25
 
     def __post_init__(self) -> None:
         count = self.similar_contexts
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
             raise ZupatchError("neighbours.similar_contexts must be a whole number >= 1 (1: bare prompts only)")
+        if self.template_subjects < 0 or self.template_weight < 0:
+            raise ZupatchError("neighbours.template_subjects and neighbours.template_weight must be >= 0")
+        bad = [t for t in self.templates if t.count(SUBJECT_PLACEHOLDER) != 1]
+        if bad:
+            raise ZupatchError(f"each neighbours.templates entry needs exactly one '{{}}': {bad[0]!r}")
 
 
 def greedy_continuations(
