@@ -22,8 +22,9 @@ The loop, for layers l_1 < ... < l_m (L = l_m):
 
 Retain keys, which the edit must leave alone, come from ``--retain``, the
 requests' own neighbours, subjects the model proposes, and the vocabulary
-words most similar to each subject in the requests' templates: this is what
-makes the edit specific without a retain file (docs/create.md).
+words most similar to each subject in the requests' templates and in a
+built-in set of other factual templates: this is what makes the edit
+specific without a retain file (docs/create.md).
 
 The method is a plugin (:mod:`zupatch.engine.methods`): the ZeroUnlearn
 methods give the loop its per-layer solve; a fine-tuning baseline ("ga",
