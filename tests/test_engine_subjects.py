@@ -19,6 +19,7 @@ from zupatch.engine.subjects import (
     phrasing_variants,
     similar_requests,
     similar_subjects,
+    template_requests,
     vocabulary_words,
 )
 from zupatch.errors import ZupatchError
@@ -41,6 +42,23 @@ def test_similar_subjects_on_the_fact_model(fact_model) -> None:
     assert similar_subjects(model, tokenizer, [request], 0, "protect") == [[]]
     no_subject = ForgetRequest("The capital of Zorvia", "", "Plim")
     assert similar_subjects(model, tokenizer, [no_subject], 8, "protect") == [[]]
+
+
+def test_other_templates_nearest_words_first_and_bounded(fact_model) -> None:
+    """The other templates take every request's nearest word before any request's second,
+    skip what the similar subjects already fill, and stop at the limit."""
+    model, tokenizer, facts = fact_model
+    requests = [facts[0], facts[1]]
+    nearest = similar_subjects(model, tokenizer, requests, 3, "protect")
+    templates = ("{} is near", "People of {} say")
+    every = template_requests(model, tokenizer, requests, templates, 3)
+    expected = list(dict.fromkeys(t.replace("{}", nearest[i][rank]) for rank in range(3) for i in range(2)
+                                  for t in templates if rank < len(nearest[i])))  # fmt: skip
+    assert [r.text for r in every] == expected and all(r.target == "" for r in every)
+    assert [r.text for r in template_requests(model, tokenizer, requests, templates, 3, limit=3)] == expected[:3]
+    skipped = template_requests(model, tokenizer, requests, templates, 3, skip=expected[:2])
+    assert [r.text for r in skipped] == expected[2:]
+    assert template_requests(model, tokenizer, requests, templates, 0) == []
 
 
 @pytest.mark.slow

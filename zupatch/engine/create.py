@@ -522,12 +522,10 @@ def compute_edit(
         similar = similar_requests(model, tokenizer, requests, config.neighbours.similar) if use_similar else []
         other_templates: list[ForgetRequest] = []  # measured at the last token only
         if use_similar and at_last and config.neighbours.template_weight > 0:
-            seen = {r.text for r in similar}
-            other_templates = [
-                r for r in template_requests(model, tokenizer, requests, config.neighbours.templates,
-                                             config.neighbours.template_subjects)
-                if r.text not in seen
-            ]  # fmt: skip
+            other_templates = template_requests(
+                model, tokenizer, requests, config.neighbours.templates, config.neighbours.template_subjects,
+                config.neighbours.template_rows, skip=(r.text for r in similar),
+            )  # fmt: skip
         subject_requests = requests  # the probes fill the templates with other subjects
         if at_last:  # every key at the prompt's last token; the subjects chose the neighbours
             requests = [at_last_token(r) for r in requests]

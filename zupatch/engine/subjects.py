@@ -179,16 +179,32 @@ GENERIC_TEMPLATES = (
 
 
 def template_requests(
-    model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], templates: Sequence[str], count: int
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[ForgetRequest],
+    templates: Sequence[str],
+    count: int,
+    limit: int | None = None,
+    skip: Iterable[str] = (),
 ) -> list[ForgetRequest]:
     """``templates`` filled with the ``count`` protect-half words closest to each request's
     subject (:func:`similar_subjects`): the other facts of the similar subjects, which an
-    edit of one relation must not move either. Distinct texts only; answers unknown."""
-    out: dict[str, ForgetRequest] = {}
-    for subjects in similar_subjects(model, tokenizer, requests, count, "protect"):
-        for filled in filled_templates(templates, subjects):
-            out.setdefault(filled.text, filled)
-    return list(out.values())
+    edit of one relation must not move either. Distinct texts, none in ``skip``; answers
+    unknown. At most ``limit`` of them: every request's nearest word first, then every
+    request's second..., so a long deletion list protects fewer words per request
+    rather than growing without bound."""
+    seen = set(skip)
+    out: list[ForgetRequest] = []
+    nearest = similar_subjects(model, tokenizer, requests, count, "protect")
+    for rank in range(count):
+        for subjects in nearest:
+            for filled in filled_templates(templates, subjects[rank : rank + 1]):
+                if limit is not None and len(out) >= limit:
+                    return out
+                if filled.text not in seen:
+                    seen.add(filled.text)
+                    out.append(filled)
+    return out
 
 
 def similar_requests(

@@ -317,7 +317,9 @@ class NeighbourConfig:
     words closest to each request's subject, bare prompts only, their keys
     counting ``template_weight`` times a forget key's (keys at the prompt's
     last token only): forgetting Italy's official language leaves the
-    language spoken in Spain, and Spain's capital, where they were.
+    language spoken in Spain, and Spain's capital, where they were. At most
+    ``template_rows`` prompts (every request's nearest word first), so a long
+    deletion list costs bounded time and memory.
     """
 
     subjects: int = 8
@@ -327,13 +329,14 @@ class NeighbourConfig:
     templates: tuple[str, ...] = GENERIC_TEMPLATES
     template_subjects: int = 16
     template_weight: float = 0.25
+    template_rows: int = 2048
 
     def __post_init__(self) -> None:
         count = self.similar_contexts
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
             raise ZupatchError("neighbours.similar_contexts must be a whole number >= 1 (1: bare prompts only)")
-        if self.template_subjects < 0 or self.template_weight < 0:
-            raise ZupatchError("neighbours.template_subjects and neighbours.template_weight must be >= 0")
+        if min(self.template_subjects, self.template_weight, self.template_rows) < 0:
+            raise ZupatchError("neighbours.template_subjects, template_weight and template_rows must be >= 0")
         bad = [t for t in self.templates if t.count(SUBJECT_PLACEHOLDER) != 1]
         if bad:
             raise ZupatchError(f"each neighbours.templates entry needs exactly one '{{}}': {bad[0]!r}")
