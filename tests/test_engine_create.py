@@ -392,6 +392,13 @@ def test_other_templates_of_the_similar_subjects_are_read_in_bare_prompts(fact_m
     read = [(done, total) for stage, done, total in events if stage == "similar keys"]
     assert read[-1] == (expected, expected), read
     assert result.layers[0].diagnostics["retain_keys"] == len(similar) + (len(other) if weight else 0)
+    # the patch metadata names the templates without their text (a user's own may tell the forgotten fact)
+    recorded = result.hyperparameters["neighbours"]["templates"]
+    assert recorded["count"] == 3 and len(recorded["sha256"]) == 64
+    assert not any(t.split("{")[0] in json.dumps(result.hyperparameters) for t in templates)
+    assert dataclasses.replace(FAST, neighbours=NeighbourConfig()).hyperparameters()["neighbours"]["templates"] == (
+        "built-in"
+    )
     with pytest.raises(ZupatchError, match="exactly one"):
         NeighbourConfig(templates=("no placeholder",))
     with pytest.raises(ZupatchError, match="template_weight"):

@@ -41,6 +41,8 @@ measured again (``diagnostics["verification"]``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,7 +77,7 @@ from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phrasings, text_problem
-from zupatch.engine.subjects import PhrasingConfig, phrasing_variants, similar_requests, template_requests
+from zupatch.engine.subjects import GENERIC_TEMPLATES, PhrasingConfig, phrasing_variants, similar_requests, template_requests
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
@@ -311,7 +313,15 @@ class CreateConfig:
             used = ("method", "layers", *self.method_plugin.settings, "overrides", "device", "dtype")
             return _plain({key: settings[key] for key in used})
         settings.pop("baseline")
-        return _plain(settings)
+        settings = _plain(settings)
+        # templates are named, not written out: a user's own may say what was forgotten
+        templates = self.neighbours.templates
+        settings["neighbours"]["templates"] = (
+            "built-in"
+            if templates == GENERIC_TEMPLATES
+            else {"count": len(templates), "sha256": hashlib.sha256(json.dumps(list(templates)).encode()).hexdigest()}
+        )
+        return settings
 
 
 def _plain(value: Any) -> Any:
