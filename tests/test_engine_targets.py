@@ -478,8 +478,11 @@ def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> 
     tokens_seen.clear()
     nothing_held = LayerInputCache(model, layers, start=0, max_bytes=1 << 30)
     states = nothing_held.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)
-    # Two blocks: the context once, then the three rows' own tokens; then the rows sharing nothing.
-    assert tokens_seen == [len(context), max(map(len, own)), max(map(len, own))]
+    # Shortest first, three rows a block: the two short rows that share nothing (padded to the
+    # longer of them, not to the longest row); the context once, then its rows' own tokens;
+    # then the long row that shares nothing.
+    shortest, middle, longest = sorted(map(len, own))
+    assert tokens_seen == [middle, len(context), longest, longest]
     assert nothing_held.held_bytes == 0
     cache = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)
     recorded = cache.last_token_states(model, rows, groups, sites, pad_id=0, batch_rows=3)
