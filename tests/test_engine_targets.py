@@ -481,7 +481,7 @@ def test_a_shared_start_runs_once_and_gives_plain_forwards_states(arch: str) -> 
     # Shortest first, three rows a block: the two short rows that share nothing (padded to the
     # longer of them, not to the longest row); the context once, then its rows' own tokens;
     # then the long row that shares nothing.
-    shortest, middle, longest = sorted(map(len, own))
+    _, middle, longest = sorted(map(len, own))
     assert tokens_seen == [middle, len(context), longest, longest]
     assert nothing_held.held_bytes == 0
     cache = LayerInputCache(model, layers, start=2, max_bytes=1 << 30)

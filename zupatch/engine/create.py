@@ -77,7 +77,13 @@ from zupatch.engine.placement import placement_problem, require_editable
 from zupatch.engine.precheck import check_targets
 from zupatch.engine.probes import derive_probe_prompts, next_token_ids, top1_unchanged
 from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phrasings, text_problem
-from zupatch.engine.subjects import GENERIC_TEMPLATES, PhrasingConfig, phrasing_variants, similar_requests, template_requests
+from zupatch.engine.subjects import (
+    GENERIC_TEMPLATES,
+    PhrasingConfig,
+    phrasing_variants,
+    similar_requests,
+    template_requests,
+)
 from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (

@@ -160,9 +160,10 @@ class LayerInputCache:
         ``sites``: name -> (module, its input if True else its output), in
         forward order; each forward stops after the last. Rows with the same
         ``groups`` key share their first tokens (as many as all of them
-        have, each keeping one of its own). Groups run in blocks of at most
-        ``batch_rows`` rows: one forward of the block's shared starts, one of
-        its rows' own tokens; ``on_batch(rows)`` after each block.
+        have, each keeping one of its own). Groups run shortest first, in
+        blocks of at most ``batch_rows`` rows: one forward of the block's
+        shared starts, one of its rows' own tokens; ``on_batch(rows)`` after
+        each block.
         """
         found: dict[str, list[torch.Tensor | None]] = {name: [None] * len(rows) for name in sites}
         members: dict[Hashable, list[int]] = {}
@@ -183,10 +184,13 @@ class LayerInputCache:
         units: list[tuple[int, list[int], int]] = []  # (longest own part, rows, shared start)
         for indices in members.values():
             shared = _shared_start([rows[i] for i in indices]) if sharing and len(indices) > 1 else 0
-            parts: dict[int, list[int]] = {}
+            if shared:
+                units.append((max(len(rows[i]) for i in indices) - shared, indices, shared))
+                continue
+            by_length: dict[int, list[int]] = {}
             for i in indices:
-                parts.setdefault(len(rows[i]) if not shared else 0, []).append(i)
-            units += [(max(len(rows[i]) for i in part) - shared, part, shared) for part in parts.values()]
+                by_length.setdefault(len(rows[i]), []).append(i)
+            units += [(length, part, 0) for length, part in by_length.items()]
         units.sort(key=lambda unit: unit[0])
         with torch.no_grad():
             for _, indices, shared in units:
