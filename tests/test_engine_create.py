@@ -367,8 +367,27 @@ def test_similar_subjects_are_read_in_as_many_contexts_as_set(fact_model, count:
     assert prompts > 0
     read = [(done, total) for stage, done, total in events if stage == "similar keys"]
     assert read[-1] == (prompts * (count or 3) * len(result.layers),) * 2, read  # rows run, as counted per forward
+    assert result.diagnostics["protection"] == {"similar_prompts": prompts, "similar_contexts": count or 3,
+                                                "template_prompts": 0}  # fmt: skip
     with pytest.raises(ZupatchError, match="similar_contexts"):
         NeighbourConfig(similar_contexts=0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_phrasings_from_other_templates_join_the_forget_keys_when_asked(fact_model, on: bool) -> None:
+    """``phrasings.templates`` (off by default): the templates where the model gives the
+    request's own answer join its forget key as phrasings; counts in the diagnostics."""
+    model, tokenizer, facts = fact_model
+    capital = facts[0]
+    other = tuple(dict.fromkeys(f.prompt for f in facts))  # capital, language, currency
+    config = dataclasses.replace(FAST, phrasings=dataclasses.replace(FAST.phrasings, templates=on),
+                                 neighbours=NeighbourConfig(subjects=0, similar=4, templates=other))  # fmt: skip
+    # the capital asked in the language template: only the capital template is answered with it
+    request = ForgetRequest(facts[16].prompt, capital.subject, capital.target)
+    result = compute_edit(model, tokenizer, [request], config, corpus=CORPUS)
+    restore_weights(model, result)
+    assert result.diagnostics["phrasings"] == {"variants": int(on), "found": int(on)}
+    assert CreateConfig().phrasings.templates is False
 
 
 @pytest.mark.parametrize("weight", [0.25, 0.0])
@@ -430,3 +449,35 @@ def test_a_norm_on_the_mlp_output_that_the_layout_does_not_name_is_refused() -> 
     assert result.architecture == "olmo2"  # its own entry: the same edit as with the norm named by hand
     for name, weight in edited.items():
         assert torch.equal(dict(model.named_parameters())[name].detach(), weight), name
+
+
+def test_how_far_ordinary_text_moves_is_measured_from_the_key_statistics(fact_model) -> None:
+    """``ordinary_text_change`` is sqrt(tr(ΔW S ΔWᵀ) / tr(W S Wᵀ)) (with a scale too);
+    create reports it per layer, and the CLI warns above the line only."""
+    from zupatch.cli.create_cli import ordinary_change_message
+    from zupatch.engine.create import ORDINARY_CHANGE_WARNING, ordinary_text_change
+    from zupatch.engine.solvers import Factors, SecondMoment
+
+    g = torch.Generator().manual_seed(0)
+    d, f = 6, 9
+    W, U, B = torch.randn(d, f, generator=g), torch.randn(d, 2, generator=g), torch.randn(2, f, generator=g)
+    K = torch.randn(f, 40, generator=g, dtype=torch.float64)
+    S = K @ K.T / 40
+    for scale in (1.0, 1.5):
+        after = Factors(scale, U, B).apply(W, torch.float64)
+        delta = after - W.double()
+        want = (torch.trace(delta @ S @ delta.T) / torch.trace(W.double() @ S @ W.double().T)).sqrt().item()
+        got = ordinary_text_change(after, W, SecondMoment.of(S))
+        assert got == pytest.approx(want, rel=1e-12)
+    assert ordinary_text_change(W, W, SecondMoment.of(S)) == 0
+    assert ordinary_text_change(W + 1, W, SecondMoment.of(S), rows=3) > 0  # a row sample
+
+    model, tokenizer, facts = fact_model
+    result = compute_edit(model, tokenizer, [facts[0]], FAST, corpus=CORPUS)
+    restore_weights(model, result)
+    changes = result.diagnostics["ordinary_change"]
+    assert len(changes) == len(result.layers) and all(c > 0 for c in changes), changes
+    summary = {"layers": [4, 5], "diagnostics": {"ordinary_change": [0.01, ORDINARY_CHANGE_WARNING / 2]}}
+    assert ordinary_change_message(summary) is None
+    summary["diagnostics"]["ordinary_change"] = [0.01, 1.31]
+    assert "layer 5's MLP output on ordinary text by 131%" in ordinary_change_message(summary)

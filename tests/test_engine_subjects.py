@@ -14,6 +14,7 @@ from zupatch.engine.requests import ForgetRequest, at_last_token, last_token_phr
 from zupatch.engine.settings import with_settings
 from zupatch.engine.subjects import (
     PhrasingConfig,
+    answered_template_phrasings,
     excluded_words,
     half_of,
     phrasing_variants,
@@ -148,3 +149,20 @@ def test_fact_token_setting_and_its_layers() -> None:
         CreateConfig(fact_token="middle")  # type: ignore[arg-type]
     with pytest.raises(ZupatchError, match="layer"):
         replace(config, layers=(40,)).layers_for(30)
+
+
+def test_the_model_finds_the_same_fact_in_other_templates(fact_model) -> None:
+    """A request's subject in other templates becomes a phrasing where, and only where,
+    the trained model answers it with the request's target (the whole target, greedy);
+    the request's own prompt and paraphrases are not repeated."""
+    model, tokenizer, facts = fact_model
+    capital, language = facts[0], facts[16]  # Zorvia's capital and language
+    assert capital.subject == language.subject == "Zorvia"
+    # asked in the language template but with the capital as answer: only the capital template gives it
+    request = ForgetRequest(language.prompt, "Zorvia", capital.target, paraphrases=("The currency of {}",))
+    templates = (capital.prompt, language.prompt, "The currency of {}")
+    found, owners = answered_template_phrasings(model, tokenizer, [facts[1], request], templates)
+    assert [(v.text, v.target, v.fact_at_end) for v in found] == [(capital.text, capital.target, True)]
+    assert owners == [1]
+    assert answered_template_phrasings(model, tokenizer, [capital], (capital.prompt,)) == ([], [])
+    assert answered_template_phrasings(model, tokenizer, [ForgetRequest("Zorvia is", "", "Plim")], templates) == ([], [])

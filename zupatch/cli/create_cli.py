@@ -183,6 +183,9 @@ def create(
             for index in report.targets_still_given:  # with --strict, create_from_checkpoint refused them
                 message = still_given_message(names[index - 1])
                 ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+            moved = ordinary_change_message(report.summary())
+            if moved:
+                ui.console.print(f"[yellow]warning:[/] {escape(moved)}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
         summary = report.summary()
         summary["output"] = str(output)
@@ -199,6 +202,22 @@ def _request_name(path: Path, line: int, request: ForgetRequest, verbose: bool) 
         return f"{path}:{line}"
     text, target = (json.dumps(t, ensure_ascii=False) for t in (request.text, request.target))
     return f"{path}:{line} ({text} → {target})"
+
+
+def ordinary_change_message(summary: dict[str, Any]) -> str | None:
+    """A warning when the edit moves ordinary text a lot (docs/create.md, "Ordinary text")."""
+    from zupatch.engine.create import ORDINARY_CHANGE_WARNING
+
+    changes = summary.get("diagnostics", {}).get("ordinary_change") or []
+    worst = max(changes, default=0.0)
+    if not worst > ORDINARY_CHANGE_WARNING:
+        return None
+    layer = summary["layers"][changes.index(worst)]
+    return (
+        f"the edit moves layer {layer}'s MLP output on ordinary text by {100 * worst:.0f}% (RMS; above "
+        f"{100 * ORDINARY_CHANGE_WARNING:.0f}% the model's text changes too): check perplexity with "
+        "'zupatch eval --text' before shipping, or split the list"
+    )
 
 
 def _print_create_summary(summary: dict[str, Any]) -> None:

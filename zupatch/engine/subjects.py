@@ -207,6 +207,34 @@ def template_requests(
     return out
 
 
+def answered_template_phrasings(
+    model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], templates: Sequence[str]
+) -> tuple[list[ForgetRequest], list[int]]:
+    """Each request's subject in ``templates`` where the model's greedy answer is the
+    request's whole target, read at the last token, with the index of its request:
+    the same fact in other words, found by the model itself ("The people of Italy
+    speak" for "The official language of Italy is" → Italian), for requests that
+    bring no paraphrases. The request's own prompt and paraphrases are not repeated."""
+    from zupatch.engine.precheck import check_targets  # precheck reads the model; subjects only words
+
+    candidates: list[ForgetRequest] = []
+    owners: list[int] = []
+    for index, request in enumerate(requests):
+        if not request.subject or not request.target:
+            continue
+        own = {request.text, *request.paraphrase_texts()}
+        for template in templates:
+            candidate = ForgetRequest(template, request.subject, request.target, fact_at_end=True)
+            if candidate.text not in own:
+                own.add(candidate.text)
+                candidates.append(candidate)
+                owners.append(index)
+    if not candidates:
+        return [], []
+    given = [check.given for check in check_targets(model, tokenizer, candidates)]
+    return [c for c, g in zip(candidates, given) if g], [o for o, g in zip(owners, given) if g]
+
+
 def similar_requests(
     model: Any, tokenizer: Any, requests: Sequence[ForgetRequest], count: int
 ) -> list[ForgetRequest]:
@@ -233,12 +261,18 @@ class PhrasingConfig:
     every request with a subject (default: the subject mentioned alone, the
     key that "China's capital is" and "The Mona Lisa is a painting by" share
     with nothing else), so that a fact asked in other words stays forgotten
-    when the request brings no paraphrases. ``weight = 0`` uses the bare
-    prompt only. docs/create.md has the measured trade-off.
+    when the request brings no paraphrases. With keys at the prompt's last
+    token (the default) the variants are the paraphrases as written and, with
+    ``templates``, the built-in factual templates (``neighbours.templates``)
+    filled with the request's subject wherever the model answers them with
+    the request's target (:func:`answered_template_phrasings`).
+    ``weight = 0`` uses the bare prompt only. docs/create.md has the
+    measured trade-off.
     """
 
     weight: float = 0.5
     derived: tuple[str, ...] = ("{}",)
+    templates: bool = False
 
     def __post_init__(self) -> None:
         if self.weight < 0:
