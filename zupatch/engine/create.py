@@ -722,7 +722,6 @@ def compute_edit(
             break
 
     edits = []
-    ordinary_change: list[float] = []  # per layer: how much ordinary text moves (ordinary_text_change)
     for layer in layers:
         stored = down_proj_module(model, spec, layer).weight
         if passes > 1:  # the model as the composed factors define it, not as rounded pass by pass
@@ -730,10 +729,9 @@ def compute_edit(
             with torch.no_grad():
                 stored.copy_(factors_of[layer].apply(original_weights[name], stored.dtype).to(stored.device))
         last = [d for d in layer_diagnostics if d["layer"] == layer][-1]
-        ordinary_change.append(ordinary.get(layer, float("nan")))
         edits.append(LayerEdit(layer, down_proj_weight_name(spec, layer), factors_of[layer], spec.weight_transposed,
                                tuple(stored.shape), stored.dtype,
-                               {**last, "rank": factors_of[layer].rank, "ordinary_change": ordinary_change[-1]}))  # fmt: skip
+                               {**last, "rank": factors_of[layer].rank, "ordinary_change": ordinary[layer]}))  # fmt: skip
 
     verification = {  # bare prompts, before and after: numbers only
         "answer_nll_before": _rounded(answer_nll_before),
@@ -763,7 +761,7 @@ def compute_edit(
                 "template_prompts": len(other_templates),
             },
             "layers": layer_diagnostics,
-            "ordinary_change": ordinary_change,
+            "ordinary_change": [ordinary[layer] for layer in layers],
             "verification": verification,
         },
         request_count=n,
@@ -913,20 +911,15 @@ def ordinary_text_change(after: torch.Tensor, before: torch.Tensor, moment: Seco
     ``sqrt(tr(ΔW·S·ΔWᵀ) / tr(W·S·Wᵀ))`` with ΔW = ``after - before`` (the weights as
     stored, d×f as the model computes with them), S the key statistics (the keys'
     second moment over the statistics' text), on up to ``rows`` evenly spaced output
-    rows (both traces on the same rows), in float64."""
+    rows (both traces on the same rows), in float64. S is read once: statistics from the
+    cache are read from their file at each pass over them."""
     d = before.shape[0]
     pick = torch.linspace(0, d - 1, min(rows, d)).round().long().unique().to(before.device)
     W_rows = before[pick].to(torch.float64)
-    delta = after[pick].to(torch.float64) - W_rows
-    norm = torch.trace(moment.sandwich(W_rows))
-    return float((torch.trace(moment.sandwich(delta)).clamp_min(0) / norm).sqrt()) if norm > 0 else float("nan")
-
-
-def _statistics_moment(statistics: Mapping[int, KeyStatistics], layer: int) -> SecondMoment:
-    """The layer's key statistics alone, read as the solve reads them."""
-    if isinstance(statistics, LazyKeyStatistics):
-        return statistics.second_moment(layer)
-    return SecondMoment.of(statistics[layer].second_moment)
+    both = moment.sandwich(torch.cat([W_rows, after[pick].to(torch.float64) - W_rows]))
+    k = len(pick)
+    norm, moved = torch.trace(both[:k, :k]), torch.trace(both[k:, k:])
+    return float((moved.clamp_min(0) / norm).sqrt()) if norm > 0 else float("nan")
 
 
 def _retain_moment(
@@ -938,7 +931,10 @@ def _retain_moment(
     (:class:`~zupatch.engine.solvers.SecondMoment`): statistics from the cache
     are read a block of rows at a time by the solve, and given ones are never
     changed."""
-    moment = _statistics_moment(statistics, layer)
+    if isinstance(statistics, LazyKeyStatistics):
+        moment = statistics.second_moment(layer)
+    else:
+        moment = SecondMoment.of(statistics[layer].second_moment)
     weight = config.retain_key_weight * config.closed_form.lambda_forget / max(config.closed_form.lambda_retain, 1e-12)
     return replace(moment, keys=retain_keys, weight=weight)
 

@@ -215,7 +215,7 @@ def answered_template_phrasings(
     the same fact in other words, found by the model itself ("The people of Italy
     speak" for "The official language of Italy is" → Italian), for requests that
     bring no paraphrases. The request's own prompt and paraphrases are not repeated."""
-    from zupatch.engine.precheck import check_targets  # precheck reads the model; subjects only words
+    from zupatch.engine.precheck import check_targets  # here: precheck imports targets, which imports subjects
 
     candidates: list[ForgetRequest] = []
     owners: list[int] = []
