@@ -72,7 +72,7 @@ TEXT = ROOT / "tests" / "data" / "ordinary_text.txt"
 #: The create defaults before the same-kind protection, paraphrase keys and refinement passes.
 PREVIOUS = (
     "fact_token=subject", "layers=[17,18,19]", "neighbours.similar=0", "phrasings.weight=0", "refine.max_passes=1",
-    "neutral.max_steps=60", "neutral.patience=0", "probes=0",
+    "neutral.max_steps=60", "neutral.patience=0", "probes=0", "closed_form.max_ordinary_change=0",
 )
 #: name -> (method, extra create arguments, retain file?)
 RUNS = {

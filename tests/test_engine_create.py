@@ -481,3 +481,59 @@ def test_how_far_ordinary_text_moves_is_measured_from_the_key_statistics(fact_mo
     assert ordinary_change_message(summary) is None
     summary["diagnostics"]["ordinary_change"] = [0.01, 1.31]
     assert "layer 5's MLP output on ordinary text by 131%" in ordinary_change_message(summary)
+
+
+def test_the_ordinary_bound_holds_every_layer_and_reports_what_the_weights_show(fact_model) -> None:
+    """With ``closed_form.max_ordinary_change`` at half of what an unbounded edit moves, every
+    layer's figure is at most the bound, the solve says it scaled λ_f down, and the figure
+    it reports is the one the stored weights give (computed here from the statistics)."""
+    from zupatch.engine.architectures import down_proj_weight_math
+    from zupatch.engine.create import ordinary_text_change
+    from zupatch.engine.solvers import SecondMoment
+
+    model, tokenizer, facts = fact_model
+    spec = resolve_architecture(model)
+    free_config = dataclasses.replace(FAST, closed_form=dataclasses.replace(FAST.closed_form, max_ordinary_change=0.0))
+    layers = free_config.layers_for(model.config.num_hidden_layers)
+    statistics = compute_key_statistics(model, tokenizer, spec, layers, CORPUS, FAST.stats)
+    free = compute_edit(model, tokenizer, facts[:3], free_config, key_statistics=statistics)
+    restore_weights(model, free)
+    unbounded = free.diagnostics["ordinary_change"]
+    assert all(d["forget_scale"] == 1.0 for d in free.diagnostics["layers"])
+
+    bound = min(unbounded) / 2
+    config = dataclasses.replace(FAST, closed_form=dataclasses.replace(FAST.closed_form, max_ordinary_change=bound))
+    result = compute_edit(model, tokenizer, facts[:3], config, key_statistics=statistics)
+    try:
+        figures = result.diagnostics["ordinary_change"]
+        assert all(figure <= bound * 1.001 for figure in figures), (figures, bound)
+        entries = result.diagnostics["layers"]
+        assert all(0 < d["forget_scale"] < 1 for d in entries if d["pass"] == 1)
+        for d in entries:  # a layer at the bound is not read or solved again in a later pass
+            if d["ordinary_change"] >= bound - 1e-4:
+                assert not [e for e in entries if e["layer"] == d["layer"] and e["pass"] > d["pass"]]
+        for edit, figure in zip(result.layers, figures):
+            module = dict(model.named_modules())[edit.tensor_name.removesuffix(".weight")]
+            after = down_proj_weight_math(module, spec).detach().double()
+            before = result.original_weights[edit.tensor_name].double()
+            before = before.T if spec.weight_transposed else before
+            moment = SecondMoment.of(statistics[edit.layer].second_moment)
+            assert figure == pytest.approx(ordinary_text_change(after, before, moment, rows=10**6), abs=2e-4)
+    finally:
+        restore_weights(model, result)
+
+
+def test_the_cli_says_when_the_bound_held_answers_back() -> None:
+    """One warning naming the held-back layers and the bound, only when answers are still given."""
+    from zupatch.cli.create_cli import held_back_message
+
+    layers = [{"layer": 24, "forget_scale": 1.0}, {"layer": 25, "forget_scale": 0.4}, {"layer": 26, "forget_scale": 0.0}]
+    summary = {"requests": 300, "targets_still_given": [3, 9],
+               "diagnostics": {"ordinary_bound": 0.2, "layers": layers}}  # fmt: skip
+    message = held_back_message(summary)
+    assert message.startswith("2 of 300 answer(s) are still given") and "layer(s) 25, 26" in message
+    assert "at most 20%" in message and "closed_form.max_ordinary_change" in message
+    assert held_back_message({**summary, "targets_still_given": []}) is None  # all forgotten: nothing to say
+    assert held_back_message({**summary, "diagnostics": {"ordinary_bound": None, "layers": layers}}) is None
+    unbounded = [{**d, "forget_scale": 1.0} for d in layers]
+    assert held_back_message({**summary, "diagnostics": {"ordinary_bound": 0.2, "layers": unbounded}}) is None

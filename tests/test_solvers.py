@@ -22,6 +22,7 @@ from zupatch.engine.solvers import (
     Factors,
     GDParams,
     LowRankUpdate,
+    OrdinaryBudget,
     ParameterError,
     SecondMoment,
     SingularSystemError,
@@ -278,6 +279,64 @@ def test_second_moment_in_blocks_is_the_statistics_plus_the_weighted_retain_keys
     a, b = closed_form(W, moment, K_f, V_star, O, hp), closed_form(W, C, K_f, V_star, O, hp)
     assert rel(a.apply(W), b.apply(W)) < 1e-12
     assert torch.equal(SecondMoment.of(S).dense(), S)  # without keys: S itself, copied
+
+
+def ordinary_figure(W_new: torch.Tensor, W0: torch.Tensor, S: torch.Tensor) -> float:
+    """sqrt(tr(ΔW S ΔWᵀ) / tr(W0 S W0ᵀ)), densely."""
+    E = W_new - W0
+    return math.sqrt(float(torch.trace(E @ S @ E.T) / torch.trace(W0 @ S @ W0.T)))
+
+
+@pytest.mark.parametrize("projection", ["off", "forget"])
+def test_the_ordinary_bound_holds_the_edit_at_its_limit_and_no_further(projection: str) -> None:
+    """From a weight already moved by an earlier pass: the budget's figure equals the dense
+    one, with and without an update; an edit that would move ordinary text by more than the
+    limit is the closed form with λ_f scaled down so that it lands on the limit (the largest
+    such scale: a bit more and it is over); one within the limit is left as it was."""
+    W0, S, K_f, V_star, O = problem(6, 15, 3, seed=11)
+    W = W0 + 0.01 * torch.randn(6, 15, generator=torch.Generator().manual_seed(12), dtype=F64)
+    V_star = W @ K_f + 4 * (V_star - W0 @ K_f)  # far targets: a large change
+    hp = ClosedFormParams(lambda_retain=50.0, lambda_forget=20.0, projection=projection, max_ordinary_change=0.2)
+    budget = OrdinaryBudget.measure(SecondMoment.of(S, torch.ones(15, 2, dtype=F64), 3.0), W, W0, 0.2)
+    assert budget.change() == pytest.approx(ordinary_figure(W, W0, S), rel=1e-10)
+    M = 0.2 * torch.randn(6, 6, generator=torch.Generator().manual_seed(13), dtype=F64)
+    assert budget.change(M) == pytest.approx(ordinary_figure(W + M @ W, W0, S), rel=1e-10)
+
+    free = closed_form_update(W, S, K_f, V_star, O, hp)
+    assert ordinary_figure(free.dense() @ W, W0, S) > 0.3  # the unbounded edit goes past the limit
+    bounded = closed_form_update(W, S, K_f, V_star, O, hp, budget)
+    assert 0 < budget.forget_scale < 1
+    assert ordinary_figure(bounded.dense() @ W, W0, S) == pytest.approx(0.2, rel=1e-6)
+    assert budget.after == pytest.approx(0.2, rel=1e-6)
+    scaled = replace(hp, lambda_forget=hp.lambda_forget * budget.forget_scale)
+    assert rel(bounded.dense(), closed_form_update(W, S, K_f, V_star, O, scaled).dense()) < 1e-10
+    more = replace(hp, lambda_forget=hp.lambda_forget * budget.forget_scale * 1.01)
+    assert ordinary_figure(closed_form_update(W, S, K_f, V_star, O, more).dense() @ W, W0, S) > 0.2
+
+    loose = OrdinaryBudget.measure(SecondMoment.of(S), W, W0, 10.0)
+    assert rel(closed_form_update(W, S, K_f, V_star, O, hp, loose).dense(), free.dense()) < 1e-12
+    assert loose.forget_scale == 1.0
+
+
+def test_a_used_up_ordinary_budget_gives_no_edit_and_the_paper_mode_has_none() -> None:
+    """When earlier passes already moved ordinary text past the limit, the edit is nothing
+    (rank 0, the weight as it is); "everywhere" cannot be bounded: the setting is ignored
+    there, and a budget given to its solve is refused."""
+    W0, S, K_f, V_star, O = problem(5, 11, 2, seed=14)
+    W = 1.5 * W0
+    budget = OrdinaryBudget.measure(SecondMoment.of(S), W, W0, 0.1)
+    hp = ClosedFormParams(projection="off", max_ordinary_change=0.1)
+    factors = closed_form(W, S, K_f, V_star, O, hp, budget=budget)
+    assert factors.rank == 0 and budget.forget_scale == 0.0
+    assert torch.equal(factors.apply(W), W)
+    assert budget.after == pytest.approx(0.5, rel=1e-9)
+    assert ClosedFormParams(projection="everywhere", max_ordinary_change=0.1).ordinary_bound is None
+    assert ClosedFormParams(projection="forget", max_ordinary_change=0.1).ordinary_bound == 0.1
+    assert ClosedFormParams(projection="off").ordinary_bound is None
+    with pytest.raises(ParameterError, match="max_ordinary_change"):
+        ClosedFormParams(projection="off", max_ordinary_change=-1.0)
+    with pytest.raises(ParameterError, match='bound needs projection'):
+        closed_form_update(W, S, K_f, V_star, O, ClosedFormParams(), budget)
 
 
 def test_second_moment_refuses_bad_blocks_and_keys() -> None:

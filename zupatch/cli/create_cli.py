@@ -183,9 +183,9 @@ def create(
             for index in report.targets_still_given:  # with --strict, create_from_checkpoint refused them
                 message = still_given_message(names[index - 1])
                 ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-            moved = ordinary_change_message(report.summary())
-            if moved:
-                ui.console.print(f"[yellow]warning:[/] {escape(moved)}", soft_wrap=True)
+            for message in (held_back_message(report.summary()), ordinary_change_message(report.summary())):
+                if message:
+                    ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
         summary = report.summary()
         summary["output"] = str(output)
@@ -217,6 +217,22 @@ def ordinary_change_message(summary: dict[str, Any]) -> str | None:
         f"the edit moves layer {layer}'s MLP output on ordinary text by {100 * worst:.0f}% (RMS; above "
         f"{100 * ORDINARY_CHANGE_WARNING:.0f}% the model's text changes too): check perplexity with "
         "'zupatch eval --text' before shipping, or split the list"
+    )
+
+
+def held_back_message(summary: dict[str, Any]) -> str | None:
+    """A warning when the bound on ordinary text held the edit back and answers are still
+    given (docs/create.md, "A bound on ordinary text")."""
+    diagnostics = summary.get("diagnostics", {})
+    bound = diagnostics.get("ordinary_bound")
+    held = sorted({d["layer"] for d in diagnostics.get("layers", []) if d.get("forget_scale", 1.0) < 1.0})
+    still = len(summary.get("targets_still_given") or [])
+    if not (bound and held and still):
+        return None
+    return (
+        f"{still} of {summary['requests']} answer(s) are still given: the edit was held back at layer(s) "
+        f"{', '.join(map(str, held))} to move ordinary text by at most {100 * bound:.0f}% "
+        "(closed_form.max_ordinary_change); a higher bound forgets more and changes the model's text more"
     )
 
 

@@ -85,7 +85,7 @@ from zupatch.engine.subjects import (
     similar_requests,
     template_requests,
 )
-from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, SecondMoment
+from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, OrdinaryBudget, SecondMoment
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
     Corpus,
@@ -602,12 +602,22 @@ def compute_edit(
 
     layer_cache = LayerInputCache(model, decoder_layers(model, spec), layers[0], _layer_cache_bytes(model, config))
     separate = config.contexts.separate_keys and same_kind  # measured for the closed form only, as phrasings
+    bound = config.closed_form.ordinary_bound if config.method_plugin.bounded else None
     passes = 0
     pending = torch.ones(n, dtype=torch.bool)  # requests the next pass moves towards Z
     max_passes = config.refine.max_passes if same_kind else 1
+
+    def used_up(layer: int) -> bool:  # the bound is reached (figures are rounded to 4 places)
+        return bound is not None and ordinary.get(layer, 0.0) >= bound - 1e-4
+
     while passes < max_passes:
+        if passes and all(used_up(layer) for layer in layers):
+            break  # another pass could change no layer
         passes += 1
         for j, layer in enumerate(layers):
+            if used_up(layer):  # this pass would leave it as it is: no keys read for it
+                report("layers", 3 * j + 3, 3 * len(layers))
+                continue
             with _timed(timings, "keys"):
                 activations = fact_activations(
                     model, tokenizer, spec, [*requests, *retain], prefixes, layer, last_layer, layer_cache=layer_cache,
@@ -678,7 +688,16 @@ def compute_edit(
                 gain = norm_gains.get(layer)
                 Y = W @ K_f
                 V_star = Y + asked if gain is None else outputs_for_residual(Y, asked, gain.to(solve_device))
-                factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
+                name = down_proj_weight_name(spec, layer)
+                budget = None
+                if bound is not None:
+                    W0 = original_weights.get(name)  # saved by the first pass's apply
+                    W0 = W if W0 is None else (W0.T if spec.weight_transposed else W0).to(solve_device)
+                    budget = OrdinaryBudget.measure(C, W, W0, bound)
+                    del W0
+                    factors = config.method_plugin.solve(W, C, K_f, V_star, O, config, budget=budget)
+                else:
+                    factors = config.method_plugin.solve(W, C, K_f, V_star, O, config)
                 achieved = _residual_achieved(factors, W, K_f, asked, gain, n)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
@@ -686,7 +705,6 @@ def compute_edit(
                 del C, W, K_f, Y, V_star, asked  # before the next layer's keys and statistics
 
             with _timed(timings, "apply"):
-                name = down_proj_weight_name(spec, layer)
                 stored = module.weight
                 original_weights.setdefault(name, stored.detach().cpu().clone())
                 with torch.no_grad():
@@ -695,12 +713,16 @@ def compute_edit(
                 # (at most min(d, f)), which keeps a many-request patch from outgrowing the tensor.
                 factors_of[layer] = factors_of[layer].then(factors).compressed() if layer in factors_of else factors
             with _timed(timings, "solve"):  # the change so far, on ordinary text (the last pass's is the patch's)
-                before = original_weights[name].to(solve_device)
-                ordinary[layer] = round(ordinary_text_change(
-                    down_proj_weight_math(module, spec).detach().to(solve_device),
-                    before.T if spec.weight_transposed else before, statistics_only,
-                ), 4)  # fmt: skip
-                del statistics_only, before
+                if budget is not None:  # the bound's own figure: no further read of the statistics
+                    ordinary[layer] = round(budget.after, 4)
+                else:
+                    before = original_weights[name].to(solve_device)
+                    ordinary[layer] = round(ordinary_text_change(
+                        down_proj_weight_math(module, spec).detach().to(solve_device),
+                        before.T if spec.weight_transposed else before, statistics_only,
+                    ), 4)  # fmt: skip
+                    del before
+                del statistics_only
             diagnostics = {
                 "layer": layer,
                 "pass": passes,
@@ -708,6 +730,8 @@ def compute_edit(
                 "residual_achieved": achieved,
                 "rank": factors.rank,
                 "scale": factors.scale,
+                "forget_scale": budget.forget_scale if budget is not None else 1.0,
+                "ordinary_change": ordinary[layer],
                 "retain_keys": int(retain_keys.shape[1]),
                 "statistics_tokens": _token_count(statistics, layer),
             }
@@ -762,6 +786,7 @@ def compute_edit(
             },
             "layers": layer_diagnostics,
             "ordinary_change": [ordinary[layer] for layer in layers],
+            "ordinary_bound": bound,
             "verification": verification,
         },
         request_count=n,

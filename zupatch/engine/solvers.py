@@ -34,6 +34,7 @@ __all__ = [
     "Factors",
     "GDParams",
     "LowRankUpdate",
+    "OrdinaryBudget",
     "ParameterError",
     "Projection",
     "RowReader",
@@ -86,6 +87,13 @@ class ClosedFormParams:
     output along the forget outputs' span, which overlaps the layer's dominant
     output direction: it costs retain accuracy (docs/maths.md, "What the
     modes mean").
+
+    ``max_ordinary_change``: when > 0, the caller (``create``) bounds each edit
+    with an :class:`OrdinaryBudget` of this limit: λ_f is lowered, layer by
+    layer, just enough that the edit moves the layer's output on ordinary text
+    by at most this fraction (docs/maths.md, "A bound on ordinary text"); 0: no
+    bound. It applies with ``projection`` "off" or "forget" (c = 1) and is
+    ignored with "everywhere", which scales every output by design.
     """
 
     lambda_retain: float = 15000.0
@@ -93,6 +101,7 @@ class ClosedFormParams:
     lambda_reg: float = 1.0
     epsilon: float = 0.01
     projection: Projection = "everywhere"
+    max_ordinary_change: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lambda_retain", "lambda_forget", "lambda_reg"):
@@ -106,6 +115,15 @@ class ClosedFormParams:
             raise ParameterError(
                 f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}"
             )
+        bound = self.max_ordinary_change
+        if not (math.isfinite(bound) and bound >= 0):
+            raise ParameterError(f"max_ordinary_change must be a finite number >= 0, got {bound!r}")
+
+    @property
+    def ordinary_bound(self) -> float | None:
+        """The bound on ordinary text that applies: ``max_ordinary_change``, or None
+        when it is 0 or the projection is "everywhere"."""
+        return self.max_ordinary_change if self.max_ordinary_change > 0 and self.projection != "everywhere" else None
 
 
 @dataclass(frozen=True)
@@ -409,15 +427,19 @@ class SecondMoment:
             raise SolverError("the retain keys contain NaN or Inf")
         return R
 
-    def sandwich(self, W: Tensor) -> Tensor:
+    def sandwich(self, W: Tensor, statistics_part: Tensor | None = None) -> Tensor:
         """``W·C·Wᵀ`` (d×d, float64) for W of d×f: ``Σ W[:, b]·(S[b]·Wᵀ) + weight·(WR)(WR)ᵀ``,
-        block by block, with no f×f or d×f temporary."""
+        block by block, with no f×f or d×f temporary. ``statistics_part``: ``W·S·Wᵀ``
+        when the caller has it already (S is then not read)."""
         W = W.to(_F64)
         if W.ndim != 2 or W.shape[1] != self.size:
             raise ValueError(f"C must have shape f×f for W of {tuple(W.shape)}, got {self.size}×{self.size}")
-        out = W.new_zeros(W.shape[0], W.shape[0])
-        for start, block in self.blocks(W.device):
-            out.addmm_(W[:, start : start + block.shape[0]], block @ W.mT)
+        if statistics_part is not None:
+            out = statistics_part.to(W.device, _F64).clone()
+        else:
+            out = W.new_zeros(W.shape[0], W.shape[0])
+            for start, block in self.blocks(W.device):
+                out.addmm_(W[:, start : start + block.shape[0]], block @ W.mT)
         R = self._keys(W.device)
         if R is not None:
             WR = W @ R
@@ -432,6 +454,84 @@ class SecondMoment:
             C[start : start + block.shape[0]] = block
         R = self._keys(device)
         return C.addmm_(R, R.mT, alpha=self.weight) if R is not None else C
+
+
+@dataclass(eq=False)
+class OrdinaryBudget:
+    """A bound on how far an edit moves a layer's output on ordinary text.
+
+    The figure is ``sqrt(tr(ΔW·S·ΔWᵀ) / tr(W0·S·W0ᵀ))``, ΔW from the original
+    weight W0 to the edited one and S the key statistics: the RMS change of the
+    layer's output on the statistics' text, relative to the output. For an
+    update ``W' = (I + M)·W`` of the weight W as it is now (after earlier
+    passes) it needs only ``now = W·S·Wᵀ``, ``cross = W·S·W0ᵀ`` and
+    ``tr(W0·S·W0ᵀ)``: one sandwich of S with W and W0 stacked (:meth:`measure`),
+    whose ``now`` the solve reuses. :func:`closed_form_update` lowers λ_f until
+    the edit stays within ``limit`` and records the factor it used in
+    ``forget_scale``, and the figure after its edit in ``after``
+    (docs/maths.md, "A bound on ordinary text").
+    """
+
+    limit: float
+    now: Tensor
+    cross: Tensor
+    base: float
+    forget_scale: float = 1.0  # set by the solve: the factor λ_f was scaled by
+    after: float = float("nan")  # set by the solve: the figure after its edit
+
+    @classmethod
+    def measure(cls, statistics: SecondMoment, W: Tensor, W0: Tensor, limit: float) -> OrdinaryBudget:
+        """The budget of W (d×f, now) against W0 (d×f, original), from the statistics
+        alone (``statistics``' retain keys, if any, are left out)."""
+        d = W.shape[0]
+        bare = SecondMoment(statistics.size, statistics.read, block_elements=statistics.block_elements)
+        both = bare.sandwich(torch.cat([W.to(_F64), W0.to(W.device, _F64)]))
+        return cls(limit, both[:d, :d].clone(), both[:d, d:].clone(), float(torch.trace(both[d:, d:])))
+
+    def _moved(self) -> tuple[Tensor, float]:
+        """``W·S·(W − W0)ᵀ`` and ``tr((W − W0)·S·(W − W0)ᵀ)``: what earlier passes moved."""
+        held = self.now - self.cross
+        return held, float(torch.trace(held) - torch.trace(self.cross)) + self.base
+
+    def change(self, M: Tensor | None = None) -> float:
+        """The figure for ``W' = (I + M)·W`` (M: d×d; None: W itself)."""
+        held, moved = self._moved()
+        if M is not None:
+            moved += float(2 * (M * held.mT).sum() + ((M @ self.now) * M).sum())
+        return math.sqrt(max(moved, 0.0) / self.base) if self.base > 0 else float("nan")
+
+    def largest_scale(self, G: Tensor, Y: Tensor, A: Tensor, lambda_forget: float) -> float:
+        """The largest t in [0, 1] with ``change(M(t)) ≤ limit``, where
+        ``M(t) = t·λ_f·A·S(t)ᵀ`` and ``S(t) = (G + t·λ_f·Y·Yᵀ)⁻¹·Y``.
+
+        One Cholesky ``G = L·Lᵀ`` and one eigendecomposition ``L⁻¹Y(L⁻¹Y)ᵀ = QΛQᵀ``
+        make ``M(t) = F·diag(w)·H`` with ``w = tλ_f/(1 + tλ_fΛ)``, F and H fixed, so
+        each trial t costs O(d²): bisection on log t, 60 steps."""
+        L, info = torch.linalg.cholesky_ex(0.5 * (G + G.mT))
+        if int(info) != 0:
+            raise SingularSystemError("the closed-form system G is not positive definite; use lambda_reg > 0")
+        Yw = torch.linalg.solve_triangular(L, Y, upper=False)
+        lam, Q = torch.linalg.eigh(Yw @ Yw.mT)
+        lam = lam.clamp_min(0)
+        F = A @ (Yw.mT @ Q)  # M(t) = F · diag(w) · H
+        H = torch.linalg.solve_triangular(L.mT, Q, upper=True).mT  # Qᵀ L⁻¹
+        held, moved = self._moved()
+        cross_terms = torch.einsum("kd,de,ek->k", H, held, F)  # diag(H · held · F): tr(M·held) = w · this
+        quadratic = (H @ self.now @ H.mT) * (F.mT @ F)  # tr(M·now·Mᵀ) = wᵀ (this) w
+
+        def figure_squared(t: float) -> float:
+            w = t * lambda_forget / (1 + t * lambda_forget * lam)
+            return (moved + float(2 * (w @ cross_terms) + w @ quadratic @ w)) / self.base
+
+        if self.base <= 0 or figure_squared(1.0) <= self.limit**2:
+            return 1.0
+        if moved / self.base >= self.limit**2:  # earlier passes used it all
+            return 0.0
+        low, high = -12.0, 0.0  # log10 t: below 1e-12 the edit is nothing
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if figure_squared(10**middle) <= self.limit**2 else (low, middle)
+        return 10**low
 
 
 def _second_moment(C: Tensor | SecondMoment, device: torch.device, f: int) -> SecondMoment:
@@ -472,6 +572,7 @@ def closed_form_update(
     V_star: Tensor,
     O: Tensor | None,
     hp: ClosedFormParams = ClosedFormParams(),
+    budget: OrdinaryBudget | None = None,
 ) -> LowRankUpdate:
     """The optimal left multiplier ``D = c·I + U·Vᵀ`` of the closed form.
 
@@ -484,25 +585,41 @@ def closed_form_update(
     - everywhere: ``c = 1+ε``, ``U = [−Q, λ_f P R]``, ``V = [Q, S]``
     - forget:     ``c = 1``,   ``U = λ_f (P V* − Y)``, ``V = S``
     - off:        ``c = 1``,   ``U = λ_f R``,          ``V = S``
+
+    With ``budget`` ("off" and "forget" only), λ_f is first scaled by the
+    largest t ≤ 1 that keeps the edit within the bound
+    (:meth:`OrdinaryBudget.largest_scale`); ``budget`` records t and the
+    figure after the edit.
     """
     W, K, Vs = _forget_inputs(W, K_f, V_star)
     (d, f), dev = W.shape, W.device
     moment = _second_moment(C, dev, f)
     lr_, lf, lg, eps = hp.lambda_retain, hp.lambda_forget, hp.lambda_reg, hp.epsilon
+    if budget is not None and hp.projection == "everywhere":
+        raise ParameterError('an ordinary-text bound needs projection "off" or "forget"')
 
     # G = W(λ_r C + λI)Wᵀ; W·C·Wᵀ block by block, so neither C whole nor W·C is held.
-    G = moment.sandwich(W).mul_(lr_).addmm_(W, W.mT, alpha=lg)
+    G = moment.sandwich(W, budget.now if budget is not None else None).mul_(lr_).addmm_(W, W.mT, alpha=lg)
     Y = W @ K
-    S = _spd_solve(G + lf * (Y @ Y.mT), Y)
     R = Vs - Y
+    Q = None
+    if hp.projection != "off":
+        if O is None:
+            raise ValueError(f"O is required when projection={hp.projection!r}")
+        Q = orthonormal_basis(_f64(O, "O", dev, (d, None)))
+    A = R if Q is None else _project(Q, Vs, eps) - Y  # U = λ_f·A ("off", "forget")
+    if budget is not None:
+        budget.forget_scale = budget.largest_scale(G, Y, A, lf)
+        lf = lf * budget.forget_scale
+        if lf == 0:
+            budget.after = budget.change()
+            return LowRankUpdate(1.0, W.new_zeros(d, 0), W.new_zeros(d, 0))
+    S = _spd_solve(G + lf * (Y @ Y.mT), Y)
+    if budget is not None:
+        budget.after = budget.change(lf * A @ S.mT)
 
-    if hp.projection == "off":
-        return LowRankUpdate(1.0, lf * R, S)
-    if O is None:
-        raise ValueError(f"O is required when projection={hp.projection!r}")
-    Q = orthonormal_basis(_f64(O, "O", dev, (d, None)))
-    if hp.projection == "forget":
-        return LowRankUpdate(1.0, lf * (_project(Q, Vs, eps) - Y), S)
+    if hp.projection != "everywhere":
+        return LowRankUpdate(1.0, lf * A, S)
     U = torch.cat([-Q, lf * _project(Q, R, eps)], dim=1)
     V = torch.cat([Q, S], dim=1)
     return LowRankUpdate(1.0 + eps, U, V)
@@ -517,6 +634,7 @@ def closed_form(
     hp: ClosedFormParams = ClosedFormParams(),
     *,
     reduce: bool = True,
+    budget: OrdinaryBudget | None = None,
 ) -> Factors:
     """Patch factors ``(c, U, B)`` of the closed-form ZeroUnlearn edit of W.
 
@@ -524,7 +642,7 @@ def closed_form(
     (``"forget"``, ``"off"``); ``reduce`` drops numerically-zero directions
     (see :func:`reduce_rank`). Arguments as :func:`closed_form_update`.
     """
-    update = closed_form_update(W, C, K_f, V_star, O, hp)
+    update = closed_form_update(W, C, K_f, V_star, O, hp, budget)
     return update.factors(W, reduce=reduce)
 
 

@@ -35,6 +35,9 @@ class Method:
     (similar subjects, phrasings) and refinement passes (docs/create.md);
     they were measured for the closed form only. ``needs_original``: whether
     a layer's solve needs the vectors that give the true answers (O).
+    ``bounded``: whether ``solve`` takes ``budget`` (an
+    :class:`~zupatch.engine.solvers.OrdinaryBudget`), the bound on how far
+    ordinary text moves (``closed_form.max_ordinary_change``).
     """
 
     name: str
@@ -44,6 +47,7 @@ class Method:
     train: TrainFn | None = None
     same_kind: bool = False
     needs_original: Callable[[CreateConfig], bool] = lambda config: False
+    bounded: bool = False
 
     def __post_init__(self) -> None:
         if (self.solve is None) == (self.train is None):

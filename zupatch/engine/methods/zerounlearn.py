@@ -15,7 +15,7 @@ from torch import Tensor
 
 from zupatch.engine import solvers
 from zupatch.engine.methods.base import Method
-from zupatch.engine.solvers import ClosedFormParams, Factors, SecondMoment
+from zupatch.engine.solvers import ClosedFormParams, Factors, OrdinaryBudget, SecondMoment
 
 if TYPE_CHECKING:
     from zupatch.engine.create import CreateConfig
@@ -25,14 +25,26 @@ if TYPE_CHECKING:
 #: 10000: 86%, 15000: 82%, at λ_f 50), λ_f 20 (forgetting 2 capitals and a
 #: chemical symbol with a retain file: λ_f 50 kept 40/47 other facts, λ_f 20 45/47).
 #: With one key column per context (``--preset robust``) λ_f 7 per column measured best.
-MEASURED_CLOSED_FORM = ClosedFormParams(lambda_retain=5000.0, lambda_forget=20.0, projection="off")
+#: Ordinary text moves at most 20% per layer (the line ``create`` warns at): 4 and 10 facts
+#: stay under it (5-13%); 300 facts the model knows went to 45% without it, perplexity +43%
+#: (docs/create.md, "A bound on ordinary text").
+MEASURED_CLOSED_FORM = ClosedFormParams(
+    lambda_retain=5000.0, lambda_forget=20.0, projection="off", max_ordinary_change=0.2
+)
 
 
 def solve(
-    W: Tensor, C: Tensor | SecondMoment, K_f: Tensor, V_star: Tensor, O: Tensor | None, config: CreateConfig
+    W: Tensor,
+    C: Tensor | SecondMoment,
+    K_f: Tensor,
+    V_star: Tensor,
+    O: Tensor | None,
+    config: CreateConfig,
+    budget: OrdinaryBudget | None = None,
 ) -> Factors:
-    """One layer's closed-form factors (math layout); C is read a block of rows at a time."""
-    return solvers.closed_form(W, C, K_f, V_star, O, config.closed_form)
+    """One layer's closed-form factors (math layout); C is read a block of rows at a time.
+    ``budget``: the bound on ordinary text (``closed_form.max_ordinary_change``)."""
+    return solvers.closed_form(W, C, K_f, V_star, O, config.closed_form, budget=budget)
 
 
 METHOD = Method(
@@ -42,4 +54,5 @@ METHOD = Method(
     solve=solve,
     same_kind=True,
     needs_original=lambda config: config.closed_form.projection != "off",
+    bounded=True,
 )
