@@ -175,6 +175,7 @@ def create(
                 stats_cache=None if no_cache else StatsCache(), shared_statistics=shared,
                 model_identity=f"{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else None,
             )  # fmt: skip
+        summary = report.summary()  # serialises the patch once for its size: not again for each message
         if not quiet:
             for check in report.target_checks:
                 if not check.given:
@@ -183,11 +184,10 @@ def create(
             for index in report.targets_still_given:  # with --strict, create_from_checkpoint refused them
                 message = still_given_message(names[index - 1])
                 ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-            for message in (held_back_message(report.summary()), ordinary_change_message(report.summary())):
+            for message in (held_back_message(summary), ordinary_change_message(summary)):
                 if message:
                     ui.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
         report.patch.save(output, overwrite=force)
-        summary = report.summary()
         summary["output"] = str(output)
         summary["patch_bytes"] = output.stat().st_size
         if as_json:

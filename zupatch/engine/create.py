@@ -701,7 +701,8 @@ def compute_edit(
                 achieved = _residual_achieved(factors, W, K_f, asked, gain, n)
                 factors = factors.transposed() if spec.weight_transposed else factors
                 factors = Factors(factors.scale, factors.U.cpu(), factors.B.cpu())
-                statistics_only = replace(C, keys=None, weight=0.0)  # for how far ordinary text moves
+                # for how far ordinary text moves, when no bound gives the figure
+                statistics_only = replace(C, keys=None, weight=0.0) if budget is None else None
                 del C, W, K_f, Y, V_star, asked  # before the next layer's keys and statistics
 
             with _timed(timings, "apply"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -484,7 +484,7 @@ class OrdinaryBudget:
         """The budget of W (d×f, now) against W0 (d×f, original), from the statistics
         alone (``statistics``' retain keys, if any, are left out)."""
         d = W.shape[0]
-        bare = SecondMoment(statistics.size, statistics.read, block_elements=statistics.block_elements)
+        bare = replace(statistics, keys=None, weight=0.0)
         both = bare.sandwich(torch.cat([W.to(_F64), W0.to(W.device, _F64)]))
         return cls(limit, both[:d, :d].clone(), both[:d, d:].clone(), float(torch.trace(both[d:, d:])))
 
