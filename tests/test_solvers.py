@@ -34,6 +34,7 @@ from zupatch.engine.solvers import (
     gd_adam,
     gd_exact,
     gd_objective,
+    moment_root,
     null_space_basis,
     orthonormal_basis,
     reduce_rank,
@@ -279,6 +280,24 @@ def test_second_moment_in_blocks_is_the_statistics_plus_the_weighted_retain_keys
     a, b = closed_form(W, moment, K_f, V_star, O, hp), closed_form(W, C, K_f, V_star, O, hp)
     assert rel(a.apply(W), b.apply(W)) < 1e-12
     assert torch.equal(SecondMoment.of(S).dense(), S)  # without keys: S itself, copied
+
+
+def test_moment_root_keeps_the_retain_term_and_has_at_most_f_columns() -> None:
+    """More keys than rows: an f-column root with the same K·Kᵀ, and the closed form gives
+    the same edit with it as with the keys; no more keys than rows: the keys themselves."""
+    W, S, K_f, V_star, O = problem(5, 12, 2, seed=5)
+    many = torch.randn(12, 40, generator=torch.Generator().manual_seed(6)).float()  # float32, as create holds them
+    root = moment_root(many)
+    assert root.shape == (12, 12) and root.dtype == F64
+    assert rel(root @ root.T, many.double() @ many.double().T) < 1e-14
+    hp = ClosedFormParams(lambda_retain=100.0, lambda_forget=20.0, projection="forget")
+    a = closed_form(W, SecondMoment.of(S, many.double(), 0.3), K_f, V_star, O, hp)
+    b = closed_form(W, SecondMoment.of(S, root, 0.3), K_f, V_star, O, hp)
+    assert rel(a.apply(W), b.apply(W)) < 1e-12
+    few = many[:, :12]
+    assert moment_root(few) is few
+    with pytest.raises(ValueError, match="f×m"):
+        moment_root(many[0])
 
 
 def ordinary_figure(W_new: torch.Tensor, W0: torch.Tensor, S: torch.Tensor) -> float:

@@ -85,7 +85,7 @@ from zupatch.engine.subjects import (
     similar_requests,
     template_requests,
 )
-from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, OrdinaryBudget, SecondMoment
+from zupatch.engine.solvers import ClosedFormParams, Factors, GDParams, OrdinaryBudget, SecondMoment, moment_root
 from zupatch.engine.shared_stats import StatsFolder
 from zupatch.engine.stats import (
     Corpus,
@@ -592,7 +592,8 @@ def compute_edit(
     original_weights: dict[str, torch.Tensor] = {}
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
-    similar_keys: dict[int, torch.Tensor] = {}  # the similar subjects', then the other templates' keys
+    similar_keys: dict[int, torch.Tensor] = {}  # the similar subjects' and the other templates' keys (a root)
+    similar_columns: dict[int, int] = {}  # how many keys each layer's root stands for
     similar_contexts = prefixes[: config.neighbours.similar_contexts]
     similar_rows = [0, (len(similar) * len(similar_contexts) + len(other_templates)) * len(layers)]  # read, in all
 
@@ -629,13 +630,18 @@ def compute_edit(
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:].mean(dim=2)
             else:
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:]
+            retain_columns = retain_keys.shape[1]  # reported: the keys protected, not their root's columns
             if similar or other_templates:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
-                        similar_keys[layer] = _similar_keys(
+                        columns = _similar_keys(
                             model, tokenizer, spec, layer, layer_cache, similar_read, (similar, similar_contexts, 1.0),
                             (other_templates, [""], config.neighbours.template_weight),
                         )  # fmt: skip
+                        similar_columns[layer] = columns.shape[1]
+                        similar_keys[layer] = moment_root(columns)  # held to the last pass: at most f columns
+                        del columns
+                retain_columns += similar_columns[layer]
                 retain_keys = torch.cat([retain_keys, similar_keys[layer].to(retain_keys.dtype)], dim=1)
             if variants:
                 with _timed(timings, "keys"):
@@ -733,7 +739,7 @@ def compute_edit(
                 "scale": factors.scale,
                 "forget_scale": budget.forget_scale if budget is not None else 1.0,
                 "ordinary_change": ordinary[layer],
-                "retain_keys": int(retain_keys.shape[1]),
+                "retain_keys": int(retain_columns),
                 "statistics_tokens": _token_count(statistics, layer),
             }
             if original_summary is not None:
@@ -859,9 +865,8 @@ def _similar_keys(
     """The keys of each group of (prompts, context prefixes, weight) side by side, each
     scaled by the square root of its weight (the weight of its columns in the retain moment).
 
-    In float32, the precision the model computed them in: they are held for every edited
-    layer until the last pass (for 1000 requests, 10,906 columns of 1536 per layer on
-    SmolLM2), and the solve forms their moment in float64."""
+    In float32, the precision the model computed them in (the solve forms their moment in
+    float64); the caller holds no more than their :func:`~zupatch.engine.solvers.moment_root`."""
     columns = [
         (fact_activations(model, tokenizer, spec, prompts, contexts, layer, layer_cache=layer_cache,
                           on_batch=on_batch).keys * weight**0.5).to(torch.float32)
