@@ -593,7 +593,6 @@ def compute_edit(
     layer_diagnostics: list[dict[str, Any]] = []
     answer_nll_after = answer_nll_before
     similar_keys: dict[int, torch.Tensor] = {}  # the similar subjects' and the other templates' keys (a root)
-    similar_columns: dict[int, int] = {}  # how many keys each layer's root stands for
     similar_contexts = prefixes[: config.neighbours.similar_contexts]
     similar_rows = [0, (len(similar) * len(similar_contexts) + len(other_templates)) * len(layers)]  # read, in all
 
@@ -634,14 +633,11 @@ def compute_edit(
             if similar or other_templates:
                 if layer not in similar_keys:  # first pass; later passes protect the same outputs
                     with _timed(timings, "keys"):
-                        columns = _similar_keys(
+                        similar_keys[layer] = moment_root(_similar_keys(  # held to the last pass: at most f columns
                             model, tokenizer, spec, layer, layer_cache, similar_read, (similar, similar_contexts, 1.0),
                             (other_templates, [""], config.neighbours.template_weight),
-                        )  # fmt: skip
-                        similar_columns[layer] = columns.shape[1]
-                        similar_keys[layer] = moment_root(columns)  # held to the last pass: at most f columns
-                        del columns
-                retain_columns += similar_columns[layer]
+                        ))  # fmt: skip
+                retain_columns += len(similar) + len(other_templates)  # one key per prompt
                 retain_keys = torch.cat([retain_keys, similar_keys[layer].to(retain_keys.dtype)], dim=1)
             if variants:
                 with _timed(timings, "keys"):
