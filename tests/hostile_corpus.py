@@ -103,7 +103,7 @@ def _delete(doc: Any, path: tuple) -> Any:
 
 REQUIRED = {"format", "format_version", "steps", "entries", "method", "name", "dtype", "shape", "kind",
             "direction", "sha256_before", "sha256_after", "scale", "U", "B", "tensor", "count", "codec",
-            "index_width"}  # fmt: skip
+            "index_width", "diff"}  # fmt: skip
 SKIP = {"hyperparameters", "requests", "tool", "created", "tool_version", "base_model", "base_revision",
         "inverted", "rank"}  # free-form or optional provenance: any value is acceptable there  # fmt: skip
 
@@ -134,7 +134,7 @@ def metadata_mutations(meta: dict) -> Iterator[tuple[str, str]]:
             yield f"int-{label}", dumps(_set(meta, path, 7))
             yield f"surrogate-{label}", dumps(_set(meta, path, value + "\ud800"))
             yield f"empty-{label}", dumps(_set(meta, path, ""))
-        if isinstance(value, dict) and isinstance(key, str) and key in ("fix", "inverse_fix"):
+        if isinstance(value, dict) and isinstance(key, str) and key in ("fix", "inverse_fix", "diff"):
             yield f"string-{label}", dumps(_set(meta, path, "fix"))
         if isinstance(key, str):  # the same key twice, second value different
             yield f"duplicate-{label}", _duplicate_key(meta, path)
@@ -143,7 +143,7 @@ def metadata_mutations(meta: dict) -> Iterator[tuple[str, str]]:
     e = ("steps", 0, "entries", 0)
     for scale in ("0x1p+1024", "0x0p+0", "-0x0p+0", "nan", "inf", "0x1p-1080", "zz", "0x" + "1" * 5000 + "p+0"):
         yield f"scale-{scale[:16]}", dumps(_set(meta, (*e, "scale"), scale))
-    for version in (0, -5, 2, 10**6, 1.0, "1", True):
+    for version in (0, -5, 3, 10**6, 1.0, "1", True):
         yield f"format_version-{version!r}", dumps(_set(meta, ("format_version",), version))
     for shape in ([], [0, 4], [-1, 4], [1] * 9, [2**40, 2**40], [True, 4], [1.5, 4], "64x128"):
         yield f"shape-{json.dumps(shape)[:20]}", dumps(_set(meta, (*e, "shape"), shape))
@@ -154,9 +154,10 @@ def metadata_mutations(meta: dict) -> Iterator[tuple[str, str]]:
     yield "steps-empty", dumps(_set(meta, ("steps",), []))
     yield "entries-empty", dumps(_set(meta, ("steps", 0, "entries"), []))
     yield "entry-twice", dumps(_set(meta, ("steps", 0, "entries"), [meta["steps"][0]["entries"][0]] * 2))
-    yield "nan-literal", dumps(meta).replace('"format_version": 1', '"format_version": NaN', 1)
-    yield "infinity-literal", dumps(meta).replace('"format_version": 1', '"format_version": Infinity', 1)
-    yield "float-overflow", dumps(meta).replace('"format_version": 1', '"format_version": 1e999', 1)
+    version = f'"format_version": {meta["format_version"]}'
+    yield "nan-literal", dumps(meta).replace(version, '"format_version": NaN', 1)
+    yield "infinity-literal", dumps(meta).replace(version, '"format_version": Infinity', 1)
+    yield "float-overflow", dumps(meta).replace(version, '"format_version": 1e999', 1)
     yield "not-an-object", "[1, 2, 3]"
     yield "not-json", "{steps: [}"
     yield "empty", ""

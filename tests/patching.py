@@ -26,8 +26,9 @@ def base_tensors(ckpt_dir: Path, names: list[str]) -> dict[str, tuple[np.ndarray
 
 
 def random_patch(ckpt_dir: Path, names: list[str], *, seed: int = 0, rank: int = 4, scale: float = 1.01,
-                 dense: list[str] = (), method: str = "test") -> Patch:  # fmt: skip
-    """A patch with random low-rank edits on ``names`` and dense deltas on ``dense``."""
+                 dense: list[str] = (), method: str = "test", encoding: str = "arithmetic") -> Patch:  # fmt: skip
+    """A patch with random low-rank edits on ``names`` and dense deltas on ``dense``
+    (stored as ``encoding`` says, see :func:`zupatch.patch.ops.build_entry`)."""
     rng = np.random.default_rng(seed)
     base = base_tensors(ckpt_dir, list(names) + list(dense))
     edits: list[LowRankEdit | DenseEdit] = []
@@ -37,7 +38,7 @@ def random_patch(ckpt_dir: Path, names: list[str], *, seed: int = 0, rank: int =
                                  rng.standard_normal((rank, cols)) * 0.05))  # fmt: skip
     for name in dense:
         edits.append(DenseEdit(name, rng.standard_normal(base[name][0].shape) * 1e-3))
-    return build_patch(edits, base, method=method, base_model=str(ckpt_dir.name))
+    return build_patch(edits, base, method=method, base_model=str(ckpt_dir.name), encoding=encoding)
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

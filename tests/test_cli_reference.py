@@ -38,15 +38,17 @@ def test_choices_match_the_engine_and_typos_are_caught() -> None:
     """The CLI's enumerations (listed in --help) are the engine's own lists; a typo names the choices."""
     from typer.testing import CliRunner
 
-    from zupatch.cli.choices import DeviceMap, Method, Projection
+    from zupatch.cli.choices import DeviceMap, Encoding, Method, Projection
     from zupatch.cli.main import app
     from zupatch.engine.create import METHODS
     from zupatch.engine.placement import DEVICE_MAPS
     from zupatch.engine.solvers import PROJECTIONS
+    from zupatch.patch.ops import ENCODINGS
 
     assert tuple(m.value for m in Method) == tuple(METHODS)
     assert tuple(d.value for d in DeviceMap) == DEVICE_MAPS
     assert tuple(p.value for p in Projection) == tuple(PROJECTIONS)
+    assert tuple(e.value for e in Encoding) == ENCODINGS
     result = CliRunner().invoke(app, ["create", "-m", "x", "--forget", "f.jsonl", "-o", "p", "--method", "zerounlern"])
     assert result.exit_code == 2 and "zerounlearn-gd" in result.output
 

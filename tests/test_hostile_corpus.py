@@ -34,9 +34,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
     base = make_tiny_checkpoint("llama", root / "base", max_shard_size="60KB")
     random_patch(base, DOWN).save(root / "good.zup.safetensors")
+    random_patch(base, DOWN, encoding="bits").save(root / "bits.zup.safetensors")
     forget = root / "forget.jsonl"
     forget.write_text(json.dumps({"prompt": "The capital of {} is", "subject": "France", "target": "Paris"}) + "\n")
-    return {"root": root, "base": base, "good": root / "good.zup.safetensors", "forget": forget}
+    return {"root": root, "base": base, "good": root / "good.zup.safetensors", "bits": root / "bits.zup.safetensors",
+            "forget": forget}  # fmt: skip
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -97,18 +99,20 @@ def run_family(cases: list[tuple[str, list[str], str, Path]]) -> tuple[int, list
 
 def shared_unchanged(world: dict, before: dict) -> None:
     assert snapshot(world["base"]) == before["base"]
-    assert world["good"].read_bytes() == before["good"]
+    assert world["good"].read_bytes() == before["good"] and world["bits"].read_bytes() == before["bits"]
 
 
 @pytest.fixture
 def guard_shared(world: dict):
-    before = {"base": snapshot(world["base"]), "good": world["good"].read_bytes()}
+    before = {"base": snapshot(world["base"]), "good": world["good"].read_bytes(), "bits": world["bits"].read_bytes()}
     yield
     shared_unchanged(world, before)
 
 
-def test_patch_metadata_family(world: dict, tmp_path: Path, guard_shared: None) -> None:
-    header, meta, data = corpus.read_parts(world["good"])
+@pytest.mark.parametrize("source", ["good", "bits"])
+def test_patch_metadata_family(source: str, world: dict, tmp_path: Path, guard_shared: None) -> None:
+    """Mutations of a low-rank patch's metadata, and of a bits patch's (format version 2)."""
+    header, meta, data = corpus.read_parts(world[source])
     cases = []
     for i, (name, text) in enumerate(corpus.metadata_mutations(meta)):
         folder = tmp_path / f"m{i}"
@@ -118,7 +122,7 @@ def test_patch_metadata_family(world: dict, tmp_path: Path, guard_shared: None) 
         command = PATCH_COMMANDS[i % len(PATCH_COMMANDS)]
         cases.append((f"{name}/{command}", patch_args(command, bad, world, folder), "bad.zup.safetensors", folder))
     total, failures = run_family(cases)
-    assert total >= 290
+    assert total >= {"good": 290, "bits": 250}[source]  # a bits entry has fewer fields (no scale, U, B)
     assert not failures, f"{len(failures)} of {total} cases:\n" + "\n".join(failures[:40])
 
 

@@ -42,6 +42,12 @@ class DeviceMap(str, Enum):
     sequential = "sequential"
 
 
+class Encoding(str, Enum):
+    auto = "auto"
+    arithmetic = "arithmetic"
+    bits = "bits"
+
+
 class DType(str, Enum):
     auto = "auto"
     float32 = "float32"

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zupatch.cli import ui
-from zupatch.cli.choices import DeviceMap, DType, FactToken, Method, Preset, Projection, value
+from zupatch.cli.choices import DeviceMap, DType, Encoding, FactToken, Method, Preset, Projection, value
 from zupatch.errors import OutputExistsError, ZupatchError
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def create(
     post_mlp_norm: Annotated[str | None, typer.Option("--post-mlp-norm", help="Norm inside a layer that the MLP output passes before the residual add, for unknown architectures that have one.", rich_help_panel=_COMPUTE)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the statistics cache.", rich_help_panel=_COMPUTE)] = False,
     include_request_text: Annotated[bool, typer.Option("--include-request-text", help="Store the requests' text in the patch (off: only salted hashes).", rich_help_panel=_OUT)] = False,
+    encoding: Annotated[Encoding, typer.Option("--encoding", help="How each tensor's change is stored: auto (the smaller of its factors and the difference of its bits from the base's; many requests, or the ga and npo baselines, give bits), arithmetic (factors or delta: what `zupatch export peft` needs; format version 1, as every patch before) or bits.", rich_help_panel=_OUT)] = Encoding.auto,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing patch file.", rich_help_panel=_OUT)] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 1, nothing written) if the model does not give some target now (nothing to forget), or still gives one after the edit.", rich_help_panel=_OUT)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the prompt and target in messages about a request (off: file and line only).", rich_help_panel=_OUT)] = False,
@@ -169,7 +170,7 @@ def create(
             report = create_from_checkpoint(
                 resolved.path, requests, cfg,
                 base_model=resolved.repo_id or resolved.path.name, base_revision=resolved.revision,
-                include_request_text=include_request_text, progress=progress, on=on_patch,
+                include_request_text=include_request_text, encoding=encoding.value, progress=progress, on=on_patch,
                 strict=strict, request_names=names, retain_requests=retain_requests,
                 corpus=FileCorpus(tuple(corpus)) if corpus else None,
                 stats_cache=None if no_cache else StatsCache(), shared_statistics=shared,
@@ -242,7 +243,8 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
     for col in ("layer", "tensor", "rank"):
         table.add_column(col)
     for layer, name, rank, kind in zip(summary["layers"], summary["tensors"], summary["ranks"], summary["kinds"]):
-        table.add_row(str(layer), name, str(rank) if kind == "lowrank" else "dense")
+        shown = {"lowrank": str(rank), "dense": "dense", "bits": f"{rank} bits" if rank else "bits"}[kind]
+        table.add_row(str(layer), name, shown)
     ui.console.print(table)
     diagnostics = summary["diagnostics"]
     if "stopped_forgotten" in diagnostics:  # a baseline: how training ended

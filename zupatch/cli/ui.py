@@ -182,12 +182,16 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         entries.add_column(col, overflow="fold")
     for e in summary["entries"]:
         fixes = f"{e['fix_count']}/{e['inverse_fix_count']}"
-        if relative:
+        if relative and e["kind"] != "bits":
             fixes += f" ≤{_percent(e['fix_max'])}/{_percent(e['inverse_fix_max'])}"
-        change = _percent(e["relative_change"]) if relative else _number(e["change_norm"])
+        if e["kind"] == "bits":
+            fixes = f"{e['diff_count']} changed"
+        change = (_percent(e["relative_change"]) if relative else
+                  "–" if e["kind"] == "bits" else _number(e["change_norm"]))  # fmt: skip
         entries.add_row(str(e["step"]), _short(e["name"]), change, _rank(e), fixes, human_bytes(e["stored_bytes"]))
     out.print(entries)
-    out.print("  rank: 'dense' = a full delta, ×s = scale s ≠ 1, 'inv' = an inverse entry")
+    out.print("  rank: 'dense' = a full delta, 'bits' = the result's bits as a difference\n"
+              "  from the base's, ×s = scale s ≠ 1, 'inv' = an inverse entry")
     out.print("  fixes: bit corrections of the result / of its inverse" +
               (";\n  ≤: the largest value change of one fix, in % of the tensor's RMS" if relative else ""))
     out.print("[bold]sha256[/] (base → result)")
@@ -217,7 +221,7 @@ def _number(value: float | None) -> str:
 
 
 def _rank(e: dict[str, Any]) -> str:
-    text = str(e["rank"]) if e["kind"] == "lowrank" else "dense"
+    text = str(e["rank"]) if e["kind"] == "lowrank" else e["kind"]  # dense, bits
     if e["kind"] == "lowrank" and e["scale"] != 1:
         text += f" ×{e['scale']:.4g}"
     return text + (" inv" if e["direction"] == "inverse" else "")

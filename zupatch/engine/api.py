@@ -61,7 +61,7 @@ from zupatch.errors import ZupatchError
 from zupatch.patch import numerics as nm
 from zupatch.patch.format import Patch
 from zupatch.patch.module import bits_of, write_bits
-from zupatch.patch.ops import DenseEdit, LowRankEdit, build_patch
+from zupatch.patch.ops import ENCODINGS, DenseEdit, LowRankEdit, build_patch
 
 Base = Mapping[str, tuple[np.ndarray, nm.DType]]
 ProgressFn = Callable[[str, int, int], None]
@@ -100,7 +100,7 @@ class CreateReport:
             "targets_not_given": self.targets_not_given,
             "targets_still_given": self.targets_still_given,
             "layers": [e.layer for e in self.edit.layers],
-            "ranks": [e.rank for e in entries],
+            "ranks": [e.factors.rank if e.factors is not None else 0 for e in self.edit.layers],  # of the update
             "kinds": [e.kind for e in entries],
             "tensors": [e.name for e in entries],
             "patch_bytes": len(self.patch.to_bytes()),
@@ -132,6 +132,12 @@ def _requests_audit(requests: Sequence[ForgetRequest], include_text: bool) -> di
     return audit
 
 
+def check_encoding(encoding: str) -> None:
+    """Refuse an unknown patch encoding before anything is computed."""
+    if encoding not in ENCODINGS:
+        raise ZupatchError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+
+
 def patch_from_edit(
     edit: EditResult,
     base: Base,
@@ -141,10 +147,15 @@ def patch_from_edit(
     base_revision: str | None = None,
     include_request_text: bool = False,
     tensor_names: Mapping[str, str] | None = None,
+    encoding: str = "auto",
 ) -> Patch:
     """Turn computed layer edits into a patch against ``base`` (tensor name -> bits, dtype).
 
-    Factors become low-rank entries, the baselines' deltas dense entries.
+    Factors become low-rank entries, the baselines' deltas dense entries;
+    with ``encoding="auto"`` an entry is stored as the difference of its
+    result's bits from the base's instead where that is smaller (a
+    high-rank update: many requests, or a baseline's dense delta; see
+    :func:`zupatch.patch.ops.build_entry`).
     ``tensor_names`` maps the model's parameter names to the checkpoint's where
     they differ.
     """
@@ -160,6 +171,7 @@ def patch_from_edit(
     return build_patch(
         edits,
         base,
+        encoding=encoding,
         method=edit.method,
         hyperparameters=edit.hyperparameters,
         base_model=base_model,
@@ -224,6 +236,7 @@ def create(
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
+    encoding: str = "auto",
     progress: ProgressFn | None = None,
     **compute_options: Any,
 ) -> Patch: ...
@@ -242,6 +255,7 @@ def create(
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
+    encoding: str = "auto",
     progress: ProgressFn | None = None,
     **compute_options: Any,
 ) -> CreateReport: ...
@@ -259,6 +273,7 @@ def create(
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
+    encoding: str = "auto",
     progress: ProgressFn | None = None,
     **compute_options: Any,
 ) -> Patch | CreateReport:
@@ -283,9 +298,11 @@ def create(
     :class:`~zupatch.engine.precheck.TargetStillGivenError` instead and no
     patch. ``return_report=True`` returns a
     :class:`CreateReport` (the patch, the edit's diagnostics, the checks:
-    ``report.targets_not_given``) instead of the bare patch.
+    ``report.targets_not_given``) instead of the bare patch. ``encoding``:
+    how the entries are stored (:func:`patch_from_edit`).
     """
     config = config or CreateConfig()
+    check_encoding(encoding)
     started = time.perf_counter()
     if "stats_cache" not in compute_options and "key_statistics" not in compute_options:
         from zupatch.engine.stats import StatsCache
@@ -321,7 +338,7 @@ def create(
     stored = {name: stored_tensor_name(spec, name) for name in base}
     patch = patch_from_edit(edit, {stored[n]: bits for n, bits in base.items()}, requests, base_model=base_model,
                             base_revision=base_revision, include_request_text=include_request_text,
-                            tensor_names=stored)  # fmt: skip
+                            tensor_names=stored, encoding=encoding)  # fmt: skip
     if not return_report:
         return patch
     return CreateReport(patch=patch, edit=edit, seconds={"total": time.perf_counter() - started}, target_checks=checks)
@@ -442,6 +459,7 @@ def create_from_checkpoint(
     base_model: str | None = None,
     base_revision: str | None = None,
     include_request_text: bool = False,
+    encoding: str = "auto",
     progress: ProgressFn | None = None,
     on: Patch | None = None,
     **compute_options: Any,
@@ -461,9 +479,11 @@ def create_from_checkpoint(
     the edited model still gives; ``strict=True`` raises
     :class:`~zupatch.engine.precheck.TargetStillGivenError` for them.
     Before the model is even loaded, a request longer than the model's context
-    is refused (:func:`check_request_lengths`).
+    is refused (:func:`check_request_lengths`). ``encoding``: how the
+    entries are stored (:func:`patch_from_edit`).
     """
     config = config or CreateConfig()
+    check_encoding(encoding)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     tokenizer, model_config = load_tokenizer_and_config(folder)
@@ -495,6 +515,7 @@ def create_from_checkpoint(
         dtype = nm.FLOAT_DTYPES[info.dtype]
         base[name] = on_results.get(name) or (ckpt.read_bits(name, dtype.bits), dtype)
     patch = patch_from_edit(edit, base, requests, base_model=base_model, base_revision=base_revision,
-                            include_request_text=include_request_text, tensor_names=names)  # fmt: skip
+                            include_request_text=include_request_text, tensor_names=names,
+                            encoding=encoding)  # fmt: skip
     seconds["patch"] = time.perf_counter() - t
     return CreateReport(patch=patch, edit=edit, seconds=seconds, target_checks=checks, placement=placement)

@@ -369,7 +369,8 @@ class LayerEdit:
 
     @property
     def kind(self) -> Literal["lowrank", "dense"]:
-        """How the patch stores it: "lowrank" (factors) or "dense" (delta)."""
+        """The edit's arithmetic: "lowrank" (factors) or "dense" (delta). The patch stores it
+        so, or as a ``bits`` entry where that is smaller (``encoding``, docs/format.md)."""
         return "lowrank" if self.factors is not None else "dense"
 
 

@@ -166,6 +166,9 @@ def _refuse(message: str, source: str | os.PathLike | None) -> ZupatchError:
 
 def _check_entry(e: "Entry", step: int, source: str | os.PathLike | None) -> None:
     where = f"{e.name} (step {step})"
+    if e.kind == "bits":
+        raise _refuse(f"{where} is stored as the difference of its bits from the base's (smaller than its factors "
+                      "for a high-rank update); `zupatch create --encoding arithmetic` keeps the factors", source)  # fmt: skip
     if e.kind != "lowrank":
         raise _refuse(f"{where} is a dense change; only c = 1 low-rank patches are LoRA adapters "
                       "(ZeroUnlearn, not --method ga/npo)", source)  # fmt: skip

@@ -45,6 +45,10 @@ class Correction:
         positions = np.flatnonzero(computed != wanted).astype(np.int64)
         return Correction(positions, wanted[positions] - computed[positions])
 
+    def negated(self) -> "Correction":
+        """The correction that takes back what this one adds (modulo 2^w)."""
+        return Correction(self.positions, (0 - self.delta).astype(self.delta.dtype))
+
     def apply(self, bits: np.ndarray, start: int = 0) -> None:
         """Add the correction (modulo 2^w) into ``bits`` in place; ``bits`` holds
         the flat elements ``[start, start + bits.size)`` of the tensor."""

@@ -5,6 +5,9 @@ chains). A step changes a few named tensors; each change is an *entry*:
 
 - ``lowrank``: forward ``W' = scale * W + U B``, inverse ``W = (W' - U B) / scale``;
 - ``dense``:   forward ``W' = W + delta``,        inverse ``W = W' - delta``;
+- ``bits``:    forward adds ``diff`` to the bit patterns, inverse subtracts it
+  (format version 2: a sparse difference of the result from the base, for
+  edits whose factors would outweigh it);
 
 computed as docs/format.md defines, then corrected by an optional sparse
 ``fix``. Each entry also carries the ``inverse_fix`` that makes the opposite
@@ -37,9 +40,10 @@ from zupatch.patch import correction as corr
 from zupatch.patch.numerics import FACTOR_DTYPES, FLOAT_DTYPES, DType
 
 FORMAT_NAME = "zupatch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader knows; files are written at the lowest version their kinds need
 METADATA_KEY = "zupatch"
-KINDS = ("lowrank", "dense")
+KINDS = ("lowrank", "dense", "bits")
+KIND_VERSION = {"lowrank": 1, "dense": 1, "bits": 2}  # the format version that introduced each kind
 DIRECTIONS = ("forward", "inverse")
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -92,7 +96,7 @@ class Entry:
     name: str
     dtype: str  # "BF16" | "F16" | "F32" | "F64"
     shape: tuple[int, ...]
-    kind: str  # "lowrank" | "dense"
+    kind: str  # "lowrank" | "dense" | "bits"
     direction: str  # "forward" | "inverse"
     sha256_before: str
     sha256_after: str
@@ -100,6 +104,7 @@ class Entry:
     U: np.ndarray | None = None  # lowrank: rows x r
     B: np.ndarray | None = None  # lowrank: r x cols
     delta: np.ndarray | None = None  # dense: rows x cols
+    diff: StoredCorrection | None = None  # bits: after - before on the bit patterns (forward)
     fix: StoredCorrection | None = None
     inverse_fix: StoredCorrection | None = None
 
@@ -137,7 +142,7 @@ class Entry:
     def stored_bytes(self) -> int:
         """Bytes this entry adds to the patch file."""
         arrays = [a for a in (self.U, self.B, self.delta) if a is not None]
-        fixes = [f for f in (self.fix, self.inverse_fix) if f is not None]
+        fixes = [f for f in (self.diff, self.fix, self.inverse_fix) if f is not None]
         return sum(a.nbytes for a in arrays) + sum(len(f.blob) for f in fixes)
 
 
@@ -176,9 +181,9 @@ class Step:
                 d["rank"] = e.rank
                 d["U"] = tensor_keys[(j, "U")]
                 d["B"] = tensor_keys[(j, "B")]
-            else:
+            elif e.kind == "dense":
                 d["delta"] = tensor_keys[(j, "delta")]
-            for part in ("fix", "inverse_fix"):
+            for part in ("diff", "fix", "inverse_fix") if e.kind == "bits" else ("fix", "inverse_fix"):
                 sc: StoredCorrection | None = getattr(e, part)
                 d[part] = None if sc is None else {
                     "tensor": tensor_keys[(j, part)],
@@ -258,11 +263,17 @@ class Patch:
 
     # ---- serialisation
 
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that has every kind of entry this patch holds:
+        a patch without ``bits`` entries stays readable by format-1 readers."""
+        return max((KIND_VERSION[e.kind] for s in self.steps for e in s.entries), default=1)
+
     def metadata(self, tensor_keys: list[dict[tuple[int, str], str]]) -> dict[str, Any]:
         return {
             **self.extra,
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "tool": {"name": "zupatch", "version": __version__},
             "created": self.created,
             "steps": [s.to_dict(k) for s, k in zip(self.steps, tensor_keys)],
@@ -276,7 +287,7 @@ class Patch:
             for j, e in enumerate(step.entries):
                 delta = None if e.delta is None else e.delta.reshape(e.shape)  # stored in the tensor's own shape
                 parts: dict[str, np.ndarray | None] = {"U": e.U, "B": e.B, "delta": delta}
-                for part in ("fix", "inverse_fix"):
+                for part in ("diff", "fix", "inverse_fix"):
                     sc = getattr(e, part)
                     parts[part] = None if sc is None else np.frombuffer(sc.blob, dtype=np.uint8)
                 for part, arr in parts.items():
@@ -336,8 +347,8 @@ class Patch:
 class _Reader:
     """Validates a metadata document against the tensors of its file."""
 
-    def __init__(self, path: Path, st: SafetensorsFile):
-        self.path, self.st = path, st
+    def __init__(self, path: Path, st: SafetensorsFile, version: int = FORMAT_VERSION):
+        self.path, self.st, self.version = path, st, version
         self.used: set[str] = set()
 
     def fail(self, where: str, problem: str) -> PatchFormatError:
@@ -403,6 +414,9 @@ class _Reader:
         direction = self.get(d, "direction", str, where)
         if kind not in KINDS:
             raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        if KIND_VERSION[kind] > self.version:
+            raise self.fail(f"{where}.kind", f"{kind!r} needs format_version {KIND_VERSION[kind]}, "
+                                             f"the file says {self.version}")  # fmt: skip
         if direction not in DIRECTIONS:
             raise self.fail(f"{where}.direction", f"unknown direction {direction!r}")
         hashes = [self.get(d, k, str, where) for k in ("sha256_before", "sha256_after")]
@@ -431,9 +445,20 @@ class _Reader:
             if "rank" in d and d["rank"] != U.shape[1]:
                 raise self.fail(f"{where}.rank", f"says {d['rank']}, factors have rank {U.shape[1]}")
             fields.update(scale=scale, U=U, B=B)
-        else:
+        elif kind == "dense":
             delta = self.array(d.get("delta"), f"{where}.delta", FACTOR_DTYPES, tuple(shape))
             fields.update(delta=delta.reshape(rows, cols))
+        else:  # bits: the difference is the whole change; nothing is computed, so nothing is fixed
+            diff = self.correction(d.get("diff"), f"{where}.diff", numel)
+            if diff is None:
+                raise self.fail(where, "missing 'diff'")
+            for part in ("fix", "inverse_fix"):
+                if d.get(part) is not None:
+                    raise self.fail(f"{where}.{part}", "must be null for a bits entry (its diff is exact both ways)")
+            for part in ("scale", "rank", "U", "B", "delta"):  # arithmetic a bits entry does not do
+                if part in d:
+                    raise self.fail(f"{where}.{part}", "has no meaning in a bits entry")
+            fields.update(diff=diff)
         fix = self.correction(d.get("fix"), f"{where}.fix", numel)
         inverse_fix = self.correction(d.get("inverse_fix"), f"{where}.inverse_fix", numel)
         return Entry(
@@ -504,6 +529,7 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
             f"patch format version {version} is newer than this zupatch understands ({FORMAT_VERSION}); upgrade zupatch",
             path,
         )
+    r.version = version
     raw_steps = r.get(meta, "steps", list, "metadata")
     if not raw_steps:
         raise r.fail("metadata.steps", "is empty")
@@ -530,7 +556,7 @@ def _load(path: Path, st: SafetensorsFile) -> Patch:
 
 @functools.cache
 def metadata_schema() -> dict[str, Any]:
-    """The JSON Schema of format version 1's metadata, shipped with the package
+    """The JSON Schema of the format's metadata (versions 1 and 2), shipped with the package
     (``zupatch/patch/metadata.schema.json``; docs/format.md §8 shows the same)."""
     return json.loads(resources.files("zupatch.patch").joinpath("metadata.schema.json").read_text())
 

@@ -6,11 +6,17 @@ from typing import Any
 
 import numpy as np
 
-from zupatch.patch.format import FORMAT_VERSION, Entry, Patch
+from zupatch.patch.format import Entry, Patch
 
 
 def change_norm(e: Entry) -> float:
-    """``|U B|_F`` (lowrank) or ``|delta|_F`` (dense) in float64: the additive part of the change."""
+    """``|U B|_F`` (lowrank) or ``|delta|_F`` (dense) in float64: the additive part of the change.
+
+    NaN for a ``bits`` entry, whose change is only known with the base at hand
+    (``inspect --model`` measures it).
+    """
+    if e.kind == "bits":
+        return float("nan")
     if e.kind == "lowrank":
         assert e.U is not None and e.B is not None
         U, B = e.U.astype(np.float64), e.B.astype(np.float64)
@@ -52,6 +58,7 @@ def summarize(patch: Patch, file_bytes: int | None = None,
                 "sha256_before": e.sha256_before,
                 "sha256_after": e.sha256_after,
                 "fix_count": e.fix.count if e.fix else 0,
+                "diff_count": e.diff.count if e.diff else 0,
                 "inverse_fix_count": e.inverse_fix.count if e.inverse_fix else 0,
                 "change_norm": _finite(change_norm(e)),
                 "stored_bytes": e.stored_bytes(),
@@ -64,7 +71,7 @@ def summarize(patch: Patch, file_bytes: int | None = None,
                 d.update({key: _finite(value) for key, value in changes[e.name][k].items()})
             entries.append(d)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": patch.format_version,
         "created": patch.created,
         "base_model": patch.base_model,
         "base_revision": patch.base_revision,
