@@ -437,6 +437,32 @@ def test_layer_input_cache_replays_what_a_full_forward_gives(arch: str) -> None:
     assert not any("forward" in vars(layer) for layer in layers)  # the skipped layers are restored
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_keys_of_several_layers_in_one_read_are_each_layers_own(arch: str) -> None:
+    """``more_layers`` reads deeper layers' keys in the same forwards: the same keys as a
+    read of each layer alone (and the block outputs as before), and nothing per context."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    tokenizer = tiny_tokenizer()
+    spec = resolve_architecture(model)
+    prefixes = ["", "Some text. "]
+    cache = LayerInputCache(model, decoder_layers(model, spec), start=1, max_bytes=1 << 30)
+    together = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2, layer_cache=cache, more_layers=[2, 3])
+    alone = {layer: fact_activations(model, tokenizer, spec, REQUESTS, prefixes, layer) for layer in (1, 2, 3)}
+    torch.testing.assert_close(together.keys, alone[1].keys, rtol=1e-5, atol=1e-5)
+    assert sorted(together.more_keys) == [2, 3]
+    for layer in (2, 3):
+        torch.testing.assert_close(together.more_keys[layer], alone[layer].keys, rtol=1e-5, atol=1e-5)
+    single = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, more_layers=[3], sum_dtype=torch.float32)
+    assert single.keys.dtype == single.more_keys[3].dtype == torch.float32
+    torch.testing.assert_close(single.more_keys[3].double(), alone[3].keys, rtol=1e-5, atol=1e-5)
+    block = fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, 2).block_outputs
+    torch.testing.assert_close(together.block_outputs, block, rtol=1e-5, atol=1e-5)
+    for wrong in (dict(more_layers=[1]), dict(more_layers=[2], per_context=True)):
+        with pytest.raises(ValueError, match="more_layers"):
+            fact_activations(model, tokenizer, spec, REQUESTS, prefixes, 1, **wrong)
+
+
 def plain_last_states(model, rows: list[list[int]], module, is_input: bool) -> torch.Tensor:
     """The reference: one plain forward per row, the module's input or output at its last token."""
     seen = []

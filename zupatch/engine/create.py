@@ -595,7 +595,7 @@ def compute_edit(
     answer_nll_after = answer_nll_before
     similar_keys: dict[int, torch.Tensor] = {}  # the similar subjects' and the other templates' keys (a root)
     similar_contexts = prefixes[: config.neighbours.similar_contexts]
-    similar_rows = [0, (len(similar) * len(similar_contexts) + len(other_templates)) * len(layers)]  # read, in all
+    similar_rows = [0, len(similar) * len(similar_contexts) + len(other_templates)]  # read once for every layer
 
     def similar_read(rows: int) -> None:
         similar_rows[0] += rows
@@ -632,11 +632,11 @@ def compute_edit(
                 keys, retain_keys = activations.keys[:, :n], activations.keys[:, n:]
             retain_columns = retain_keys.shape[1]  # reported: the keys protected, not their root's columns
             if similar or other_templates:
-                if layer not in similar_keys:  # first pass; later passes protect the same outputs
+                if layer not in similar_keys:  # first pass, every layer at once; later passes protect the same outputs
                     with _timed(timings, "keys"):
-                        similar_keys[layer] = moment_root(_similar_keys(  # held to the last pass: at most f columns
-                            model, tokenizer, spec, layer, layer_cache, similar_read, (similar, similar_contexts, 1.0),
-                            (other_templates, [""], config.neighbours.template_weight),
+                        similar_keys.update(_similar_keys(  # held to the last pass: at most f columns each
+                            model, tokenizer, spec, layers[j:], layer_cache, similar_read,
+                            (similar, similar_contexts, 1.0), (other_templates, [""], config.neighbours.template_weight),
                         ))  # fmt: skip
                 retain_columns += len(similar) + len(other_templates)  # one key per prompt
                 retain_keys = torch.cat([retain_keys, similar_keys[layer].to(retain_keys.dtype)], dim=1)
@@ -854,23 +854,33 @@ def _similar_keys(
     model: nn.Module,
     tokenizer: Any,
     spec: ArchitectureSpec,
-    layer: int,
+    layers: Sequence[int],
     layer_cache: LayerInputCache,
     on_batch: Callable[[int], None],
     *groups: tuple[Sequence[ForgetRequest], Sequence[str], float],
-) -> torch.Tensor:
-    """The keys of each group of (prompts, context prefixes, weight) side by side, each
-    scaled by the square root of its weight (the weight of its columns in the retain moment).
+) -> dict[int, torch.Tensor]:
+    """Per layer, the keys of each group of (prompts, context prefixes, weight) side by side,
+    each scaled by the square root of its weight (the weight of its columns in the retain moment).
 
-    In float32, the precision the model computed them in (the solve forms their moment in
-    float64); the caller holds no more than their :func:`~zupatch.engine.solvers.moment_root`."""
-    columns = [
-        (fact_activations(model, tokenizer, spec, prompts, contexts, layer, layer_cache=layer_cache,
-                          on_batch=on_batch).keys * weight**0.5).to(torch.float32)
-        for prompts, contexts, weight in groups
-        if prompts
-    ]  # fmt: skip
-    return torch.cat(columns, dim=1)
+    Every layer is read in the same forwards, before any of them is edited: the deeper
+    layers' keys no longer wait for the edits above them (their prompts' outputs are
+    what the edits keep), and the protection's rows run once instead of once per layer.
+    Returned as their :func:`~zupatch.engine.solvers.moment_root` (at most f columns,
+    taken group by group so that one group's keys are held at a time): the keys in
+    float32, the precision the model computed them in, or their root in float64."""
+    roots: dict[int, torch.Tensor] = {}
+    for prompts, contexts, weight in groups:
+        if not prompts:
+            continue
+        read = fact_activations(model, tokenizer, spec, prompts, contexts, layers[0], layer_cache=layer_cache,
+                                on_batch=on_batch, more_layers=layers[1:], sum_dtype=torch.float32)  # fmt: skip
+        keys_at = {layers[0]: read.keys, **read.more_keys}
+        del read
+        for layer in layers:  # a group's keys go as soon as their root is taken
+            root = moment_root(keys_at.pop(layer).mul_(weight**0.5))
+            roots[layer] = root if layer not in roots else moment_root(
+                torch.cat([roots[layer].to(torch.float64), root.to(torch.float64)], dim=1))  # fmt: skip
+    return roots
 
 
 def _mean_over_variants(keys: torch.Tensor, variant_keys: torch.Tensor, owners: Sequence[int], weight: float) -> torch.Tensor:

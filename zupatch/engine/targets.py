@@ -164,10 +164,14 @@ class RepresentationResult:
 
 @dataclass
 class FactActivations:
-    """Keys (f×n averaged over contexts, or f×n×contexts) and block outputs (d×n, bare prompt), float64."""
+    """Keys (f×n averaged over contexts, or f×n×contexts) and block outputs (d×n, bare prompt), float64
+    unless asked otherwise.
+
+    ``more_keys``: layer -> the keys read at that layer in the same forwards (f×n)."""
 
     keys: torch.Tensor
     block_outputs: torch.Tensor | None
+    more_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -533,12 +537,17 @@ def fact_activations(
     layer_cache: LayerInputCache | None = None,
     on_batch: Callable[[int], None] | None = None,
     per_context: bool = False,
+    more_layers: Sequence[int] = (),
+    sum_dtype: torch.dtype = torch.float64,
 ) -> FactActivations:
     """Down-proj inputs at ``key_layer`` (averaged over ``prefixes``) and, optionally,
     outputs of block ``block_layer`` for the bare prompt, at each fact token.
+    ``more_layers``: deeper layers whose keys the same forwards read too
+    (``more_keys``; not with ``per_context``). ``sum_dtype``: what the keys are
+    averaged in (float32 for the protection's many rows, held for several layers).
 
     Rows (one per request and prefix) end at the fact token and run in
-    forwards stopped after the deeper of the two sites; rows of one prefix
+    forwards stopped after the deepest site; rows of one prefix
     and template run their shared start once (:class:`LayerInputCache`,
     which with ``layer_cache`` also skips the layers before its start for
     prompts it holds). ``on_batch(rows)`` after each forward of at most
@@ -549,6 +558,8 @@ def fact_activations(
         raise ValueError("block_layer must not precede key_layer")
     if not requests or not prefixes:
         raise ValueError("no prompts to read keys from")
+    if more_layers and (per_context or min(more_layers) <= key_layer):
+        raise ValueError("more_layers must follow key_layer, and not per context")
     texts, ends, owners = [], [], []
     for index, request in enumerate(requests):
         for prefix in prefixes:
@@ -567,13 +578,16 @@ def fact_activations(
         groups.append((k % len(prefixes), request.prompt.split("{}")[0] if request.subject else request.prompt))
     sizes = Counter(groups)
     groups = [g if sizes[g] >= _MIN_TEMPLATE_ROWS else (g[0], None) for g in groups]
-    sites = {"keys": (down_proj_module(model, spec, key_layer), True)}
+    # in forward order: a layer's down projection runs before the layer's output
+    placed = [(key_layer, 0, "keys", down_proj_module(model, spec, key_layer), True)]
+    placed += [(layer, 0, f"keys{layer}", down_proj_module(model, spec, layer), True) for layer in more_layers]
     if block_layer is not None:
-        sites["block"] = (decoder_layers(model, spec)[block_layer], False)
+        placed.append((block_layer, 1, "block", decoder_layers(model, spec)[block_layer], False))
+    sites = {name: (module, is_input) for _, _, name, module, is_input in sorted(placed, key=lambda p: p[:2])}
     if layer_cache is None:  # shared starts still run once; nothing is held
         layer_cache = LayerInputCache(model, decoder_layers(model, spec), 0, 0)
     n = len(requests)
-    keys = torch.zeros(0, dtype=torch.float64)
+    sums = {name: torch.zeros(0, dtype=torch.float64) for name in sites if name.startswith("keys")}
     context_keys: list[torch.Tensor] = []
     blocks: list[torch.Tensor] = []
     bare = prefixes.index("")
@@ -588,15 +602,17 @@ def fact_activations(
             if per_context:
                 context_keys.append(states["keys"].to(torch.float64).cpu())
             else:
-                if not keys.numel():
-                    keys = torch.zeros(n, states["keys"].shape[1], dtype=torch.float64)
-                keys.index_add_(0, torch.tensor(owners[begin : begin + step]), states["keys"].to(torch.float64).cpu())
+                for name, total in sums.items():
+                    if not total.numel():
+                        total = sums[name] = torch.zeros(n, states[name].shape[1], dtype=sum_dtype)
+                    total.index_add_(0, torch.tensor(owners[begin : begin + step]), states[name].to(sum_dtype).cpu())
             if block_layer is not None:
                 blocks.append(states["block"][bare :: len(prefixes)].to(torch.float64).cpu())
     block_outputs = torch.cat(blocks).T if blocks else None
     if per_context:  # rows are request-major: request i in prefix k is row i * len(prefixes) + k
         return FactActivations(torch.cat(context_keys).T.reshape(-1, n, len(prefixes)), block_outputs)
-    return FactActivations((keys / len(prefixes)).T.cpu(), block_outputs)
+    more = {layer: sums.pop(f"keys{layer}").div_(len(prefixes)).T for layer in more_layers}
+    return FactActivations(sums.pop("keys").div_(len(prefixes)).T.cpu(), block_outputs, more)
 
 
 def target_nll(
