@@ -243,7 +243,7 @@ def _print_create_summary(summary: dict[str, Any]) -> None:
     for col in ("layer", "tensor", "rank"):
         table.add_column(col)
     for layer, name, rank, kind in zip(summary["layers"], summary["tensors"], summary["ranks"], summary["kinds"]):
-        shown = {"lowrank": str(rank), "dense": "dense", "bits": f"{rank} bits" if rank else "bits"}[kind]
+        shown = {"lowrank": str(rank), "dense": "dense", "bits": f"{rank or 'dense'}, as bits"}[kind]
         table.add_row(str(layer), name, shown)
     ui.console.print(table)
     diagnostics = summary["diagnostics"]
