@@ -181,11 +181,12 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     for col in ("#", "tensor", "|ΔW|/|W|" if relative else "|UB|/|Δ|", "rank", "fixes", "stored"):
         entries.add_column(col, overflow="fold")
     for e in summary["entries"]:
-        fixes = f"{e['fix_count']}/{e['inverse_fix_count']}"
-        if relative and e["kind"] != "bits":
-            fixes += f" ≤{_percent(e['fix_max'])}/{_percent(e['inverse_fix_max'])}"
-        if e["kind"] == "bits":
+        if e["kind"] == "bits":  # no arithmetic to correct: the entry is its changed elements
             fixes = f"{e['diff_count']} changed"
+        else:
+            fixes = f"{e['fix_count']}/{e['inverse_fix_count']}"
+            if relative:
+                fixes += f" ≤{_percent(e['fix_max'])}/{_percent(e['inverse_fix_max'])}"
         change = (_percent(e["relative_change"]) if relative else
                   "–" if e["kind"] == "bits" else _number(e["change_norm"]))  # fmt: skip
         entries.add_row(str(e["step"]), _short(e["name"]), change, _rank(e), fixes, human_bytes(e["stored_bytes"]))

@@ -347,8 +347,9 @@ class Patch:
 class _Reader:
     """Validates a metadata document against the tensors of its file."""
 
-    def __init__(self, path: Path, st: SafetensorsFile, version: int = FORMAT_VERSION):
-        self.path, self.st, self.version = path, st, version
+    def __init__(self, path: Path, st: SafetensorsFile):
+        self.path, self.st = path, st
+        self.version = FORMAT_VERSION  # the file's, once read: which kinds it may hold
         self.used: set[str] = set()
 
     def fail(self, where: str, problem: str) -> PatchFormatError:
