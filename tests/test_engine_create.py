@@ -484,6 +484,35 @@ def test_how_far_ordinary_text_moves_is_measured_from_the_key_statistics(fact_mo
     assert "layer 5's MLP output on ordinary text by 131%" in ordinary_change_message(summary)
 
 
+@pytest.mark.slow
+def test_a_rank_tolerance_keeps_fewer_directions_and_forgets_as_much(fact_model) -> None:
+    """``closed_form.rank_tolerance``: forgetting eight facts of the fact model, the edit keeps
+    fewer output directions than the full one and forgets as many of them; the model holds
+    exactly what the stored factors define, and each pass's rank is in the diagnostics."""
+    model, tokenizer, facts = fact_model
+    chosen = range(0, 48, 6)
+    outcome = {}
+    for tolerance in (0.0, 0.1):
+        closed_form = dataclasses.replace(BEHAVIOUR.closed_form, rank_tolerance=tolerance)
+        result = compute_edit(model, tokenizer, [facts[i] for i in chosen],
+                              dataclasses.replace(BEHAVIOUR, closed_form=closed_form))  # fmt: skip
+        try:
+            now = answered(model, tokenizer, facts)
+            parameters = dict(model.named_parameters())
+            for edit in result.layers:
+                original = result.original_weights[edit.tensor_name]
+                stored = edit.factors.apply(original).to(original.dtype)
+                assert torch.equal(parameters[edit.tensor_name].detach(), stored)
+            outcome[tolerance] = (sum(not now[i] for i in chosen), [e.factors.rank for e in result.layers],
+                                  [d["rank"] for d in result.diagnostics["layers"]])  # fmt: skip
+        finally:
+            restore_weights(model, result)
+    (forgotten_all, ranks_all, _), (forgotten_few, ranks_few, passes_few) = outcome[0.0], outcome[0.1]
+    assert forgotten_few >= forgotten_all >= 7, outcome
+    assert sum(ranks_few) < sum(ranks_all) and all(a <= b for a, b in zip(ranks_few, ranks_all)), outcome
+    assert all(rank >= 1 for rank in passes_few), outcome
+
+
 def test_the_ordinary_bound_holds_every_layer_and_reports_what_the_weights_show(fact_model) -> None:
     """With ``closed_form.max_ordinary_change`` at half of what an unbounded edit moves, every
     layer's figure is at most the bound, the solve says it scaled λ_f down, and the figure

@@ -31,6 +31,7 @@ from zupatch.engine.solvers import (
     closed_form,
     closed_form_objective,
     closed_form_update,
+    forget_directions,
     gd_adam,
     gd_exact,
     gd_objective,
@@ -356,6 +357,69 @@ def test_a_used_up_ordinary_budget_gives_no_edit_and_the_paper_mode_has_none() -
         ClosedFormParams(projection="off", max_ordinary_change=-1.0)
     with pytest.raises(ParameterError, match='bound needs projection'):
         closed_form_update(W, S, K_f, V_star, O, ClosedFormParams(), budget)
+
+
+def test_forget_directions_are_the_fewest_leading_ones_within_the_tolerance() -> None:
+    """E = U·T with singular values 10, 3, 1, 0.1: a tolerance of 1% of ‖E‖ keeps three
+    directions (the fourth holds 0.95% of it), 20% keeps two; the basis is orthonormal and
+    spans E's leading left singular vectors, whichever of E·Eᵀ or E's SVD is smaller."""
+    g = torch.Generator().manual_seed(21)
+    left = torch.linalg.qr(torch.randn(7, 4, generator=g, dtype=F64))[0]
+    for n in (5, 12):  # n < d: SVD of E; n > d: E·Eᵀ
+        right = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=F64))[0]
+        E = left @ torch.diag(torch.tensor([10.0, 3.0, 1.0, 0.1], dtype=F64)) @ right.T
+        U = torch.randn(7, 9, generator=g, dtype=F64)
+        T = torch.linalg.lstsq(U, E).solution  # U·T = E
+        for tolerance, rank in ((0.005, 4), (0.01, 3), (0.2, 2), (0.5, 1)):
+            kept = forget_directions(U, T, tolerance)
+            assert kept.shape == (7, rank)
+            assert torch.allclose(kept.T @ kept, torch.eye(rank, dtype=F64), atol=1e-12)
+            assert rel(kept @ kept.T @ left[:, :rank], left[:, :rank]) < 1e-9
+            assert rel(kept @ kept.T @ E, E) <= tolerance
+    assert forget_directions(torch.zeros(3, 2, dtype=F64), torch.ones(2, 4, dtype=F64), 0.1).shape == (3, 0)
+
+
+@pytest.mark.parametrize("projection", ["off", "forget"])
+def test_a_rank_tolerance_keeps_the_forget_change_and_shrinks_every_other(projection: str) -> None:
+    """With ``rank_tolerance`` the edit is the full one projected onto the fewest output
+    directions that keep all but that fraction of its change on the forget keys: the change
+    on the forget keys is within the tolerance, the change on any other input is no larger
+    than the full edit's, and the rank is smaller; 0 gives the full edit."""
+    W, S, K_f, V_star, O = problem(12, 30, 10, seed=22)
+    shared = torch.randn(12, 1, generator=torch.Generator().manual_seed(23), dtype=F64)
+    V_star = W @ K_f + shared + 0.05 * (V_star - W @ K_f)  # every target moved mostly one way
+    hp = ClosedFormParams(lambda_retain=50.0, lambda_forget=20.0, projection=projection)
+    full = closed_form_update(W, S, K_f, V_star, O, hp).dense() - torch.eye(12, dtype=F64)
+    every = closed_form_update(W, S, K_f, V_star, O, replace(hp, rank_tolerance=0.0)).dense()
+    assert rel(every - torch.eye(12, dtype=F64), full) < 1e-12
+    few = closed_form(W, S, K_f, V_star, O, replace(hp, rank_tolerance=0.05))
+    assert 1 <= few.rank < closed_form(W, S, K_f, V_star, O, hp).rank
+    change = few.apply(W) - W
+    assert rel(change @ K_f, full @ W @ K_f) <= 0.05
+    others = torch.randn(30, 50, generator=torch.Generator().manual_seed(24), dtype=F64)
+    assert bool(((change @ others).norm(dim=0) <= (full @ W @ others).norm(dim=0) * (1 + 1e-9)).all())
+    with pytest.raises(ParameterError, match="rank_tolerance"):
+        ClosedFormParams(rank_tolerance=1.0)
+
+
+def test_a_rank_tolerance_beside_earlier_passes_still_holds_the_ordinary_bound() -> None:
+    """Fewer directions never move ordinary text more by themselves, but beside an earlier
+    pass's change they can: the kept edit is then scaled to land on the limit
+    (:meth:`OrdinaryBudget.largest_factor`, the root of a quadratic), never past it."""
+    W0, S, K_f, V_star, O = problem(6, 15, 4, seed=25)
+    W = W0 + 0.05 * torch.randn(6, 15, generator=torch.Generator().manual_seed(26), dtype=F64)
+    budget = OrdinaryBudget.measure(SecondMoment.of(S), W, W0, 0.3)
+    M = torch.randn(6, 6, generator=torch.Generator().manual_seed(27), dtype=F64)
+    t = budget.largest_factor(M)
+    assert 0 < t < 1 and budget.change(t * M) == pytest.approx(0.3, rel=1e-9)
+    assert budget.largest_factor(1e-6 * M) == 1.0
+    hp = ClosedFormParams(lambda_retain=50.0, lambda_forget=20.0, projection="off", rank_tolerance=0.2)
+    far = W @ K_f + 4 * (V_star - W0 @ K_f)
+    for limit in (0.2, 0.5, 10.0):
+        budget = OrdinaryBudget.measure(SecondMoment.of(S), W, W0, limit)
+        update = closed_form_update(W, S, K_f, far, O, hp, budget)
+        assert ordinary_figure(update.dense() @ W, W0, S) <= limit * (1 + 1e-9)
+        assert budget.after == pytest.approx(ordinary_figure(update.dense() @ W, W0, S), rel=1e-9)
 
 
 def test_second_moment_refuses_bad_blocks_and_keys() -> None:
