@@ -529,18 +529,23 @@ class OrdinaryBudget:
         held = self.now - self.cross
         return held, float(torch.trace(held) - torch.trace(self.cross)) + self.base
 
+    def _terms(self, M: Tensor, held: Tensor) -> tuple[float, float]:
+        """``2·tr(M·held)`` and ``tr(M·now·Mᵀ)``: with them, ``tr(ΔW·S·ΔWᵀ)`` of
+        ``(I + t·M)·W`` is ``moved + t·first + t²·second``."""
+        return 2 * float((M * held.mT).sum()), float(((M @ self.now) * M).sum())
+
     def change(self, M: Tensor | None = None) -> float:
         """The figure for ``W' = (I + M)·W`` (M: d×d; None: W itself)."""
         held, moved = self._moved()
         if M is not None:
-            moved += float(2 * (M * held.mT).sum() + ((M @ self.now) * M).sum())
+            moved += sum(self._terms(M, held))
         return math.sqrt(max(moved, 0.0) / self.base) if self.base > 0 else float("nan")
 
     def largest_factor(self, M: Tensor) -> float:
         """The largest t in [0, 1] with ``change(t·M) ≤ limit``: the figure squared is
         a quadratic in t, positive at its leading coefficient, below the limit at 0."""
         held, moved = self._moved()
-        linear, quadratic = 2 * float((M * held.mT).sum()), float(((M @ self.now) * M).sum())
+        linear, quadratic = self._terms(M, held)
         room = self.limit**2 * self.base - moved
         if quadratic + linear <= room:
             return 1.0
